@@ -1,0 +1,919 @@
+//! The configuration file: TOML in, a validated [`Config`] out.
+//!
+//! Loading happens in two steps, as in most daemons that must not start half-configured: serde reads the
+//! file into `Raw*` structs that reject unknown keys, then one validation pass turns strings into typed
+//! values and checks every cross-field rule (unique names, no two devices that can match the same
+//! connection). Every problem found is collected, not just the first, and each names the file, the key
+//! and, where there is one, the device. Certificates and keys are loaded afterwards by
+//! [`crate::device::DeviceTable::build`], which reports its problems the same way.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use rustls::pki_types::ServerName;
+use serde::Deserialize;
+
+/// MQTT's standard port for TLS, used when an upstream address gives no port.
+pub const DEFAULT_UPSTREAM_PORT: u16 = 8883;
+/// Name of the certificate file inside a device directory entry.
+pub const DEVICE_DIR_CERT: &str = "cert.pem";
+/// Name of the private key file inside a device directory entry.
+pub const DEVICE_DIR_KEY: &str = "key.pem";
+/// Optional per-device settings inside a device directory entry.
+pub const DEVICE_DIR_SETTINGS: &str = "device.toml";
+
+/// One problem with the configuration, located precisely enough for an operator to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file that holds the problem (the config file, or a file in the device directory).
+    pub file: PathBuf,
+    /// The key, e.g. `upstream.connect_timeout`, or `cert` inside a device.
+    pub key: String,
+    /// The device the key belongs to, if any.
+    pub device: Option<String>,
+    /// What is wrong, in words.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            key: key.into(),
+            device: None,
+            reason: reason.into(),
+        }
+    }
+
+    fn for_device(mut self, device: &str) -> Self {
+        self.device = Some(device.to_string());
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.file.display())?;
+        if let Some(device) = &self.device {
+            write!(f, "device \"{device}\": ")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, "`{}`: ", self.key)?;
+        }
+        f.write_str(&self.reason)
+    }
+}
+
+/// Every problem found in one configuration generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this configuration was read from.
+    pub path: PathBuf,
+    /// Where devices connect.
+    pub listen: Listen,
+    /// The broker.
+    pub upstream: Upstream,
+    /// Device entries from `[[device]]` and from the device directory, in that order.
+    pub devices: Vec<DeviceSpec>,
+    /// Identity for connections that match no device; `None` (the default) refuses them.
+    pub fallback: Option<IdentityFiles>,
+}
+
+/// The `[listen]` table.
+#[derive(Debug, Clone)]
+pub struct Listen {
+    /// Addresses shared by every device without a `listen` rule of its own.
+    pub addresses: Vec<SocketAddr>,
+    /// How long a device may take to send its whole CONNECT packet.
+    pub connect_timeout: Duration,
+    /// Connections served at once; more are answered "server busy".
+    pub max_connections: usize,
+    /// The largest CONNECT packet accepted, in bytes.
+    pub max_connect_size: usize,
+}
+
+/// The `[upstream]` table.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Broker addresses, tried in order; names are resolved at each connection.
+    pub addresses: Vec<HostPort>,
+    /// Name sent as SNI and verified in the broker's certificate. `None`: the host of each address.
+    pub server_name: Option<ServerName<'static>>,
+    /// CA bundle for the broker's chain. `None`: the system's trusted roots.
+    pub ca_file: Option<PathBuf>,
+    /// Limit for each TCP connect.
+    pub connect_timeout: Duration,
+    /// Limit for the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// ALPN protocols to offer (e.g. `x-amzn-mqtt-ca` for AWS IoT Core on 443).
+    pub alpn: Vec<String>,
+    /// Accept private keys that group or others can read.
+    pub allow_readable_keys: bool,
+}
+
+/// A broker address as written: a host name or IP literal and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    /// Host name or IP address (without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl HostPort {
+    /// The TLS server name implied by the host.
+    pub fn server_name(&self) -> Result<ServerName<'static>, String> {
+        ServerName::try_from(self.host.clone()).map_err(|e| format!("`{}` is not a valid server name: {e}", self.host))
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A certificate chain file and its private key file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// One device: its match rules and its identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Unique name, used in logs and metrics.
+    pub name: String,
+    /// MQTT client identifier that must match exactly.
+    pub client_id: Option<String>,
+    /// Source networks, one of which must contain the device's address; empty: any address.
+    pub sources: Vec<IpNet>,
+    /// A listener dedicated to this device; `None`: the shared `[listen]` addresses.
+    pub listen: Option<SocketAddr>,
+    /// The identity presented to the broker.
+    pub identity: IdentityFiles,
+    /// Where this entry was defined (config file or `device.toml`/directory), for error messages.
+    pub origin: PathBuf,
+    /// How to name this entry's keys in messages: `device[3]` or a directory path.
+    pub key_prefix: String,
+}
+
+impl DeviceSpec {
+    /// The listeners this device can arrive on.
+    pub fn listeners<'a>(&'a self, shared: &'a [SocketAddr]) -> &'a [SocketAddr] {
+        match &self.listen {
+            Some(l) => std::slice::from_ref(l),
+            None => shared,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file. Certificates are not loaded here.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![ConfigError::new(path, "", format!("cannot read the file: {e}"))]))?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Validates configuration text as if it had been read from `path` (relative paths resolve against
+    /// the directory of `path`).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![toml_error(path, text, &e)]))?;
+        Validator::new(path).run(raw)
+    }
+
+    /// Every address the proxy listens on: the shared ones, then each dedicated one.
+    pub fn all_listen_addresses(&self) -> Vec<SocketAddr> {
+        let mut all = self.listen.addresses.clone();
+        for d in &self.devices {
+            if let Some(l) = d.listen {
+                if !all.contains(&l) {
+                    all.push(l);
+                }
+            }
+        }
+        all
+    }
+}
+
+fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let location = match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            format!("line {line}, column {col}")
+        }
+        None => String::new(),
+    };
+    ConfigError::new(path, location, e.message().trim().to_string())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// What serde reads. Everything that needs a typed value is kept as text until validation so that the
+// error can name the key.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<RawListen>,
+    upstream: Option<RawUpstream>,
+    #[serde(default)]
+    device: Vec<RawDevice>,
+    device_dir: Option<RawDeviceDir>,
+    fallback: Option<RawIdentity>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    address: Option<OneOrMany>,
+    connect_timeout: Option<String>,
+    max_connections: Option<i64>,
+    max_connect_size: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    address: Option<OneOrMany>,
+    server_name: Option<String>,
+    ca_file: Option<String>,
+    connect_timeout: Option<String>,
+    handshake_timeout: Option<String>,
+    #[serde(default)]
+    alpn: Vec<String>,
+    #[serde(default)]
+    allow_readable_keys: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    name: Option<String>,
+    client_id: Option<String>,
+    source: Option<OneOrMany>,
+    listen: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeviceDir {
+    path: String,
+    source: Option<OneOrMany>,
+}
+
+/// `device.toml` inside a device directory entry.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDirDevice {
+    client_id: Option<String>,
+    source: Option<OneOrMany>,
+    listen: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+const DEFAULT_LISTEN: &str = "0.0.0.0:1883";
+const DEFAULT_DEVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+const DEFAULT_MAX_CONNECT_SIZE: usize = 64 * 1024;
+const MAX_CONNECT_SIZE_RANGE: (i64, i64) = (64, 16 * 1024 * 1024);
+const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Validator {
+    path: PathBuf,
+    base: PathBuf,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator {
+    fn new(path: &Path) -> Self {
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Validator {
+            path: path.to_path_buf(),
+            base,
+            errors: Vec::new(),
+        }
+    }
+
+    fn error(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        let e = ConfigError::new(&self.path, key, reason);
+        self.errors.push(e);
+    }
+
+    fn run(mut self, raw: RawConfig) -> Result<Config, ConfigErrors> {
+        let listen = self.listen(raw.listen.unwrap_or_default());
+        let upstream = match raw.upstream {
+            Some(u) => self.upstream(u),
+            None => {
+                self.error("upstream", "the [upstream] table is required (where is the broker?)");
+                None
+            }
+        };
+        let mut devices = Vec::new();
+        for (i, d) in raw.device.into_iter().enumerate() {
+            if let Some(spec) = self.device(i, d) {
+                devices.push(spec);
+            }
+        }
+        if let Some(dir) = raw.device_dir {
+            devices.extend(self.device_dir(dir));
+        }
+        let fallback = raw
+            .fallback
+            .and_then(|f| self.identity("fallback", f.cert, f.key, None));
+
+        self.unique_names(&devices);
+        if let Some(listen) = &listen {
+            self.no_ambiguous_devices(&devices, &listen.addresses);
+            self.dedicated_listeners(&devices, &listen.addresses);
+        }
+        if devices.is_empty() && fallback.is_none() {
+            self.error(
+                "device",
+                "no devices are configured: add a [[device]], a [device_dir] or a [fallback]",
+            );
+        }
+
+        match (listen, upstream) {
+            (Some(listen), Some(upstream)) if self.errors.is_empty() => Ok(Config {
+                path: self.path,
+                listen,
+                upstream,
+                devices,
+                fallback,
+            }),
+            _ => Err(ConfigErrors(self.errors)),
+        }
+    }
+
+    fn listen(&mut self, raw: RawListen) -> Option<Listen> {
+        let texts = raw
+            .address
+            .map(OneOrMany::into_vec)
+            .unwrap_or_else(|| vec![DEFAULT_LISTEN.into()]);
+        let mut addresses = Vec::new();
+        if texts.is_empty() {
+            self.error("listen.address", "at least one address is needed");
+        }
+        for t in texts {
+            match t.parse::<SocketAddr>() {
+                Ok(a) if addresses.contains(&a) => self.error("listen.address", format!("`{t}` is listed twice")),
+                Ok(a) => addresses.push(a),
+                Err(_) => self.error(
+                    "listen.address",
+                    format!("`{t}` is not an IP:port address (e.g. 0.0.0.0:1883)"),
+                ),
+            }
+        }
+        let connect_timeout = self.duration(
+            "listen.connect_timeout",
+            raw.connect_timeout,
+            DEFAULT_DEVICE_CONNECT_TIMEOUT,
+        );
+        let max_connections = match raw.max_connections {
+            None => DEFAULT_MAX_CONNECTIONS,
+            Some(n) if (1..=1_000_000).contains(&n) => n as usize,
+            Some(n) => {
+                self.error("listen.max_connections", format!("{n} is out of range (1 to 1000000)"));
+                DEFAULT_MAX_CONNECTIONS
+            }
+        };
+        let max_connect_size = match raw.max_connect_size {
+            None => DEFAULT_MAX_CONNECT_SIZE,
+            Some(n) if (MAX_CONNECT_SIZE_RANGE.0..=MAX_CONNECT_SIZE_RANGE.1).contains(&n) => n as usize,
+            Some(n) => {
+                let (lo, hi) = MAX_CONNECT_SIZE_RANGE;
+                self.error(
+                    "listen.max_connect_size",
+                    format!("{n} bytes is out of range ({lo} to {hi})"),
+                );
+                DEFAULT_MAX_CONNECT_SIZE
+            }
+        };
+        Some(Listen {
+            addresses,
+            connect_timeout: connect_timeout?,
+            max_connections,
+            max_connect_size,
+        })
+    }
+
+    fn upstream(&mut self, raw: RawUpstream) -> Option<Upstream> {
+        let mut addresses = Vec::new();
+        let texts = raw.address.map(OneOrMany::into_vec).unwrap_or_default();
+        if texts.is_empty() {
+            self.error(
+                "upstream.address",
+                "the broker's address is required (e.g. \"broker.example.com:8883\")",
+            );
+        }
+        for t in texts {
+            match parse_host_port(&t) {
+                Ok(hp) => addresses.push(hp),
+                Err(reason) => self.error("upstream.address", reason),
+            }
+        }
+        let server_name = match raw.server_name {
+            Some(s) => match ServerName::try_from(s.clone()) {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    self.error("upstream.server_name", format!("`{s}` is not a DNS name or IP address"));
+                    None
+                }
+            },
+            None => {
+                for a in &addresses {
+                    if let Err(reason) = a.server_name() {
+                        self.error("upstream.address", format!("{reason}; set upstream.server_name"));
+                    }
+                }
+                None
+            }
+        };
+        let ca_file = raw.ca_file.map(|p| self.resolve(&p));
+        if let Some(ca) = &ca_file {
+            if !ca.is_file() {
+                self.error(
+                    "upstream.ca_file",
+                    format!("{} does not exist or is not a file", ca.display()),
+                );
+            }
+        }
+        let connect_timeout = self.duration(
+            "upstream.connect_timeout",
+            raw.connect_timeout,
+            DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+        );
+        let handshake_timeout = self.duration(
+            "upstream.handshake_timeout",
+            raw.handshake_timeout,
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        );
+        for p in &raw.alpn {
+            if p.is_empty() || p.len() > 255 {
+                self.error("upstream.alpn", format!("`{p}` must be 1 to 255 bytes long"));
+            }
+        }
+        Some(Upstream {
+            addresses,
+            server_name,
+            ca_file,
+            connect_timeout: connect_timeout?,
+            handshake_timeout: handshake_timeout?,
+            alpn: raw.alpn,
+            allow_readable_keys: raw.allow_readable_keys,
+        })
+    }
+
+    fn duration(&mut self, key: &str, text: Option<String>, default: Duration) -> Option<Duration> {
+        let Some(text) = text else { return Some(default) };
+        match humantime::parse_duration(&text) {
+            Ok(d) if d.is_zero() => {
+                self.error(key, "must be longer than zero");
+                None
+            }
+            Ok(d) if d > Duration::from_secs(24 * 3600) => {
+                self.error(key, format!("`{text}` is longer than a day"));
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.error(
+                    key,
+                    format!("`{text}` is not a duration ({e}); write e.g. \"10s\", \"500ms\", \"2m\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn device(&mut self, index: usize, raw: RawDevice) -> Option<DeviceSpec> {
+        let prefix = format!("device[{index}]");
+        let Some(name) = raw.name.filter(|n| !n.trim().is_empty()) else {
+            self.error(format!("{prefix}.name"), "every device needs a non-empty name");
+            return None;
+        };
+        let before = self.errors.len();
+        let sources = self.sources(&name, raw.source);
+        let listen = self.device_listen(&name, raw.listen);
+        let identity = self.identity("", raw.cert, raw.key, Some(&name));
+        if raw.client_id.is_none() && sources.is_empty() && listen.is_none() {
+            self.errors.push(
+                ConfigError::new(&self.path, "client_id", "give at least one of client_id, source, listen (a device that matches every connection is [fallback])")
+                    .for_device(&name),
+            );
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(DeviceSpec {
+            name,
+            client_id: raw.client_id,
+            sources,
+            listen,
+            identity: identity?,
+            origin: self.path.clone(),
+            key_prefix: prefix,
+        })
+    }
+
+    fn sources(&mut self, device: &str, raw: Option<OneOrMany>) -> Vec<IpNet> {
+        let mut nets = Vec::new();
+        for t in raw.map(OneOrMany::into_vec).unwrap_or_default() {
+            match parse_net(&t) {
+                Some(n) => nets.push(n),
+                None => self.errors.push(
+                    ConfigError::new(
+                        &self.path,
+                        "source",
+                        format!("`{t}` is not an IP address or CIDR (e.g. 192.168.10.21 or 192.168.10.0/24)"),
+                    )
+                    .for_device(device),
+                ),
+            }
+        }
+        nets
+    }
+
+    fn device_listen(&mut self, device: &str, raw: Option<String>) -> Option<SocketAddr> {
+        let t = raw?;
+        match t.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.errors.push(
+                    ConfigError::new(&self.path, "listen", format!("`{t}` is not an IP:port address"))
+                        .for_device(device),
+                );
+                None
+            }
+        }
+    }
+
+    fn identity(
+        &mut self,
+        table: &str,
+        cert: Option<String>,
+        key: Option<String>,
+        device: Option<&str>,
+    ) -> Option<IdentityFiles> {
+        let key_name = |k: &str| {
+            if table.is_empty() {
+                k.to_string()
+            } else {
+                format!("{table}.{k}")
+            }
+        };
+        let missing = |this: &mut Self, k: &str| {
+            let mut e = ConfigError::new(&this.path, key_name(k), "is required (a PEM file path)");
+            if let Some(d) = device {
+                e = e.for_device(d);
+            }
+            this.errors.push(e);
+        };
+        match (cert, key) {
+            (Some(c), Some(k)) => Some(IdentityFiles {
+                cert: self.resolve(&c),
+                key: self.resolve(&k),
+            }),
+            (c, k) => {
+                if c.is_none() {
+                    missing(self, "cert");
+                }
+                if k.is_none() {
+                    missing(self, "key");
+                }
+                None
+            }
+        }
+    }
+
+    fn device_dir(&mut self, raw: RawDeviceDir) -> Vec<DeviceSpec> {
+        let dir = self.resolve(&raw.path);
+        let shared_sources = self.sources("", raw.source.clone());
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                self.error("device_dir.path", format!("cannot read {}: {e}", dir.display()));
+                return Vec::new();
+            }
+        };
+        let mut names: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_dir() && !is_hidden(p))
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .filter_map(|p| self.dir_device(&p, &shared_sources))
+            .collect()
+    }
+
+    fn dir_device(&mut self, entry: &Path, shared_sources: &[IpNet]) -> Option<DeviceSpec> {
+        let name = entry.file_name()?.to_string_lossy().into_owned();
+        let settings_path = entry.join(DEVICE_DIR_SETTINGS);
+        let settings = if settings_path.exists() {
+            let parsed = std::fs::read_to_string(&settings_path)
+                .map_err(|e| ConfigError::new(&settings_path, "", format!("cannot read the file: {e}")))
+                .and_then(|t| toml::from_str::<RawDirDevice>(&t).map_err(|e| toml_error(&settings_path, &t, &e)));
+            match parsed {
+                Ok(s) => s,
+                Err(e) => {
+                    self.errors.push(e.for_device(&name));
+                    return None;
+                }
+            }
+        } else {
+            RawDirDevice::default()
+        };
+        let cert = entry.join(DEVICE_DIR_CERT);
+        let key = entry.join(DEVICE_DIR_KEY);
+        let mut ok = true;
+        for (file, what) in [(&cert, "certificate"), (&key, "private key")] {
+            if !file.is_file() {
+                self.errors
+                    .push(ConfigError::new(file, "", format!("the device's {what} is missing")).for_device(&name));
+                ok = false;
+            }
+        }
+        // Errors about device.toml keys point at device.toml.
+        let saved = std::mem::replace(&mut self.path, settings_path.clone());
+        let sources = match settings.source {
+            Some(s) => self.sources(&name, Some(s)),
+            None => shared_sources.to_vec(),
+        };
+        let listen = self.device_listen(&name, settings.listen);
+        self.path = saved;
+        if !ok {
+            return None;
+        }
+        Some(DeviceSpec {
+            client_id: Some(settings.client_id.unwrap_or_else(|| name.clone())),
+            name,
+            sources,
+            listen,
+            identity: IdentityFiles { cert, key },
+            origin: entry.to_path_buf(),
+            key_prefix: entry.display().to_string(),
+        })
+    }
+
+    fn unique_names(&mut self, devices: &[DeviceSpec]) {
+        let mut seen: HashMap<&str, &Path> = HashMap::new();
+        for d in devices {
+            if let Some(first) = seen.insert(&d.name, &d.origin) {
+                let e = ConfigError::new(
+                    &d.origin,
+                    "name",
+                    format!("the name is already used by a device in {}", first.display()),
+                )
+                .for_device(&d.name);
+                self.errors.push(e);
+            }
+        }
+    }
+
+    /// Two devices are ambiguous when one connection could satisfy every rule of both.
+    fn no_ambiguous_devices(&mut self, devices: &[DeviceSpec], shared: &[SocketAddr]) {
+        let mut by_id: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut without_id = Vec::new();
+        for (i, d) in devices.iter().enumerate() {
+            match &d.client_id {
+                Some(id) => by_id.entry(id).or_default().push(i),
+                None => without_id.push(i),
+            }
+        }
+        let mut pairs = Vec::new();
+        for group in by_id.values() {
+            for (n, &a) in group.iter().enumerate() {
+                pairs.extend(group[n + 1..].iter().map(|&b| (a, b)));
+            }
+        }
+        for (n, &a) in without_id.iter().enumerate() {
+            pairs.extend(without_id[n + 1..].iter().map(|&b| (a, b)));
+            pairs.extend(by_id.values().flatten().map(|&b| (a, b)));
+        }
+        pairs.sort_unstable();
+        for (a, b) in pairs {
+            let (da, db) = (&devices[a], &devices[b]);
+            if can_overlap(da, db, shared) {
+                let e = ConfigError::new(
+                    &db.origin,
+                    "client_id",
+                    format!(
+                        "can match the same connections as device \"{}\" ({}); narrow one of them with client_id, source or listen",
+                        da.name,
+                        da.origin.display()
+                    ),
+                )
+                .for_device(&db.name);
+                self.errors.push(e);
+            }
+        }
+    }
+
+    fn dedicated_listeners(&mut self, devices: &[DeviceSpec], shared: &[SocketAddr]) {
+        let unspecified: HashSet<u16> = shared
+            .iter()
+            .filter(|a| a.ip().is_unspecified())
+            .map(|a| a.port())
+            .collect();
+        for d in devices {
+            if let Some(l) = d.listen {
+                if !shared.contains(&l) && unspecified.contains(&l.port()) {
+                    let e = ConfigError::new(
+                        &d.origin,
+                        "listen",
+                        format!(
+                            "{l} clashes with the shared listener on port {} of every address",
+                            l.port()
+                        ),
+                    )
+                    .for_device(&d.name);
+                    self.errors.push(e);
+                }
+            }
+        }
+    }
+}
+
+fn can_overlap(a: &DeviceSpec, b: &DeviceSpec, shared: &[SocketAddr]) -> bool {
+    let ids = match (&a.client_id, &b.client_id) {
+        (Some(x), Some(y)) => x == y,
+        _ => true,
+    };
+    let listeners = a.listeners(shared).iter().any(|l| b.listeners(shared).contains(l));
+    let sources = a.sources.is_empty()
+        || b.sources.is_empty()
+        || a.sources.iter().any(|x| {
+            b.sources
+                .iter()
+                .any(|y| x.contains(&y.network()) || y.contains(&x.network()))
+        });
+    ids && listeners && sources
+}
+
+fn is_hidden(p: &Path) -> bool {
+    p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+}
+
+/// Parses `192.168.1.5` or `192.168.1.0/24` (or IPv6 forms) into a network.
+pub fn parse_net(t: &str) -> Option<IpNet> {
+    let t = t.trim();
+    if let Ok(net) = t.parse::<IpNet>() {
+        return Some(net.trunc());
+    }
+    t.parse::<IpAddr>().ok().map(IpNet::from)
+}
+
+/// Parses `host:port`, `[v6]:port`, or a bare host (port 8883).
+pub fn parse_host_port(t: &str) -> Result<HostPort, String> {
+    let bad = || format!("`{t}` is not host:port (e.g. \"broker.example.com:8883\" or \"[2001:db8::1]:8883\")");
+    if let Ok(sa) = t.parse::<SocketAddr>() {
+        return Ok(HostPort {
+            host: sa.ip().to_string(),
+            port: sa.port(),
+        });
+    }
+    if let Ok(ip) = t.parse::<IpAddr>() {
+        return Ok(HostPort {
+            host: ip.to_string(),
+            port: DEFAULT_UPSTREAM_PORT,
+        });
+    }
+    let (host, port) = match t.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad())?),
+        None => (t, DEFAULT_UPSTREAM_PORT),
+    };
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if !valid || port == 0 {
+        return Err(bad());
+    }
+    Ok(HostPort {
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_toml(text, Path::new("/etc/mqtls/mqtls.toml"))
+    }
+
+    const BASE: &str = r#"
+[upstream]
+address = "broker.example.com:8883"
+
+[[device]]
+name = "boiler-1"
+client_id = "boiler-1"
+cert = "devices/boiler-1/cert.pem"
+key = "devices/boiler-1/key.pem"
+"#;
+
+    #[test]
+    fn baseline_is_valid_with_defaults() {
+        let c = load(BASE).unwrap();
+        assert_eq!(c.listen.addresses, vec!["0.0.0.0:1883".parse().unwrap()]);
+        assert_eq!(c.listen.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.upstream.addresses[0].host, "broker.example.com");
+        assert_eq!(
+            c.devices[0].identity.cert,
+            Path::new("/etc/mqtls/devices/boiler-1/cert.pem")
+        );
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(parse_host_port("b.example:1").unwrap().port, 1);
+        assert_eq!(parse_host_port("b.example").unwrap().port, 8883);
+        assert_eq!(parse_host_port("[::1]:9").unwrap().host, "::1");
+        assert!(parse_host_port("b.example:x").is_err());
+        assert!(parse_host_port("bad host:1").is_err());
+    }
+
+    #[test]
+    fn overlapping_sources_are_ambiguous_and_disjoint_are_not() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "[upstream]\naddress = \"b:8883\"\n[[device]]\nname = \"a\"\nclient_id = \"x\"\nsource = \"{a}\"\ncert = \"c\"\nkey = \"k\"\n[[device]]\nname = \"b\"\nclient_id = \"x\"\nsource = \"{b}\"\ncert = \"c\"\nkey = \"k\"\n"
+            )
+        };
+        assert!(load(&two("10.0.0.0/24", "10.0.0.7")).is_err());
+        assert!(load(&two("10.0.0.0/24", "10.0.1.7")).is_ok());
+    }
+}

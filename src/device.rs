@@ -1,0 +1,235 @@
+//! The device table: who a connection is, and which identity it presents to the broker.
+//!
+//! Built once per configuration generation from a validated [`Config`]: every certificate and key is
+//! loaded and turned into a ready `ClientConfig` here, so a connection only does a lookup. Validation has
+//! already proved that no two entries can match the same connection, so the first match is the only one.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use ipnet::IpNet;
+
+use crate::config::{Config, ConfigError, ConfigErrors, DeviceSpec, IdentityFiles};
+use crate::tls::{self, Identity, TlsFileError, TlsSettings};
+
+/// One device, ready to serve.
+#[derive(Debug)]
+pub struct Device {
+    /// The device's name from the config (or its directory).
+    pub name: Arc<str>,
+    /// Required client identifier, if any.
+    pub client_id: Option<String>,
+    /// Allowed source networks; empty means any.
+    pub sources: Vec<IpNet>,
+    /// The listeners the device may arrive on.
+    pub listeners: Vec<SocketAddr>,
+    /// The identity presented upstream.
+    pub identity: Identity,
+}
+
+impl Device {
+    fn matches(&self, listener: SocketAddr, peer: IpAddr, client_id: &str) -> bool {
+        self.listeners.contains(&listener)
+            && self.client_id.as_deref().is_none_or(|id| id == client_id)
+            && (self.sources.is_empty() || self.sources.iter().any(|n| n.contains(&peer)))
+    }
+
+    /// The rules, as an operator would write them.
+    pub fn rules(&self) -> String {
+        let mut out = Vec::new();
+        if let Some(id) = &self.client_id {
+            out.push(format!("client_id={id}"));
+        }
+        if !self.sources.is_empty() {
+            let s: Vec<String> = self.sources.iter().map(ToString::to_string).collect();
+            out.push(format!("source={}", s.join(",")));
+        }
+        out.push(format!("listen={}", join(&self.listeners)));
+        out.join(" ")
+    }
+}
+
+fn join(addrs: &[SocketAddr]) -> String {
+    addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// All devices of one configuration generation.
+#[derive(Debug)]
+pub struct DeviceTable {
+    devices: Vec<Arc<Device>>,
+    by_client_id: HashMap<String, Vec<usize>>,
+    without_client_id: Vec<usize>,
+    fallback: Option<Arc<Device>>,
+}
+
+/// Why an identity could not be chosen for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownDevice;
+
+impl DeviceTable {
+    /// Loads every identity the configuration names. Every problem is reported, not just the first.
+    pub fn build(config: &Config) -> Result<DeviceTable, ConfigErrors> {
+        let roots = tls::load_roots(config.upstream.ca_file.as_deref()).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: config.path.clone(),
+                key: e.key.into(),
+                device: None,
+                reason: e.to_string(),
+            }])
+        })?;
+        let settings = TlsSettings {
+            roots,
+            alpn: config.upstream.alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            allow_readable_keys: config.upstream.allow_readable_keys,
+        };
+        let mut errors = Vec::new();
+        let mut devices = Vec::with_capacity(config.devices.len());
+        for spec in &config.devices {
+            match tls::load_identity(&spec.identity.cert, &spec.identity.key, &settings) {
+                Ok(identity) => devices.push(Arc::new(device(spec, identity, &config.listen.addresses))),
+                Err(e) => errors.push(identity_error(&spec.origin, Some(&spec.name), e)),
+            }
+        }
+        let fallback = match &config.fallback {
+            Some(files) => match load_fallback(files, &settings, &config.listen.addresses) {
+                Ok(d) => Some(Arc::new(d)),
+                Err(e) => {
+                    errors.push(identity_error(&config.path, None, e));
+                    None
+                }
+            },
+            None => None,
+        };
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let mut by_client_id: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut without_client_id = Vec::new();
+        for (i, d) in devices.iter().enumerate() {
+            match &d.client_id {
+                Some(id) => by_client_id.entry(id.clone()).or_default().push(i),
+                None => without_client_id.push(i),
+            }
+        }
+        Ok(DeviceTable {
+            devices,
+            by_client_id,
+            without_client_id,
+            fallback,
+        })
+    }
+
+    /// The device for a connection that arrived on `listener` from `peer` with `client_id`.
+    pub fn find(&self, listener: SocketAddr, peer: IpAddr, client_id: &str) -> Result<Arc<Device>, UnknownDevice> {
+        let peer = peer.to_canonical();
+        let with_id = self.by_client_id.get(client_id).into_iter().flatten();
+        with_id
+            .chain(&self.without_client_id)
+            .map(|&i| &self.devices[i])
+            .find(|d| d.matches(listener, peer, client_id))
+            .or(self.fallback.as_ref().filter(|f| f.listeners.contains(&listener)))
+            .cloned()
+            .ok_or(UnknownDevice)
+    }
+
+    /// Every device, in configuration order.
+    pub fn devices(&self) -> &[Arc<Device>] {
+        &self.devices
+    }
+
+    /// The shared fallback identity, if configured.
+    pub fn fallback(&self) -> Option<&Arc<Device>> {
+        self.fallback.as_ref()
+    }
+
+    /// A human-readable table of devices, their rules and certificates, as printed by `mqtls check`.
+    pub fn describe(&self, now: SystemTime) -> String {
+        let mut out = String::new();
+        let rows: Vec<&Arc<Device>> = self.devices.iter().chain(&self.fallback).collect();
+        let name_w = rows.iter().map(|d| d.name.len()).max().unwrap_or(4).max(4);
+        let _ = writeln!(out, "{:name_w$}  {:28}  {:40}  MATCH", "NAME", "EXPIRES", "SUBJECT");
+        for d in rows {
+            let s = &d.identity.summary;
+            let _ = writeln!(
+                out,
+                "{:name_w$}  {:28}  {:40}  {}",
+                d.name,
+                expiry(s.not_after, now),
+                s.subject,
+                d.rules()
+            );
+        }
+        out
+    }
+
+    /// Warnings about entries that are valid but weak (e.g. matched by client id alone).
+    pub fn warnings(&self, now: SystemTime) -> Vec<String> {
+        let mut w = Vec::new();
+        for d in &self.devices {
+            if d.client_id.is_some() && d.sources.is_empty() {
+                w.push(format!(
+                    "device \"{}\" is matched by client id alone: anyone on the LAN who sends that client id gets its identity; add `source`",
+                    d.name
+                ));
+            }
+            if d.identity.summary.not_after <= now {
+                w.push(format!(
+                    "device \"{}\": certificate expired ({})",
+                    d.name,
+                    expiry(d.identity.summary.not_after, now)
+                ));
+            }
+        }
+        w
+    }
+}
+
+fn device(spec: &DeviceSpec, identity: Identity, shared: &[SocketAddr]) -> Device {
+    Device {
+        name: spec.name.as_str().into(),
+        client_id: spec.client_id.clone(),
+        sources: spec.sources.clone(),
+        listeners: spec.listeners(shared).to_vec(),
+        identity,
+    }
+}
+
+fn load_fallback(files: &IdentityFiles, settings: &TlsSettings, shared: &[SocketAddr]) -> Result<Device, TlsFileError> {
+    let identity = tls::load_identity(&files.cert, &files.key, settings)?;
+    Ok(Device {
+        name: "fallback".into(),
+        client_id: None,
+        sources: Vec::new(),
+        listeners: shared.to_vec(),
+        identity,
+    })
+}
+
+fn identity_error(origin: &std::path::Path, device: Option<&str>, e: TlsFileError) -> ConfigError {
+    let key = match device {
+        Some(_) => e.key.to_string(),
+        None => format!("fallback.{}", e.key),
+    };
+    ConfigError {
+        file: if origin.is_dir() {
+            e.path.clone()
+        } else {
+            origin.to_path_buf()
+        },
+        key,
+        device: device.map(str::to_string),
+        reason: e.to_string(),
+    }
+}
+
+/// "2027-03-01 12:00:00 UTC (96 days)" style text.
+pub fn expiry(not_after: SystemTime, now: SystemTime) -> String {
+    let date = humantime::format_rfc3339_seconds(not_after).to_string();
+    match not_after.duration_since(now) {
+        Ok(left) => format!("{date} ({}d left)", left.as_secs() / 86_400),
+        Err(_) => format!("{date} (EXPIRED)"),
+    }
+}

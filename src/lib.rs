@@ -1,0 +1,28 @@
+//! mqtls gives every legacy plain-MQTT device its own mutual-TLS identity at the broker.
+//!
+//! A connection's path through the crate, in order:
+//!
+//! 1. [`proxy`] accepts on a listener and spawns one task per connection (bounded by a semaphore).
+//! 2. [`mqtt`] reads the device's CONNECT packet, bounded in size and time, without changing a byte.
+//! 3. [`device`] picks the device entry whose rules (client id, source address, listener) all hold.
+//! 4. [`upstream`] resolves the broker, connects, and completes the TLS handshake with that device's
+//!    prebuilt `rustls::ClientConfig` from [`tls`].
+//! 5. [`pipe`] copies bytes both ways, honouring half-close and the device's MQTT keep-alive.
+//!
+//! Around that path: [`config`] turns the TOML file into a validated [`config::Config`] and [`socket`]
+//! sets the options both sockets share. Refusals before the broker is reached are answered with a CONNACK
+//! in the device's own protocol version.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod device;
+pub mod mqtt;
+pub mod pipe;
+pub mod proxy;
+pub mod socket;
+pub mod tls;
+pub mod upstream;
+
+pub use config::Config;
+pub use proxy::{Generation, Proxy};

@@ -1,0 +1,143 @@
+//! The `mqtls` command: parses the CLI, sets up logging and signals, and hands a validated configuration
+//! to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use mqtls::{Config, Generation, Proxy};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// How long open connections may run on after SIGTERM/SIGINT before they are closed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Gives each legacy plain-MQTT device its own mutual-TLS identity at the broker.
+///
+/// Devices connect to mqtls with plain MQTT (usually on port 1883). mqtls reads the CONNECT packet, picks
+/// the device's certificate from the config (by client id, source address and listener), opens a TLS
+/// connection to the broker presenting that certificate, and then copies bytes both ways unchanged.
+#[derive(Parser)]
+#[command(name = "mqtls", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(short, long, value_name = "FILE", default_value = "/etc/mqtls/mqtls.toml")]
+        config: PathBuf,
+    },
+    /// Validate the configuration, load every certificate and key, and print the device table.
+    ///
+    /// Exits 0 if everything is usable, 1 (after listing every problem) if not.
+    Check {
+        /// Configuration file (TOML).
+        #[arg(short, long, value_name = "FILE", default_value = "/etc/mqtls/mqtls.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config } => {
+            init_logging();
+            match run(&config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MQTLS_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // journald stamps every line itself.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().with_ansi(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<(Config, Generation), mqtls::config::ConfigErrors> {
+    let config = Config::load(path)?;
+    let generation = Generation::load(&config)?;
+    Ok((config, generation))
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match load(path) {
+        Ok((config, generation)) => {
+            let now = SystemTime::now();
+            print!("{}", generation.table.describe(now));
+            for w in generation.table.warnings(now) {
+                eprintln!("warning: {w}");
+            }
+            let n = generation.table.devices().len();
+            let listeners: Vec<String> = config.all_listen_addresses().iter().map(ToString::to_string).collect();
+            let upstream: Vec<String> = config.upstream.addresses.iter().map(ToString::to_string).collect();
+            println!(
+                "{}: OK: {n} device(s), listening on {}, broker {}",
+                path.display(),
+                listeners.join(", "),
+                upstream.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("error: {e}");
+            }
+            eprintln!("{}: {} problem(s) found", path.display(), errors.0.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &std::path::Path) -> anyhow::Result<()> {
+    let (config, generation) = load(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let devices = generation.table.devices().len();
+        let proxy = Proxy::bind(&config, generation).await?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        let addrs: Vec<String> = proxy.local_addrs().iter().map(ToString::to_string).collect();
+        info!(listen = %addrs.join(","), devices, version = env!("CARGO_PKG_VERSION"), "mqtls ready");
+        proxy.run(shutdown, SHUTDOWN_GRACE).await;
+        info!("stopped");
+        Ok(())
+    })
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        error!("cannot install signal handlers; stop mqtls with SIGKILL");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    info!(signal = name, "shutting down");
+    shutdown.cancel();
+}

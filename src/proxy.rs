@@ -1,0 +1,337 @@
+//! The proxy: accept loop, then one task per connection that reads the CONNECT, picks the device, reaches
+//! the broker as that device, and hands both sockets to [`crate::pipe`].
+//!
+//! Every slow step happens inside the connection's own task, under a named timeout, so one slow or
+//! hostile device never delays another. When something goes wrong before the broker is reached, the device
+//! gets a CONNACK in its own protocol version ([`crate::mqtt::connack`]) rather than a bare reset.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, info_span, warn, Instrument, Span};
+
+use crate::config::{Config, Listen};
+use crate::device::DeviceTable;
+use crate::mqtt::{self, Connect, ProtocolVersion, Refusal};
+use crate::pipe::{self, Transfer};
+use crate::socket;
+use crate::upstream::Connector;
+
+/// Refusals ("server busy") being answered at once when over `max_connections`; beyond this, new
+/// connections are closed without an answer so that a flood cannot grow memory.
+const MAX_BUSY_REFUSALS: usize = 64;
+/// How long a refused device gets to take its CONNACK before the socket is closed.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+/// Bytes a refused device may still send (and that are discarded) while it reads its CONNACK.
+const REFUSAL_DRAIN_LIMIT: usize = 64 * 1024;
+/// Longest pause after an accept error (e.g. out of file descriptors) before trying again.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Everything a connection needs from one configuration generation. Connections keep the generation
+/// they started with; a reload (which swaps it) never touches a connection already open.
+#[derive(Debug)]
+pub struct Generation {
+    /// Who the devices are.
+    pub table: DeviceTable,
+    /// How to reach the broker.
+    pub connector: Connector,
+    /// Limits for the device side.
+    pub listen: Listen,
+}
+
+impl Generation {
+    /// Loads every identity the configuration names and prepares the connector.
+    pub fn load(config: &Config) -> Result<Generation, crate::config::ConfigErrors> {
+        Ok(Generation {
+            table: DeviceTable::build(config)?,
+            connector: Connector::new(&config.upstream),
+            listen: config.listen.clone(),
+        })
+    }
+}
+
+struct Shared {
+    generation: RwLock<Arc<Generation>>,
+    connections: Arc<Semaphore>,
+    busy_refusals: Arc<Semaphore>,
+}
+
+impl Shared {
+    fn current(&self) -> Arc<Generation> {
+        self.generation.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// A bound proxy, ready to run.
+pub struct Proxy {
+    listeners: Vec<(SocketAddr, TcpListener)>,
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    /// Binds every listen address of `config` (shared and dedicated).
+    pub async fn bind(config: &Config, generation: Generation) -> io::Result<Proxy> {
+        let mut listeners = Vec::new();
+        for addr in config.all_listen_addresses() {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            listeners.push((addr, l));
+        }
+        let shared = Shared {
+            connections: Arc::new(Semaphore::new(generation.listen.max_connections)),
+            busy_refusals: Arc::new(Semaphore::new(MAX_BUSY_REFUSALS)),
+            generation: RwLock::new(Arc::new(generation)),
+        };
+        Ok(Proxy {
+            listeners,
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The addresses actually bound, in configuration order (useful when a port was 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect()
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, lets open connections finish for up to
+    /// `grace`, and closes the rest.
+    pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
+        let tracker = TaskTracker::new();
+        let hard_stop = CancellationToken::new();
+        let mut accept_loops = Vec::new();
+        for (configured, listener) in self.listeners {
+            let ctx = AcceptContext {
+                configured,
+                shared: self.shared.clone(),
+                tracker: tracker.clone(),
+                hard_stop: hard_stop.clone(),
+            };
+            accept_loops.push(tokio::spawn(accept_loop(listener, ctx, shutdown.clone())));
+        }
+        for l in accept_loops {
+            let _ = l.await;
+        }
+        tracker.close();
+        if !tracker.is_empty() {
+            info!(open = tracker.len(), grace = ?grace, "stopped accepting; waiting for open connections");
+        }
+        if timeout(grace, tracker.wait()).await.is_err() {
+            warn!(
+                open = tracker.len(),
+                "grace period over; closing the remaining connections"
+            );
+            hard_stop.cancel();
+            tracker.wait().await;
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AcceptContext {
+    configured: SocketAddr,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    hard_stop: CancellationToken,
+}
+
+async fn accept_loop(listener: TcpListener, ctx: AcceptContext, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(10);
+                admit(stream, peer, &ctx);
+            }
+            Err(e) => {
+                // Out of descriptors or memory: wait instead of spinning, and keep serving.
+                error!(listener = %ctx.configured, error = %e, "accept failed; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+            }
+        }
+    }
+}
+
+fn admit(stream: TcpStream, peer: SocketAddr, ctx: &AcceptContext) {
+    let span = info_span!("conn", %peer, device = tracing::field::Empty);
+    match ctx.shared.connections.clone().try_acquire_owned() {
+        Ok(permit) => {
+            let conn = Connection {
+                listener: ctx.configured,
+                peer,
+                generation: ctx.shared.current(),
+                _permit: permit,
+            };
+            let hard_stop = ctx.hard_stop.clone();
+            ctx.tracker.spawn(
+                async move {
+                    tokio::select! {
+                        _ = conn.serve(stream) => {}
+                        _ = hard_stop.cancelled() => info!(reason = "shutdown", "connection closed at shutdown"),
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        Err(_) => match ctx.shared.busy_refusals.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let generation = ctx.shared.current();
+                ctx.tracker
+                    .spawn(refuse_busy(stream, generation, permit).instrument(span));
+            }
+            Err(_) => span.in_scope(|| {
+                warn!(
+                    reason = "busy",
+                    "refused: connection limit reached; closed without answer"
+                )
+            }),
+        },
+    }
+}
+
+async fn refuse_busy(mut stream: TcpStream, generation: Arc<Generation>, _permit: OwnedSemaphorePermit) {
+    let limit = generation.listen.max_connections;
+    match read_connect(&mut stream, &generation.listen).await {
+        Some((connect, _)) => {
+            warn!(reason = "busy", client_id = %connect.client_id, limit, "refused: connection limit reached");
+            refuse(stream, connect.version, Refusal::ServerBusy).await;
+        }
+        None => debug!("over the connection limit and no valid CONNECT; closed"),
+    }
+}
+
+struct Connection {
+    listener: SocketAddr,
+    peer: SocketAddr,
+    generation: Arc<Generation>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    async fn serve(self, mut stream: TcpStream) {
+        socket::tune(&stream);
+        let Some((connect, first_bytes)) = read_connect(&mut stream, &self.generation.listen).await else {
+            return;
+        };
+        let device = match self
+            .generation
+            .table
+            .find(self.listener, self.peer.ip(), &connect.client_id)
+        {
+            Ok(d) => d,
+            Err(_) => {
+                warn!(reason = "unknown_device", client_id = %connect.client_id, listener = %self.listener, "refused: no device matches");
+                refuse(stream, connect.version, Refusal::IdentifierRejected).await;
+                return;
+            }
+        };
+        Span::current().record("device", &*device.name);
+        let started = Instant::now();
+        let mut broker = match self
+            .generation
+            .connector
+            .connect(device.identity.client_config.clone())
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(reason = e.reason(), error = %e, "refused: broker unreachable");
+                refuse(stream, connect.version, Refusal::ServerUnavailable).await;
+                return;
+            }
+        };
+        info!(
+            client_id = %connect.client_id,
+            mqtt = %connect.version,
+            keep_alive = connect.keep_alive,
+            setup_ms = started.elapsed().as_millis() as u64,
+            "connection opened"
+        );
+        if let Err(e) = forward_first_bytes(&mut broker, &first_bytes).await {
+            warn!(error = %e, "broker closed before the CONNECT was delivered");
+            return;
+        }
+        let silence = silence_limit(connect.keep_alive);
+        let Transfer {
+            device_to_broker,
+            broker_to_device,
+            end,
+        } = pipe::pipe(&mut stream, &mut broker, silence).await;
+        info!(
+            bytes_in = device_to_broker + first_bytes.len() as u64,
+            bytes_out = broker_to_device,
+            duration_s = started.elapsed().as_secs_f64(),
+            end = %end,
+            "connection closed"
+        );
+    }
+}
+
+/// Reads the device's CONNECT under the configured limits. `None` (after logging why) means the
+/// connection should just be closed: nothing sensible can be answered to a non-CONNECT.
+async fn read_connect(stream: &mut TcpStream, limits: &Listen) -> Option<(Connect, Vec<u8>)> {
+    let mut buf = Vec::new();
+    match timeout(
+        limits.connect_timeout,
+        mqtt::read_connect(stream, &mut buf, limits.max_connect_size),
+    )
+    .await
+    {
+        Ok(Ok(connect)) => Some((connect, buf)),
+        Ok(Err(e)) => {
+            warn!(reason = "bad_connect", error = %e, "closed: first packet is not a valid CONNECT");
+            None
+        }
+        Err(_) => {
+            warn!(reason = "connect_timeout", received = buf.len(), limit = ?limits.connect_timeout, "closed: no complete CONNECT in time");
+            None
+        }
+    }
+}
+
+async fn forward_first_bytes<W: AsyncWriteExt + Unpin>(broker: &mut W, bytes: &[u8]) -> io::Result<()> {
+    broker.write_all(bytes).await?;
+    broker.flush().await
+}
+
+/// MQTT lets a server wait 1.5 x keep-alive before deciding a client is gone; mqtls does the same.
+pub fn silence_limit(keep_alive_secs: u16) -> Option<Duration> {
+    (keep_alive_secs > 0).then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500))
+}
+
+/// Answers with a refusal CONNACK, then closes gently: the device's unread bytes are drained first, since
+/// closing a socket with unread data sends a reset that can destroy the CONNACK before the device reads it.
+async fn refuse(mut stream: TcpStream, version: ProtocolVersion, refusal: Refusal) {
+    let answer = async {
+        stream.write_all(mqtt::connack(version, refusal)).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        let mut drained = 0;
+        while drained < REFUSAL_DRAIN_LIMIT {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        io::Result::Ok(())
+    };
+    if let Ok(Err(e)) = timeout(REFUSAL_LINGER, answer).await {
+        debug!(error = %e, "device went away while being refused");
+    }
+}

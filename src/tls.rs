@@ -1,0 +1,204 @@
+//! TLS material: the broker's trust anchors and one `rustls::ClientConfig` per device identity.
+//!
+//! Everything here runs when a configuration generation is loaded, never per connection: a bad
+//! certificate, a key that does not match it, or a key file that others can read is found at start-up
+//! (or at reload) with the file named, not at a sensor's first connection. The whole build uses a single
+//! crypto provider (ring); [`provider`] is the only place that names it.
+
+use std::fmt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
+
+/// The crypto provider used for every TLS connection mqtls makes.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A problem with one TLS file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {reason}", path.display())]
+pub struct TlsFileError {
+    /// Which config key the file came from: `cert`, `key` or `upstream.ca_file`.
+    pub key: &'static str,
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn file_error(key: &'static str, path: &Path, reason: impl Into<String>) -> TlsFileError {
+    TlsFileError {
+        key,
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// The trust anchors for the broker's certificate: a CA file, or the system's roots.
+pub fn load_roots(ca_file: Option<&Path>) -> Result<Arc<RootCertStore>, TlsFileError> {
+    let mut roots = RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = read_certs("upstream.ca_file", path)?;
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| file_error("upstream.ca_file", path, format!("not a usable CA certificate: {e}")))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let path = Path::new("/etc/ssl/certs");
+                return Err(file_error(
+                    "upstream.ca_file",
+                    path,
+                    "no trusted root certificates found on this system; install ca-certificates or set upstream.ca_file",
+                ));
+            }
+        }
+    }
+    Ok(Arc::new(roots))
+}
+
+fn read_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
+    let data = std::fs::read(path).map_err(|e| file_error(key, path, format!("cannot read: {e}")))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_error(key, path, format!("not a PEM certificate file: {e}")))?;
+    if certs.is_empty() {
+        return Err(file_error(
+            key,
+            path,
+            "holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+        ));
+    }
+    Ok(certs)
+}
+
+/// Refuses a private key that group or others may read, unless the operator allowed it.
+fn check_key_permissions(path: &Path, allow_readable: bool) -> Result<(), TlsFileError> {
+    let meta = std::fs::metadata(path).map_err(|e| file_error("key", path, format!("cannot read: {e}")))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 && !allow_readable {
+        return Err(file_error(
+            "key",
+            path,
+            format!(
+                "private key is readable by group or others (mode {mode:04o}); run `chmod 600 {}` or set upstream.allow_readable_keys = true",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What an operator needs to know about a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSummary {
+    /// Subject distinguished name, e.g. `CN=boiler-1`.
+    pub subject: String,
+    /// Issuer distinguished name.
+    pub issuer: String,
+    /// Serial number in hex.
+    pub serial: String,
+    /// Not valid before.
+    pub not_before: SystemTime,
+    /// Not valid after.
+    pub not_after: SystemTime,
+}
+
+impl CertSummary {
+    /// Parses the leaf certificate.
+    pub fn parse(der: &CertificateDer<'_>) -> Result<CertSummary, String> {
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| format!("cannot parse X.509: {e}"))?;
+        let to_time = |t: x509_parser::time::ASN1Time| {
+            let secs = t.timestamp();
+            if secs >= 0 {
+                UNIX_EPOCH + Duration::from_secs(secs as u64)
+            } else {
+                UNIX_EPOCH
+            }
+        };
+        Ok(CertSummary {
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            serial: cert.raw_serial_as_string(),
+            not_before: to_time(cert.validity().not_before),
+            not_after: to_time(cert.validity().not_after),
+        })
+    }
+
+    /// Seconds since the Unix epoch of `not_after`.
+    pub fn not_after_unix(&self) -> u64 {
+        self.not_after
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+}
+
+/// A device identity ready to use: the client config that presents it, and what it says.
+#[derive(Clone)]
+pub struct Identity {
+    /// Used for every connection of this identity; built once.
+    pub client_config: Arc<ClientConfig>,
+    /// The leaf certificate's details.
+    pub summary: CertSummary,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the config: it holds the private key.
+        f.debug_struct("Identity")
+            .field("summary", &self.summary)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options shared by every identity of a generation.
+#[derive(Clone)]
+pub struct TlsSettings {
+    /// Trust anchors for the broker.
+    pub roots: Arc<RootCertStore>,
+    /// ALPN protocols to offer.
+    pub alpn: Vec<Vec<u8>>,
+    /// Accept private keys that group or others can read.
+    pub allow_readable_keys: bool,
+}
+
+/// Loads a certificate chain and private key and builds the client config that presents them.
+pub fn load_identity(cert: &Path, key: &Path, settings: &TlsSettings) -> Result<Identity, TlsFileError> {
+    let chain = read_certs("cert", cert)?;
+    let summary = CertSummary::parse(&chain[0]).map_err(|e| file_error("cert", cert, e))?;
+    check_key_permissions(key, settings.allow_readable_keys)?;
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| file_error("key", key, format!("no usable PEM private key: {e}")))?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| file_error("cert", cert, e.to_string()))?
+        .with_root_certificates(settings.roots.clone())
+        .with_client_auth_cert(chain, key_der)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => file_error(
+                "key",
+                key,
+                format!("does not match the certificate in {}", cert.display()),
+            ),
+            other => file_error("key", key, format!("cannot be used with the certificate: {other}")),
+        })?;
+    config.alpn_protocols = settings.alpn.clone();
+    Ok(Identity {
+        client_config: Arc::new(config),
+        summary,
+    })
+}
