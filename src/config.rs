@@ -489,14 +489,6 @@ impl Validator {
             }
         };
         let ca_file = raw.ca_file.map(|p| self.resolve(&p));
-        if let Some(ca) = &ca_file {
-            if !ca.is_file() {
-                self.error(
-                    "upstream.ca_file",
-                    format!("{} does not exist or is not a file", ca.display()),
-                );
-            }
-        }
         let connect_timeout = self.duration(
             "upstream.connect_timeout",
             raw.connect_timeout,
@@ -895,6 +887,14 @@ key = "devices/boiler-1/key.pem"
             c.devices[0].identity.cert,
             Path::new("/etc/mqtls/devices/boiler-1/cert.pem")
         );
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/mqtls.example.toml"));
+        let c = Config::load(path).unwrap();
+        assert_eq!(c.devices.len(), 2);
+        assert_eq!(c.all_listen_addresses().len(), 2, "old-meter has a dedicated listener");
     }
 
     #[test]

@@ -126,12 +126,6 @@ pub enum ConnectError {
         /// The protocol level sent.
         level: u8,
     },
-    /// The peer closed the connection before a complete packet arrived.
-    ///
-    /// [`read_connect`] reports this as [`ReadConnectError::Closed`] with a
-    /// byte count instead; this variant is for callers with their own read loop.
-    #[error("connection closed before a complete packet")]
-    Closed,
 }
 
 /// Why [`read_connect`] did not produce a CONNECT.

@@ -267,15 +267,32 @@ impl Connection {
             warn!(error = %e, "broker closed before the CONNECT was delivered");
             return;
         }
-        let silence = silence_limit(connect.keep_alive);
+        let mut keep_alive = connect.keep_alive;
+        let mut connack_bytes = 0;
+        if connect.version == ProtocolVersion::V5 {
+            let timeout = self.generation.connector.handshake_timeout();
+            match relay_connack(&mut broker, &mut stream, connect.version, timeout).await {
+                Ok((relayed, server_keep_alive)) => {
+                    connack_bytes = relayed;
+                    if let Some(k) = server_keep_alive {
+                        debug!(server_keep_alive = k, "broker overrides the keep-alive");
+                        keep_alive = k;
+                    }
+                }
+                Err(e) => {
+                    info!(error = %e, "connection closed before the broker's CONNACK");
+                    return;
+                }
+            }
+        }
         let Transfer {
             device_to_broker,
             broker_to_device,
             end,
-        } = pipe::pipe(&mut stream, &mut broker, silence).await;
+        } = pipe::pipe(&mut stream, &mut broker, silence_limit(keep_alive)).await;
         info!(
             bytes_in = device_to_broker + first_bytes.len() as u64,
-            bytes_out = broker_to_device,
+            bytes_out = broker_to_device + connack_bytes as u64,
             duration_s = started.elapsed().as_secs_f64(),
             end = %end,
             "connection closed"
@@ -308,6 +325,43 @@ async fn read_connect(stream: &mut TcpStream, limits: &Listen) -> Option<(Connec
 async fn forward_first_bytes<W: AsyncWriteExt + Unpin>(broker: &mut W, bytes: &[u8]) -> io::Result<()> {
     broker.write_all(bytes).await?;
     broker.flush().await
+}
+
+/// Copies the broker's first bytes to the device until they hold its whole CONNACK, and returns how many
+/// bytes were copied and the MQTT 5 Server Keep Alive, which replaces the device's own keep-alive. Bytes
+/// pass unchanged; if the CONNACK cannot be parsed they are still passed on and the device's keep-alive
+/// stays in force.
+async fn relay_connack<B, D>(
+    broker: &mut B,
+    device: &mut D,
+    version: ProtocolVersion,
+    limit: Duration,
+) -> io::Result<(usize, Option<u16>)>
+where
+    B: AsyncReadExt + Unpin,
+    D: AsyncWriteExt + Unpin,
+{
+    const MAX_CONNACK: usize = 4096;
+    let relay = async {
+        let mut buf = Vec::with_capacity(256);
+        loop {
+            let mut chunk = [0u8; 512];
+            let n = broker.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let parsed = mqtt::parse_connack(&buf, version);
+            if !matches!(parsed, Err(mqtt::ConnectError::Incomplete)) || buf.len() >= MAX_CONNACK {
+                device.write_all(&buf).await?;
+                device.flush().await?;
+                return Ok((buf.len(), parsed.ok().and_then(|c| c.server_keep_alive)));
+            }
+        }
+    };
+    timeout(limit, relay)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no CONNACK from the broker in time")))
 }
 
 /// MQTT lets a server wait 1.5 x keep-alive before deciding a client is gone; mqtls does the same.

@@ -78,6 +78,11 @@ impl Connector {
         }
     }
 
+    /// The limit for the TLS handshake, also used for the broker's first answer.
+    pub fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
+
     /// Connects to the first broker address that answers and completes the TLS handshake with `config`.
     pub async fn connect(&self, config: Arc<ClientConfig>) -> Result<TlsStream<TcpStream>, ConnectError> {
         let mut failures = Vec::new();
