@@ -359,9 +359,12 @@ where
             }
         }
     };
-    timeout(limit, relay)
-        .await
-        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no CONNACK from the broker in time")))
+    timeout(limit, relay).await.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no CONNACK from the broker in time",
+        ))
+    })
 }
 
 /// MQTT lets a server wait 1.5 x keep-alive before deciding a client is gone; mqtls does the same.

@@ -1,0 +1,242 @@
+//! Running mqtls in-process for a test: write a config, load it with the library, bind 127.0.0.1:0, serve
+//! until the test ends. Log lines are captured so a test can assert what an operator would read.
+
+use std::fmt::Write as _;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mqtls::{Config, Generation, Proxy};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::pki::{ClientCert, Pki};
+
+/// One `[[device]]` entry.
+#[derive(Clone, Debug)]
+pub struct DeviceEntry {
+    pub name: String,
+    pub client_id: Option<String>,
+    pub source: Option<String>,
+    pub listen: Option<SocketAddr>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl DeviceEntry {
+    /// A device matched by client id (= its certificate's CN) alone.
+    pub fn new(cert: &ClientCert) -> DeviceEntry {
+        DeviceEntry {
+            name: cert.cn.clone(),
+            client_id: Some(cert.cn.clone()),
+            source: None,
+            listen: None,
+            cert: cert.cert.clone(),
+            key: cert.key.clone(),
+        }
+    }
+
+    pub fn source(mut self, s: &str) -> Self {
+        self.source = Some(s.to_string());
+        self
+    }
+
+    pub fn client_id(mut self, id: Option<&str>) -> Self {
+        self.client_id = id.map(str::to_string);
+        self
+    }
+
+    pub fn listen(mut self, l: SocketAddr) -> Self {
+        self.listen = Some(l);
+        self
+    }
+
+    fn toml(&self) -> String {
+        let mut s = format!("\n[[device]]\nname = {:?}\n", self.name);
+        if let Some(id) = &self.client_id {
+            let _ = writeln!(s, "client_id = {id:?}");
+        }
+        if let Some(src) = &self.source {
+            let _ = writeln!(s, "source = {src:?}");
+        }
+        if let Some(l) = &self.listen {
+            let _ = writeln!(s, "listen = \"{l}\"");
+        }
+        let _ = writeln!(s, "cert = {:?}\nkey = {:?}", self.cert, self.key);
+        s
+    }
+}
+
+/// Builder for a test configuration.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub upstream: Vec<String>,
+    pub server_name: Option<String>,
+    pub ca_file: PathBuf,
+    pub connect_timeout: String,
+    pub upstream_connect_timeout: String,
+    pub handshake_timeout: String,
+    pub max_connections: usize,
+    pub max_connect_size: usize,
+    pub devices: Vec<DeviceEntry>,
+    pub extra: String,
+}
+
+impl ProxyConfig {
+    /// Upstream at `broker`, trusting `pki`'s CA, verifying the name `localhost`.
+    pub fn new(pki: &Pki, broker: SocketAddr) -> ProxyConfig {
+        ProxyConfig {
+            upstream: vec![broker.to_string()],
+            server_name: Some("localhost".into()),
+            ca_file: pki.ca_pem_path().to_path_buf(),
+            connect_timeout: "5s".into(),
+            upstream_connect_timeout: "2s".into(),
+            handshake_timeout: "5s".into(),
+            max_connections: 100,
+            max_connect_size: 65536,
+            devices: Vec::new(),
+            extra: String::new(),
+        }
+    }
+
+    pub fn device(mut self, d: DeviceEntry) -> Self {
+        self.devices.push(d);
+        self
+    }
+
+    pub fn toml(&self) -> String {
+        let upstream: Vec<String> = self.upstream.iter().map(|a| format!("{a:?}")).collect();
+        let mut s = format!(
+            "[listen]\naddress = \"127.0.0.1:0\"\nconnect_timeout = {:?}\nmax_connections = {}\nmax_connect_size = {}\n\n\
+             [upstream]\naddress = [{}]\nca_file = {:?}\nconnect_timeout = {:?}\nhandshake_timeout = {:?}\n",
+            self.connect_timeout,
+            self.max_connections,
+            self.max_connect_size,
+            upstream.join(", "),
+            self.ca_file,
+            self.upstream_connect_timeout,
+            self.handshake_timeout,
+        );
+        if let Some(n) = &self.server_name {
+            let _ = writeln!(s, "server_name = {n:?}");
+        }
+        s.push_str(&self.extra);
+        for d in &self.devices {
+            s.push_str(&d.toml());
+        }
+        s
+    }
+
+    /// Writes the config to `dir/mqtls.toml` and returns its path.
+    pub fn write(&self, dir: &Path) -> PathBuf {
+        let path = dir.join(format!("mqtls-{}.toml", std::process::id() ^ rand_suffix()));
+        std::fs::write(&path, self.toml()).expect("write config");
+        path
+    }
+}
+
+fn rand_suffix() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(1);
+    N.fetch_add(1, Ordering::Relaxed) << 20
+}
+
+/// mqtls serving in the test's runtime.
+pub struct RunningProxy {
+    pub addrs: Vec<SocketAddr>,
+    pub config_path: PathBuf,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl RunningProxy {
+    /// Loads `config` with the library (as `mqtls run` does), binds, and serves in a task.
+    pub async fn start(config: &ProxyConfig, dir: &Path) -> RunningProxy {
+        let path = config.write(dir);
+        let cfg = Config::load(&path).unwrap_or_else(|e| panic!("config rejected:\n{e}\n---\n{}", config.toml()));
+        let generation = Generation::load(&cfg).unwrap_or_else(|e| panic!("identities rejected:\n{e}"));
+        let proxy = Proxy::bind(&cfg, generation).await.expect("bind");
+        let addrs = proxy.local_addrs();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(proxy.run(shutdown.clone(), Duration::from_secs(5)));
+        RunningProxy {
+            addrs,
+            config_path: path,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// The first (shared) listener.
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// Stops accepting and waits for open connections (up to the grace period).
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            t.await.expect("proxy task panicked");
+        }
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+/// Captures tracing output of everything running on this thread (tests use the current-thread runtime).
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    /// Installs a capturing subscriber for this thread until the guard is dropped.
+    pub fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let sink = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("debug,rustls=info")
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until a line contains every one of `needles`; returns that line.
+    pub async fn wait_line(&self, needles: &[&str], timeout: Duration) -> Result<String, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.text().lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return Ok(line.to_string());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "no log line with {needles:?} within {timeout:?}; log:\n{}",
+                    self.text()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
