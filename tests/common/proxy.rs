@@ -192,25 +192,56 @@ impl Drop for RunningProxy {
     }
 }
 
-/// Captures tracing output of everything running on this thread (tests use the current-thread runtime).
-#[derive(Clone, Default)]
-pub struct Logs(Arc<Mutex<Vec<u8>>>);
+/// Captures mqtls's tracing output. One subscriber is installed for the whole test binary (per-thread
+/// subscribers miss events when tests run in parallel: tracing caches callsite interest globally), so a
+/// `Logs` sees every line logged since it was created, including other tests' lines: match on something
+/// unique to the test (a device name, a client id).
+#[derive(Clone)]
+pub struct Logs {
+    from: usize,
+}
+
+/// Returned by [`Logs::capture`]; kept for call-site symmetry with scoped subscribers.
+pub struct LogGuard;
+
+static SINK: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+
+#[derive(Clone)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn sink() -> &'static Arc<Mutex<Vec<u8>>> {
+    SINK.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = Sink(buf.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("debug,rustls=info,rumqttc=info")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber per test binary");
+        buf
+    })
+}
 
 impl Logs {
-    /// Installs a capturing subscriber for this thread until the guard is dropped.
-    pub fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
-        let logs = Logs::default();
-        let sink = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("debug,rustls=info")
-            .with_ansi(false)
-            .with_writer(move || sink.clone())
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
+    /// Starts capturing (from now on).
+    pub fn capture() -> (Logs, LogGuard) {
+        let from = sink().lock().unwrap().len();
+        (Logs { from }, LogGuard)
     }
 
     pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        String::from_utf8_lossy(&sink().lock().unwrap()[self.from..]).into_owned()
     }
 
     /// Waits until a line contains every one of `needles`; returns that line.
@@ -228,15 +259,5 @@ impl Logs {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    }
-}
-
-impl io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
