@@ -1,0 +1,149 @@
+//! When the broker cannot be reached, or cannot be trusted, the device is told "server unavailable"
+//! promptly, the log says why, and the daemon keeps serving.
+
+mod common;
+
+use std::time::Duration;
+
+use common::mosquitto::free_port;
+use common::mqtt_client::{
+    device_v4, device_v5, is_puback_v4, spawn_eventloop_v4, wait_connack_v4, wait_connack_v5, MQTT_DEADLINE,
+};
+use common::proxy::{DeviceEntry, Logs, ProxyConfig, RunningProxy};
+use common::{Mosquitto, Pki};
+use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5Code;
+use rumqttc::{ConnectReturnCode as V4Code, QoS};
+
+async fn refusal_v4(proxy: &RunningProxy, client_id: &str) -> V4Code {
+    let (_c, mut el) = device_v4(client_id, proxy.addr(), Duration::from_secs(30));
+    match wait_connack_v4(&mut el).await {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => code,
+        other => panic!("expected a refusal CONNACK, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn broker_down_gives_server_unavailable_and_logs_the_connect_failure() {
+    let (logs, _g) = Logs::capture();
+    let pki = Pki::new();
+    let dead = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = ProxyConfig::new(&pki, dead).device(DeviceEntry::new(&pki.client("down-1")));
+    let proxy = RunningProxy::start(&config, pki.dir()).await;
+
+    assert_eq!(refusal_v4(&proxy, "down-1").await, V4Code::ServiceUnavailable);
+    let line = logs
+        .wait_line(&["down-1", "broker unreachable"], MQTT_DEADLINE)
+        .await
+        .unwrap();
+    assert!(
+        line.contains("reason=\"connect\"") || line.contains("reason=connect"),
+        "{line}"
+    );
+    assert!(line.contains("Connection refused"), "{line}");
+
+    // MQTT 5 devices get their own code.
+    let (_c, mut el) = device_v5("down-1", proxy.addr(), Duration::from_secs(30));
+    match wait_connack_v5(&mut el).await {
+        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => assert_eq!(code, V5Code::ServerUnavailable),
+        other => panic!("expected a refusal CONNACK, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn broker_with_an_untrusted_certificate_is_refused_and_logged() {
+    let (logs, _g) = Logs::capture();
+    let pki = Pki::new();
+    let stranger_ca = Pki::other_ca();
+    let broker = Mosquitto::start_with(&pki, &stranger_ca.server("impostor", &["localhost", "127.0.0.1"])).await;
+    let config = ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&pki.client("trusting-1")));
+    let proxy = RunningProxy::start(&config, pki.dir()).await;
+
+    assert_eq!(refusal_v4(&proxy, "trusting-1").await, V4Code::ServiceUnavailable);
+    let line = logs
+        .wait_line(&["trusting-1", "broker unreachable"], MQTT_DEADLINE)
+        .await
+        .unwrap();
+    assert!(line.contains("tls") && line.contains("UnknownIssuer"), "{line}");
+    assert!(
+        broker.connected_usernames().is_empty(),
+        "no MQTT session at an untrusted broker"
+    );
+}
+
+#[tokio::test]
+async fn broker_with_the_wrong_name_is_refused_and_logged() {
+    let (logs, _g) = Logs::capture();
+    let pki = Pki::new();
+    let broker = Mosquitto::start_with(&pki, &pki.server("elsewhere", &["broker.elsewhere.example"])).await;
+    let config = ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&pki.client("named-1")));
+    let proxy = RunningProxy::start(&config, pki.dir()).await;
+
+    assert_eq!(refusal_v4(&proxy, "named-1").await, V4Code::ServiceUnavailable);
+    let line = logs
+        .wait_line(&["named-1", "broker unreachable"], MQTT_DEADLINE)
+        .await
+        .unwrap();
+    assert!(line.contains("not valid for name \"localhost\""), "{line}");
+    assert!(broker.connected_usernames().is_empty());
+}
+
+#[tokio::test]
+async fn addresses_are_tried_in_order_until_one_answers() {
+    let (logs, _g) = Logs::capture();
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki).await;
+    let mut config = ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&pki.client("failover-1")));
+    config.upstream.insert(0, format!("127.0.0.1:{}", free_port()));
+    let proxy = RunningProxy::start(&config, pki.dir()).await;
+
+    let (_c, mut el) = device_v4("failover-1", proxy.addr(), Duration::from_secs(30));
+    wait_connack_v4(&mut el).await.expect("the second address serves");
+    logs.wait_line(&["failover-1", "connection opened"], MQTT_DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(broker.connected_usernames(), vec!["failover-1".to_string()]);
+}
+
+#[tokio::test]
+async fn upstream_names_are_resolved_at_connection_time() {
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki).await;
+    let mut config = ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&pki.client("dns-1")));
+    config.upstream = vec![format!("localhost:{}", broker.port())];
+    config.server_name = None; // the name is taken from the address: localhost
+    let proxy = RunningProxy::start(&config, pki.dir()).await;
+    let (_c, mut el) = device_v4("dns-1", proxy.addr(), Duration::from_secs(30));
+    wait_connack_v4(&mut el).await.expect("served via a name");
+}
+
+#[tokio::test]
+async fn a_broker_that_goes_away_closes_its_devices_but_not_the_daemon() {
+    let (logs, _g) = Logs::capture();
+    let pki = Pki::new();
+    let mut broker = Mosquitto::start(&pki).await;
+    let config = ProxyConfig::new(&pki, broker.addr())
+        .device(DeviceEntry::new(&pki.client("survivor-1")))
+        .device(DeviceEntry::new(&pki.client("survivor-2")));
+    let proxy = RunningProxy::start(&config, pki.dir()).await;
+
+    let (client, mut el) = device_v4("survivor-1", proxy.addr(), Duration::from_secs(30));
+    wait_connack_v4(&mut el).await.expect("accepted");
+    let mut events = spawn_eventloop_v4(el);
+    client
+        .publish("sensors/survivor-1/x", QoS::AtLeastOnce, false, "before")
+        .await
+        .unwrap();
+    events.wait_for(is_puback_v4, MQTT_DEADLINE).await.expect("PUBACK");
+
+    broker.stop();
+    events
+        .wait_error(MQTT_DEADLINE)
+        .await
+        .expect("the device sees its connection end");
+    logs.wait_line(&["survivor-1", "connection closed"], MQTT_DEADLINE)
+        .await
+        .unwrap();
+
+    // The daemon is still there and still answers, now with "server unavailable".
+    assert_eq!(refusal_v4(&proxy, "survivor-2").await, V4Code::ServiceUnavailable);
+}

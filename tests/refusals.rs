@@ -1,0 +1,151 @@
+//! Devices that are not allowed are answered in MQTT, in their own protocol version, and never reach the
+//! broker.
+
+mod common;
+
+use std::time::Duration;
+
+use common::mqtt_client::{device_v4, device_v5, wait_connack_v4, wait_connack_v5, MQTT_DEADLINE};
+use common::proxy::{DeviceEntry, Logs, ProxyConfig, RunningProxy};
+use common::{Mosquitto, Pki};
+use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5Code;
+use rumqttc::ConnectReturnCode as V4Code;
+
+fn refused_v4(r: Result<rumqttc::ConnAck, rumqttc::ConnectionError>) -> V4Code {
+    match r {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => code,
+        other => panic!("expected a refusal CONNACK, got {other:?}"),
+    }
+}
+
+fn refused_v5(r: Result<rumqttc::v5::mqttbytes::v5::ConnAck, rumqttc::v5::ConnectionError>) -> V5Code {
+    match r {
+        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => code,
+        other => panic!("expected a refusal CONNACK, got {other:?}"),
+    }
+}
+
+struct Setup {
+    pki: Pki,
+    broker: Mosquitto,
+    proxy: RunningProxy,
+}
+
+async fn setup(configure: impl FnOnce(&Pki, ProxyConfig) -> ProxyConfig) -> Setup {
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki).await;
+    let config = configure(&pki, ProxyConfig::new(&pki, broker.addr()));
+    let proxy = RunningProxy::start(&config, pki.dir()).await;
+    Setup { pki, broker, proxy }
+}
+
+#[tokio::test]
+async fn unknown_client_id_gets_identifier_rejected_in_311_and_never_reaches_the_broker() {
+    let (logs, _g) = Logs::capture();
+    let s = setup(|pki, c| c.device(DeviceEntry::new(&pki.client("known-1")))).await;
+    let (_c, mut el) = device_v4("stranger-311", s.proxy.addr(), Duration::from_secs(30));
+    assert_eq!(refused_v4(wait_connack_v4(&mut el).await), V4Code::BadClientId);
+    let line = logs
+        .wait_line(&["stranger-311", "refused"], MQTT_DEADLINE)
+        .await
+        .unwrap();
+    assert!(
+        line.contains("unknown_device") && line.contains("peer=127.0.0.1:"),
+        "{line}"
+    );
+    assert_eq!(s.broker.connections_from_log(), 0, "{}", s.broker.log());
+}
+
+#[tokio::test]
+async fn unknown_client_id_gets_client_identifier_not_valid_in_mqtt5() {
+    let s = setup(|pki, c| c.device(DeviceEntry::new(&pki.client("known-2")))).await;
+    let (_c, mut el) = device_v5("stranger-5", s.proxy.addr(), Duration::from_secs(30));
+    assert_eq!(
+        refused_v5(wait_connack_v5(&mut el).await),
+        V5Code::ClientIdentifierNotValid
+    );
+    assert_eq!(s.broker.connections_from_log(), 0, "{}", s.broker.log());
+}
+
+#[tokio::test]
+async fn known_client_id_from_the_wrong_source_is_refused() {
+    let (logs, _g) = Logs::capture();
+    let s = setup(|pki, c| c.device(DeviceEntry::new(&pki.client("gate-7")).source("192.0.2.0/24"))).await;
+    let (_c, mut el) = device_v4("gate-7", s.proxy.addr(), Duration::from_secs(30));
+    assert_eq!(refused_v4(wait_connack_v4(&mut el).await), V4Code::BadClientId);
+    logs.wait_line(&["gate-7", "unknown_device"], MQTT_DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(s.broker.connections_from_log(), 0, "{}", s.broker.log());
+    // The same entry from an allowed source is served: the refusal was about the source alone.
+    drop(s.proxy);
+    let proxy = RunningProxy::start(
+        &ProxyConfig::new(&s.pki, s.broker.addr())
+            .device(DeviceEntry::new(&s.pki.client("gate-7")).source("127.0.0.0/8")),
+        s.pki.dir(),
+    )
+    .await;
+    let (_c, mut el) = device_v4("gate-7", proxy.addr(), Duration::from_secs(30));
+    wait_connack_v4(&mut el).await.expect("accepted from 127.0.0.1");
+}
+
+#[tokio::test]
+async fn over_the_connection_limit_devices_are_told_server_busy() {
+    let (logs, _g) = Logs::capture();
+    let s = setup(|pki, mut c| {
+        c.max_connections = 1;
+        c.device(DeviceEntry::new(&pki.client("first-in")))
+            .device(DeviceEntry::new(&pki.client("late-4")))
+            .device(DeviceEntry::new(&pki.client("late-5")))
+    })
+    .await;
+    let (_first, mut first_el) = device_v4("first-in", s.proxy.addr(), Duration::from_secs(30));
+    wait_connack_v4(&mut first_el).await.expect("the first device fits");
+    let keep_polling = tokio::spawn(async move { while first_el.poll().await.is_ok() {} });
+
+    let (_c4, mut el4) = device_v4("late-4", s.proxy.addr(), Duration::from_secs(30));
+    assert_eq!(refused_v4(wait_connack_v4(&mut el4).await), V4Code::ServiceUnavailable);
+    let (_c5, mut el5) = device_v5("late-5", s.proxy.addr(), Duration::from_secs(30));
+    assert_eq!(refused_v5(wait_connack_v5(&mut el5).await), V5Code::ServerBusy);
+    logs.wait_line(&["late-5", "busy"], MQTT_DEADLINE).await.unwrap();
+    assert_eq!(
+        s.broker.connected_usernames(),
+        vec!["first-in".to_string()],
+        "{}",
+        s.broker.log()
+    );
+    keep_polling.abort();
+}
+
+#[tokio::test]
+async fn a_freed_slot_is_reused_after_a_device_leaves() {
+    let s = setup(|pki, mut c| {
+        c.max_connections = 1;
+        c.device(DeviceEntry::new(&pki.client("slot-a")))
+            .device(DeviceEntry::new(&pki.client("slot-b")))
+    })
+    .await;
+    let (a, mut el_a) = device_v4("slot-a", s.proxy.addr(), Duration::from_secs(30));
+    wait_connack_v4(&mut el_a).await.expect("slot-a fits");
+    a.disconnect().await.unwrap();
+    // Drive the DISCONNECT out, then wait until the broker has seen slot-a go.
+    while el_a.poll().await.is_ok() {}
+    s.broker
+        .wait_for_log("Client slot-a disconnected", 1, MQTT_DEADLINE)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + MQTT_DEADLINE;
+    loop {
+        let (_b, mut el_b) = device_v4("slot-b", s.proxy.addr(), Duration::from_secs(30));
+        match wait_connack_v4(&mut el_b).await {
+            Ok(_) => break,
+            // The proxy may still be finishing slot-a's task for a moment after the broker saw it leave.
+            Err(rumqttc::ConnectionError::ConnectionRefused(V4Code::ServiceUnavailable))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("slot-b refused: {e:?}"),
+        }
+    }
+}
