@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Brings up a working mqtls example on this machine: a private CA and device certificates, a real
+# Mosquitto 2 with mutual TLS and an ACL per device, mqtls in front of it, and devices publishing through
+# it. Ctrl-C stops it all. `--seconds N` runs for N seconds and exits non-zero if anything went wrong.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+cargo build --locked --quiet --bin mqtls --example demo
+exec target/debug/examples/demo "$@"
