@@ -267,6 +267,8 @@ impl Connection {
             warn!(error = %e, "broker closed before the CONNECT was delivered");
             return;
         }
+        let first_len = first_bytes.len() as u64;
+        drop(first_bytes);
         let mut keep_alive = connect.keep_alive;
         let mut connack_bytes = 0;
         if connect.version == ProtocolVersion::V5 {
@@ -291,7 +293,7 @@ impl Connection {
             end,
         } = pipe::pipe(&mut stream, &mut broker, silence_limit(keep_alive)).await;
         info!(
-            bytes_in = device_to_broker + first_bytes.len() as u64,
+            bytes_in = device_to_broker + first_len,
             bytes_out = broker_to_device + connack_bytes as u64,
             duration_s = started.elapsed().as_secs_f64(),
             end = %end,

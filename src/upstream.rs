@@ -88,7 +88,11 @@ impl Connector {
         let mut failures = Vec::new();
         let mut resolve_error = None;
         for hp in &self.addresses {
-            let addrs = match tokio::net::lookup_host((hp.host.as_str(), hp.port)).await {
+            let lookup = tokio::net::lookup_host((hp.host.as_str(), hp.port));
+            let resolved = timeout(self.connect_timeout, lookup).await.unwrap_or_else(|_| {
+                Err(io::Error::new(io::ErrorKind::TimedOut, "no answer from the resolver in time"))
+            });
+            let addrs = match resolved {
                 Ok(a) => a,
                 Err(error) => {
                     failures.push(format!("{hp}: cannot resolve: {error}"));
