@@ -7,7 +7,7 @@
 //! and, where there is one, the device. Certificates and keys are loaded afterwards by
 //! [`crate::device::DeviceTable::build`], which reports its problems the same way.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -227,16 +227,40 @@ impl Config {
 }
 
 fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-    let location = match e.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
-            format!("line {line}, column {col}")
-        }
-        None => String::new(),
+    let Some(span) = e.span() else {
+        return ConfigError::new(path, "", e.message().trim().to_string());
     };
-    ConfigError::new(path, location, e.message().trim().to_string())
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    let key = key_at(text, start).map(|k| format!("{k}` (line {line}, column {col})"));
+    let key = key.unwrap_or_else(|| format!("line {line}, column {col}"));
+    // The closing backtick of the key is already in `key` when a key was found.
+    let key = key.strip_suffix('`').unwrap_or(&key).to_string();
+    ConfigError::new(path, key, e.message().trim().to_string())
+}
+
+/// The dotted key (`listen.max_connections`) written on the line holding `offset`, if that line is a
+/// `key = value` line; the table comes from the nearest `[table]` or `[[table]]` header above it.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let line_start = text[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line = text[line_start..].lines().next()?.trim();
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    if line.starts_with('[') {
+        return Some(line.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    }
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_string(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -312,7 +336,7 @@ struct RawIdentity {
 }
 
 #[derive(Deserialize, Clone)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of strings")]
 enum OneOrMany {
     One(String),
     Many(Vec<String>),
@@ -450,7 +474,7 @@ impl Validator {
         };
         Some(Listen {
             addresses,
-            connect_timeout: connect_timeout?,
+            connect_timeout,
             max_connections,
             max_connect_size,
         })
@@ -508,33 +532,27 @@ impl Validator {
             addresses,
             server_name,
             ca_file,
-            connect_timeout: connect_timeout?,
-            handshake_timeout: handshake_timeout?,
+            connect_timeout,
+            handshake_timeout,
             alpn: raw.alpn,
             allow_readable_keys: raw.allow_readable_keys,
         })
     }
 
-    fn duration(&mut self, key: &str, text: Option<String>, default: Duration) -> Option<Duration> {
-        let Some(text) = text else { return Some(default) };
+    /// A duration from text; on error the problem is recorded and the default stands in, so that the
+    /// checks that depend on this table still run and report their own problems.
+    fn duration(&mut self, key: &str, text: Option<String>, default: Duration) -> Duration {
+        let Some(text) = text else { return default };
         match humantime::parse_duration(&text) {
-            Ok(d) if d.is_zero() => {
-                self.error(key, "must be longer than zero");
-                None
-            }
-            Ok(d) if d > Duration::from_secs(24 * 3600) => {
-                self.error(key, format!("`{text}` is longer than a day"));
-                None
-            }
-            Ok(d) => Some(d),
-            Err(e) => {
-                self.error(
-                    key,
-                    format!("`{text}` is not a duration ({e}); write e.g. \"10s\", \"500ms\", \"2m\""),
-                );
-                None
-            }
+            Ok(d) if d.is_zero() => self.error(key, "must be longer than zero"),
+            Ok(d) if d > Duration::from_secs(24 * 3600) => self.error(key, format!("`{text}` is longer than a day")),
+            Ok(d) => return d,
+            Err(e) => self.error(
+                key,
+                format!("`{text}` is not a duration ({e}); write e.g. \"10s\", \"500ms\", \"2m\""),
+            ),
         }
+        default
     }
 
     fn resolve(&self, p: &str) -> PathBuf {
@@ -547,16 +565,21 @@ impl Validator {
     }
 
     fn device(&mut self, index: usize, raw: RawDevice) -> Option<DeviceSpec> {
-        let prefix = format!("device[{index}]");
+        // Operators count entries from 1.
+        let prefix = format!("device #{}", index + 1);
         let Some(name) = raw.name.filter(|n| !n.trim().is_empty()) else {
-            self.error(format!("{prefix}.name"), "every device needs a non-empty name");
+            self.error(
+                format!("name (in the {} [[device]])", ordinal(index + 1)),
+                "every device needs a non-empty name",
+            );
             return None;
         };
         let before = self.errors.len();
+        let has_rule = raw.client_id.is_some() || raw.source.is_some() || raw.listen.is_some();
         let sources = self.sources(&name, raw.source);
         let listen = self.device_listen(&name, raw.listen);
         let identity = self.identity("", raw.cert, raw.key, Some(&name));
-        if raw.client_id.is_none() && sources.is_empty() && listen.is_none() {
+        if !has_rule {
             self.errors.push(
                 ConfigError::new(&self.path, "client_id", "give at least one of client_id, source, listen (a device that matches every connection is [fallback])")
                     .for_device(&name),
@@ -718,13 +741,18 @@ impl Validator {
     }
 
     fn unique_names(&mut self, devices: &[DeviceSpec]) {
-        let mut seen: HashMap<&str, &Path> = HashMap::new();
+        let mut seen: HashMap<&str, &DeviceSpec> = HashMap::new();
         for d in devices {
-            if let Some(first) = seen.insert(&d.name, &d.origin) {
+            if let Some(first) = seen.insert(&d.name, d) {
                 let e = ConfigError::new(
                     &d.origin,
                     "name",
-                    format!("the name is already used by a device in {}", first.display()),
+                    format!(
+                        "{} uses a name already taken by {} in {}",
+                        d.key_prefix,
+                        first.key_prefix,
+                        first.origin.display()
+                    ),
                 )
                 .for_device(&d.name);
                 self.errors.push(e);
@@ -758,7 +786,7 @@ impl Validator {
             if can_overlap(da, db, shared) {
                 let e = ConfigError::new(
                     &db.origin,
-                    "client_id",
+                    "client_id/source/listen",
                     format!(
                         "can match the same connections as device \"{}\" ({}); narrow one of them with client_id, source or listen",
                         da.name,
@@ -771,26 +799,31 @@ impl Validator {
         }
     }
 
+    /// A listener on 0.0.0.0:P (or [::]:P) takes port P on every address, so no other listener can
+    /// have P; `mqtls run` would otherwise fail to bind after `mqtls check` said OK.
     fn dedicated_listeners(&mut self, devices: &[DeviceSpec], shared: &[SocketAddr]) {
-        let unspecified: HashSet<u16> = shared
+        let mut taken: Vec<(SocketAddr, String)> = shared
             .iter()
-            .filter(|a| a.ip().is_unspecified())
-            .map(|a| a.port())
+            .map(|a| (*a, "the shared listen.address".into()))
             .collect();
         for d in devices {
-            if let Some(l) = d.listen {
-                if !shared.contains(&l) && unspecified.contains(&l.port()) {
-                    let e = ConfigError::new(
-                        &d.origin,
-                        "listen",
-                        format!(
-                            "{l} clashes with the shared listener on port {} of every address",
-                            l.port()
-                        ),
-                    )
-                    .for_device(&d.name);
-                    self.errors.push(e);
-                }
+            let Some(l) = d.listen else { continue };
+            let clash = taken.iter().find(|(other, _)| {
+                *other != l
+                    && other.port() == l.port()
+                    && l.port() != 0
+                    && (other.ip().is_unspecified() || l.ip().is_unspecified())
+            });
+            if let Some((other, owner)) = clash {
+                let e = ConfigError::new(
+                    &d.origin,
+                    "listen",
+                    format!("{l} overlaps the listener {other} of {owner} (same port; one of them is every address)"),
+                )
+                .for_device(&d.name);
+                self.errors.push(e);
+            } else if !taken.iter().any(|(a, _)| *a == l) {
+                taken.push((l, format!("device \"{}\"", d.name)));
             }
         }
     }
@@ -819,10 +852,29 @@ fn is_hidden(p: &Path) -> bool {
 /// Parses `192.168.1.5` or `192.168.1.0/24` (or IPv6 forms) into a network.
 pub fn parse_net(t: &str) -> Option<IpNet> {
     let t = t.trim();
-    if let Ok(net) = t.parse::<IpNet>() {
-        return Some(net.trunc());
-    }
-    t.parse::<IpAddr>().ok().map(IpNet::from)
+    let net = match t.parse::<IpNet>() {
+        Ok(net) => net.trunc(),
+        Err(_) => IpNet::from(t.parse::<IpAddr>().ok()?),
+    };
+    // Peers arriving on a dual-stack socket are compared as IPv4, so `::ffff:a.b.c.d` rules must be too.
+    Some(match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => IpNet::V4(ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).ok()?),
+            None => net,
+        },
+        other => other,
+    })
+}
+
+fn ordinal(n: usize) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (1, 11) | (2, 12) | (3, 13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
 }
 
 /// Parses `host:port`, `[v6]:port`, or a bare host (port 8883).
@@ -895,6 +947,14 @@ key = "devices/boiler-1/key.pem"
         let c = Config::load(path).unwrap();
         assert_eq!(c.devices.len(), 2);
         assert_eq!(c.all_listen_addresses().len(), 2, "old-meter has a dedicated listener");
+    }
+
+    #[test]
+    fn ipv4_mapped_sources_compare_as_ipv4() {
+        assert_eq!(parse_net("::ffff:192.168.10.21"), parse_net("192.168.10.21"));
+        assert_eq!(parse_net("::ffff:192.168.10.0/120"), parse_net("192.168.10.0/24"));
+        assert_eq!(parse_net("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert!(parse_net("192.168.10.300").is_none());
     }
 
     #[test]

@@ -72,20 +72,22 @@ pub struct UnknownDevice;
 impl DeviceTable {
     /// Loads every identity the configuration names. Every problem is reported, not just the first.
     pub fn build(config: &Config) -> Result<DeviceTable, ConfigErrors> {
-        let roots = tls::load_roots(config.upstream.ca_file.as_deref()).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
+        let mut errors = Vec::new();
+        // A bad CA file is reported, and the identities are still checked so that every problem shows.
+        let roots = tls::load_roots(config.upstream.ca_file.as_deref()).unwrap_or_else(|e| {
+            errors.push(ConfigError {
                 file: config.path.clone(),
                 key: e.key.into(),
                 device: None,
                 reason: e.to_string(),
-            }])
-        })?;
+            });
+            Arc::new(rustls::RootCertStore::empty())
+        });
         let settings = TlsSettings {
             roots,
             alpn: config.upstream.alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
             allow_readable_keys: config.upstream.allow_readable_keys,
         };
-        let mut errors = Vec::new();
         let mut devices = Vec::with_capacity(config.devices.len());
         for spec in &config.devices {
             match tls::load_identity(&spec.identity.cert, &spec.identity.key, &settings) {
@@ -147,20 +149,32 @@ impl DeviceTable {
 
     /// A human-readable table of devices, their rules and certificates, as printed by `mqtls check`.
     pub fn describe(&self, now: SystemTime) -> String {
+        let rows: Vec<[String; 4]> = self
+            .devices
+            .iter()
+            .chain(&self.fallback)
+            .map(|d| {
+                let s = &d.identity.summary;
+                [
+                    d.name.to_string(),
+                    expiry(s.not_after, now),
+                    s.subject.clone(),
+                    d.rules(),
+                ]
+            })
+            .collect();
+        let header = ["NAME", "EXPIRES", "SUBJECT", "MATCH"].map(String::from);
+        let width = |i: usize| {
+            rows.iter()
+                .chain([&header])
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        };
+        let (w0, w1, w2) = (width(0), width(1), width(2));
         let mut out = String::new();
-        let rows: Vec<&Arc<Device>> = self.devices.iter().chain(&self.fallback).collect();
-        let name_w = rows.iter().map(|d| d.name.len()).max().unwrap_or(4).max(4);
-        let _ = writeln!(out, "{:name_w$}  {:28}  {:40}  MATCH", "NAME", "EXPIRES", "SUBJECT");
-        for d in rows {
-            let s = &d.identity.summary;
-            let _ = writeln!(
-                out,
-                "{:name_w$}  {:28}  {:40}  {}",
-                d.name,
-                expiry(s.not_after, now),
-                s.subject,
-                d.rules()
-            );
+        for r in [&header].into_iter().chain(&rows) {
+            let _ = writeln!(out, "{:w0$}  {:w1$}  {:w2$}  {}", r[0], r[1], r[2], r[3]);
         }
         out
     }
@@ -213,15 +227,18 @@ fn identity_error(origin: &std::path::Path, device: Option<&str>, e: TlsFileErro
         Some(_) => e.key.to_string(),
         None => format!("fallback.{}", e.key),
     };
+    // A device directory entry is named by the file itself; a config entry by the config file, with the
+    // certificate or key file in the reason.
+    let (file, reason) = if origin.is_dir() {
+        (e.path.clone(), e.reason.clone())
+    } else {
+        (origin.to_path_buf(), e.to_string())
+    };
     ConfigError {
-        file: if origin.is_dir() {
-            e.path.clone()
-        } else {
-            origin.to_path_buf()
-        },
+        file,
         key,
         device: device.map(str::to_string),
-        reason: e.to_string(),
+        reason,
     }
 }
 

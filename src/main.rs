@@ -113,16 +113,30 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
-    let (config, generation) = load(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    let (config, generation) = match load(path) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            for e in &errors.0 {
+                error!("{e}");
+            }
+            anyhow::bail!(
+                "{}: invalid configuration ({} problem(s)); nothing started",
+                path.display(),
+                errors.0.len()
+            );
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let devices = generation.table.devices().len();
+        // Handlers first: a signal that arrives once "ready" is logged must stop us cleanly.
+        let signals = Signals::install().context("cannot install signal handlers")?;
         let proxy = Proxy::bind(&config, generation).await?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
+        tokio::spawn(signals.stop_on_first(shutdown.clone()));
         let addrs: Vec<String> = proxy.local_addrs().iter().map(ToString::to_string).collect();
         info!(listen = %addrs.join(","), devices, version = env!("CARGO_PKG_VERSION"), "mqtls ready");
         proxy.run(shutdown, SHUTDOWN_GRACE).await;
@@ -131,16 +145,27 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     })
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        error!("cannot install signal handlers; stop mqtls with SIGKILL");
-        return;
-    };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    info!(signal = name, "shutting down");
-    shutdown.cancel();
+/// SIGTERM (systemd stop) and SIGINT (Ctrl-C) both mean: stop accepting, drain, exit 0.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn stop_on_first(mut self, shutdown: CancellationToken) {
+        let name = tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        };
+        info!(signal = name, "shutting down");
+        shutdown.cancel();
+    }
 }

@@ -84,6 +84,19 @@ fn read_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'stat
     Ok(certs)
 }
 
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsFileError> {
+    let data = std::fs::read(path).map_err(|e| file_error("key", path, format!("cannot read: {e}")))?;
+    PrivateKeyDer::from_pem_slice(&data).map_err(|e| {
+        let swapped = CertificateDer::pem_slice_iter(&data).any(|c| c.is_ok());
+        let reason = if swapped {
+            "holds a certificate, not a private key (are `cert` and `key` swapped?)".to_string()
+        } else {
+            format!("no usable PEM private key (PKCS#8, PKCS#1 or SEC1): {e}")
+        };
+        file_error("key", path, reason)
+    })
+}
+
 /// Refuses a private key that group or others may read, unless the operator allowed it.
 fn check_key_permissions(path: &Path, allow_readable: bool) -> Result<(), TlsFileError> {
     let meta = std::fs::metadata(path).map_err(|e| file_error("key", path, format!("cannot read: {e}")))?;
@@ -180,9 +193,8 @@ pub struct TlsSettings {
 pub fn load_identity(cert: &Path, key: &Path, settings: &TlsSettings) -> Result<Identity, TlsFileError> {
     let chain = read_certs("cert", cert)?;
     let summary = CertSummary::parse(&chain[0]).map_err(|e| file_error("cert", cert, e))?;
+    let key_der = read_key(key)?;
     check_key_permissions(key, settings.allow_readable_keys)?;
-    let key_der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| file_error("key", key, format!("no usable PEM private key: {e}")))?;
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| file_error("cert", cert, e.to_string()))?

@@ -90,7 +90,10 @@ impl Connector {
         for hp in &self.addresses {
             let lookup = tokio::net::lookup_host((hp.host.as_str(), hp.port));
             let resolved = timeout(self.connect_timeout, lookup).await.unwrap_or_else(|_| {
-                Err(io::Error::new(io::ErrorKind::TimedOut, "no answer from the resolver in time"))
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no answer from the resolver in time",
+                ))
             });
             let addrs = match resolved {
                 Ok(a) => a,

@@ -1,0 +1,482 @@
+//! The `mqtls` binary as an operator runs it: `--help`, `--version`, `check` and `run` as subprocesses.
+//! `run` is driven against a real Mosquitto; its readiness and bound address come from the
+//! "mqtls ready" line on stderr.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
+use common::pki::write_file;
+use common::proxy::{DeviceEntry, ProxyConfig};
+use common::{observer, Mosquitto, Pki};
+use rumqttc::QoS;
+use tokio::time::Instant;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mqtls");
+/// Upper bound for anything the daemon must do (start, relay, exit). Only a guard against hangs.
+const GUARD: Duration = Duration::from_secs(20);
+
+fn mqtls(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("MQTLS_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mqtls")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A self-signed device certificate for `cn`, valid until `not_after` (year, month, day), written to
+/// `<dir>/<cn>/cert.pem` and `key.pem` (0600). `check` loads identities but never contacts the broker,
+/// so the issuer does not matter; a chosen expiry date makes the printed date checkable.
+fn device_cert(dir: &Path, cn: &str, not_after: (i32, u8, u8)) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+    params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+    let cert = params.self_signed(&key).expect("self-sign");
+    let d = dir.join(cn);
+    std::fs::create_dir_all(&d).expect("mkdir");
+    write_file(&d.join("cert.pem"), cert.pem().as_bytes(), 0o644);
+    write_file(&d.join("key.pem"), key.serialize_pem().as_bytes(), 0o600);
+}
+
+/// A config for `check`: "boiler-1" matched by client id alone, "meter-2" by client id and source.
+fn check_config(pki: &Pki) -> PathBuf {
+    device_cert(pki.dir(), "boiler-1", (2031, 5, 17));
+    device_cert(pki.dir(), "meter-2", (2032, 8, 9));
+    let path = pki.dir().join("check.toml");
+    let text = r#"[listen]
+address = "127.0.0.1:1883"
+
+[upstream]
+address = "broker.example.com:8883"
+ca_file = "ca.pem"
+
+[[device]]
+name = "boiler-1"
+client_id = "boiler-1"
+cert = "boiler-1/cert.pem"
+key = "boiler-1/key.pem"
+
+[[device]]
+name = "meter-2"
+client_id = "meter-2"
+source = "192.168.10.22"
+cert = "meter-2/cert.pem"
+key = "meter-2/key.pem"
+"#;
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn help_lists_run_and_check() {
+    let out = mqtls(&["--help"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = text(&out.stdout);
+    let commands: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(commands.contains(&"run"), "no `run` command in:\n{stdout}");
+    assert!(commands.contains(&"check"), "no `check` command in:\n{stdout}");
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = mqtls(&["--version"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text(&out.stdout).trim(), format!("mqtls {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn check_good_config_exits_0_and_prints_each_device_with_subject_and_expiry() {
+    let pki = Pki::new();
+    let config = check_config(&pki);
+    let out = mqtls(&["check", "--config", config.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        text(&out.stderr)
+    );
+    for (name, subject, expires) in [
+        ("boiler-1", "CN=boiler-1", "2031-05-17"),
+        ("meter-2", "CN=meter-2", "2032-08-09"),
+    ] {
+        let row = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no row for {name} in:\n{stdout}"));
+        assert!(row.contains(subject), "no {subject} in {row:?}");
+        assert!(row.contains(expires), "no expiry date {expires} in {row:?}");
+    }
+    assert!(
+        stdout.contains(&format!("{}: OK: 2 device(s)", config.display())),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_warns_about_a_device_matched_by_client_id_alone() {
+    let pki = Pki::new();
+    let config = check_config(&pki);
+    let out = mqtls(&["check", "--config", config.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains(r#"device "boiler-1" is matched by client id alone"#)),
+        "{stderr}"
+    );
+    assert!(
+        !warnings.iter().any(|w| w.contains(r#""meter-2""#)),
+        "meter-2 has a source rule and must not be warned about:\n{stderr}"
+    );
+}
+
+#[test]
+fn check_warns_about_an_expired_certificate() {
+    let pki = Pki::new();
+    let config = check_config(&pki);
+    device_cert(pki.dir(), "meter-2", (2020, 1, 1));
+    let out = mqtls(&["check", "--config", config.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with(r#"warning: device "meter-2": certificate expired"#)),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_bad_config_exits_1_and_prints_every_problem_naming_file_and_key() {
+    let pki = Pki::new();
+    let config = check_config(&pki);
+    let bad = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(
+            r#"ca_file = "ca.pem""#,
+            "ca_file = \"ca.pem\"\nconnect_timeout = \"10 parsecs\"",
+        )
+        .replace("192.168.10.22", "192.168.10.300");
+    std::fs::write(&config, bad).unwrap();
+    let out = mqtls(&["check", "--config", config.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let path = config.display();
+    for expected in [
+        format!("error: {path}: `upstream.connect_timeout`: `10 parsecs` is not a duration"),
+        format!(r#"error: {path}: device "meter-2": `source`: `192.168.10.300` is not an IP address"#),
+        format!("{path}: 2 problem(s) found"),
+    ] {
+        assert!(stderr.contains(&expected), "no {expected:?} in:\n{stderr}");
+    }
+    assert_eq!(text(&out.stdout), "", "no device table for a bad config");
+}
+
+#[test]
+fn check_missing_file_exits_1_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.toml");
+    let out = mqtls(&["check", "--config", missing.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("error: {}: cannot read the file", missing.display())),
+        "{stderr}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// `mqtls run`
+
+/// `mqtls run` in the background, its stderr collected line by line (ANSI colours removed).
+struct Daemon {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn spawn(config: &Path) -> Daemon {
+        let mut child = Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("MQTLS_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mqtls run");
+        let stderr = child.stderr.take().expect("stderr pipe");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(strip_ansi(&line));
+            }
+        });
+        Daemon { child, lines }
+    }
+
+    fn stderr(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// The first stderr line containing every needle, waiting up to [`GUARD`].
+    async fn wait_line(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + GUARD;
+        loop {
+            let found = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+                .cloned();
+            if let Some(line) = found {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no stderr line with {needles:?} within {GUARD:?}; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits for "mqtls ready" and returns the first address on it.
+    async fn ready(&self) -> SocketAddr {
+        let line = self.wait_line(&["mqtls ready"]).await;
+        let list = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+            .unwrap_or_else(|| panic!("no listen= in {line:?}"));
+        let first = list.trim_matches('"').split(',').next().unwrap();
+        first
+            .parse()
+            .unwrap_or_else(|e| panic!("bad address {first:?} in {line:?}: {e}"))
+    }
+
+    /// Waits until the process catches SIGINT and SIGTERM (`SigCgt` in /proc/<pid>/status).
+    ///
+    /// mqtls installs its handlers in a task spawned just before it logs "mqtls ready", so for a moment
+    /// after that line the default action (terminate) is still in force; see the report. Signalling only
+    /// once the handlers are in place keeps these tests about the shutdown, not about that window.
+    async fn wait_signal_handlers(&self) {
+        const WANTED: u64 = (1 << (2 - 1)) | (1 << (15 - 1));
+        let status = format!("/proc/{}/status", self.child.id());
+        let deadline = Instant::now() + GUARD;
+        loop {
+            let text = std::fs::read_to_string(&status).unwrap_or_default();
+            let caught = text
+                .lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+                .unwrap_or(0);
+            if caught & WANTED == WANTED {
+                return;
+            }
+            assert!(Instant::now() < deadline, "SIGINT/SIGTERM handlers never installed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// The exit status, or `None` if the process is still running after `timeout`.
+    async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A config with no broker behind it (nothing connects in the tests that use it).
+fn idle_config(pki: &Pki) -> PathBuf {
+    let broker: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    ProxyConfig::new(pki, broker)
+        .device(DeviceEntry::new(&pki.client("idle-1")))
+        .write(pki.dir())
+}
+
+#[tokio::test]
+async fn run_relays_a_device_publish_to_the_broker() {
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki).await;
+    let mut watch = observer(&pki, &broker, "sensors/#").await;
+    let config = ProxyConfig::new(&pki, broker.addr())
+        .device(DeviceEntry::new(&pki.client("cli-sensor")))
+        .write(pki.dir());
+    let daemon = Daemon::spawn(&config);
+    let addr = daemon.ready().await;
+
+    let (client, mut el) = device_v4("cli-sensor", addr, Duration::from_secs(30));
+    if let Err(e) = wait_connack_v4(&mut el).await {
+        panic!(
+            "device refused: {e:?}\nmqtls:\n{}\n{}",
+            daemon.stderr(),
+            broker.diagnostics()
+        );
+    }
+    client
+        .publish("sensors/cli-sensor/temp", QoS::AtLeastOnce, false, "21.5")
+        .await
+        .unwrap();
+    let mut events = spawn_eventloop_v4(el);
+    events.wait_for(is_puback_v4, GUARD).await.expect("PUBACK");
+
+    let got = watch.next_message(GUARD).await.expect("observer got nothing");
+    assert_eq!(got, ("sensors/cli-sensor/temp".to_string(), b"21.5".to_vec()));
+}
+
+#[tokio::test]
+async fn run_exits_0_on_sigterm() {
+    let pki = Pki::new();
+    let mut daemon = Daemon::spawn(&idle_config(&pki));
+    daemon.ready().await;
+    daemon.wait_signal_handlers().await;
+    daemon.signal("TERM");
+    let status = daemon.wait_exit(GUARD).await.expect("still running after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{status:?}; stderr:\n{}", daemon.stderr());
+    daemon.wait_line(&["shutting down", "SIGTERM"]).await;
+}
+
+#[tokio::test]
+async fn run_exits_0_on_sigint() {
+    let pki = Pki::new();
+    let mut daemon = Daemon::spawn(&idle_config(&pki));
+    daemon.ready().await;
+    daemon.wait_signal_handlers().await;
+    daemon.signal("INT");
+    let status = daemon.wait_exit(GUARD).await.expect("still running after SIGINT");
+    assert_eq!(status.code(), Some(0), "{status:?}; stderr:\n{}", daemon.stderr());
+    daemon.wait_line(&["shutting down", "SIGINT"]).await;
+}
+
+#[tokio::test]
+async fn run_after_sigterm_lets_an_open_connection_finish_then_exits_0() {
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki).await;
+    let config = ProxyConfig::new(&pki, broker.addr())
+        .device(DeviceEntry::new(&pki.client("cli-long")))
+        .write(pki.dir());
+    let mut daemon = Daemon::spawn(&config);
+    let addr = daemon.ready().await;
+    let (client, mut el) = device_v4("cli-long", addr, Duration::from_secs(30));
+    wait_connack_v4(&mut el).await.expect("device connected");
+    let _events = spawn_eventloop_v4(el);
+
+    daemon.wait_signal_handlers().await;
+    daemon.signal("TERM");
+    daemon.wait_line(&["waiting for open connections"]).await;
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "mqtls exited while a device was still connected; stderr:\n{}",
+        daemon.stderr()
+    );
+
+    client.disconnect().await.unwrap();
+    let status = daemon
+        .wait_exit(GUARD)
+        .await
+        .expect("still running after the device left");
+    assert_eq!(status.code(), Some(0), "{status:?}; stderr:\n{}", daemon.stderr());
+}
+
+#[tokio::test]
+async fn run_with_invalid_config_exits_1_and_prints_the_problem() {
+    let pki = Pki::new();
+    let config = check_config(&pki);
+    let bad = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("192.168.10.22", "192.168.10.300");
+    std::fs::write(&config, bad).unwrap();
+    let mut daemon = Daemon::spawn(&config);
+    let status = daemon.wait_exit(GUARD).await.expect("mqtls kept running");
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let problem = format!(
+        r#"{}: device "meter-2": `source`: `192.168.10.300` is not an IP address"#,
+        config.display()
+    );
+    daemon.wait_line(&[&problem]).await;
+    assert!(!daemon.stderr().contains("mqtls ready"), "{}", daemon.stderr());
+}
+
+#[tokio::test]
+async fn run_on_a_taken_port_exits_1_naming_the_address() {
+    let pki = Pki::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let text = std::fs::read_to_string(idle_config(&pki))
+        .unwrap()
+        .replace("address = \"127.0.0.1:0\"", &format!("address = \"{addr}\""));
+    let config = pki.dir().join("taken.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = Daemon::spawn(&config);
+    let status = daemon.wait_exit(GUARD).await.expect("mqtls kept running");
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    daemon.wait_line(&[&format!("cannot listen on {addr}")]).await;
+    drop(taken);
+}
