@@ -8,7 +8,6 @@
 //! it should (used by CI).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::net::{SocketAddr, TcpListener};
@@ -61,9 +60,17 @@ async fn run(seconds: Option<u64>) -> Result<bool, String> {
     println!("== mqtls demo ==");
     let pki = Pki::new();
     let devices = ["boiler-1", "boiler-2"].map(|name| pki.client(name));
-    println!("[1/4] private CA and device certificates (rcgen) in {}", pki.dir().display());
+    println!(
+        "[1/4] private CA and device certificates (rcgen) in {}",
+        pki.dir().display()
+    );
     for d in &devices {
-        println!("      {}: {} (key {}, mode 0600)", d.cn, d.cert.display(), d.key.display());
+        println!(
+            "      {}: {} (key {}, mode 0600)",
+            d.cn,
+            d.cert.display(),
+            d.key.display()
+        );
     }
 
     let broker = Mosquitto::start(&pki).await;
@@ -74,7 +81,11 @@ async fn run(seconds: Option<u64>) -> Result<bool, String> {
 
     let listen = pick_listen_address();
     let config_path = write_config(&pki, &broker, listen, &devices);
-    println!("[3/4] mqtls on {listen} -> broker {}; config {}", broker.addr(), config_path.display());
+    println!(
+        "[3/4] mqtls on {listen} -> broker {}; config {}",
+        broker.addr(),
+        config_path.display()
+    );
     let mut mqtls = start_mqtls(&config_path).await?;
 
     println!("[4/4] devices speak plain MQTT to mqtls; an observer subscribed at the broker shows what arrives");
@@ -140,11 +151,38 @@ async fn run(seconds: Option<u64>) -> Result<bool, String> {
 
 fn report(o: &Outcome, mqtls_exit_ok: bool) -> bool {
     let checks = [
-        (o.readings[0] > 0, format!("boiler-1 (MQTT 3.1.1) readings arrived under its own identity: {}", o.readings[0])),
-        (o.readings[1] > 0, format!("boiler-2 (MQTT 5.0) readings arrived under its own identity: {}", o.readings[1])),
-        (o.spoofs_delivered == 0, format!("boiler-1's publishes into boiler-2's topics delivered: {} (the broker's ACL drops them)", o.spoofs_delivered)),
-        (o.denied_in_broker_log > 0, format!("broker log: \"Denied PUBLISH from boiler-1\" x {}", o.denied_in_broker_log)),
-        (o.intruder_refused, "an unknown device was refused with CONNACK 'identifier rejected'".to_string()),
+        (
+            o.readings[0] > 0,
+            format!(
+                "boiler-1 (MQTT 3.1.1) readings arrived under its own identity: {}",
+                o.readings[0]
+            ),
+        ),
+        (
+            o.readings[1] > 0,
+            format!(
+                "boiler-2 (MQTT 5.0) readings arrived under its own identity: {}",
+                o.readings[1]
+            ),
+        ),
+        (
+            o.spoofs_delivered == 0,
+            format!(
+                "boiler-1's publishes into boiler-2's topics delivered: {} (the broker's ACL drops them)",
+                o.spoofs_delivered
+            ),
+        ),
+        (
+            o.denied_in_broker_log > 0,
+            format!(
+                "broker log: \"Denied PUBLISH from boiler-1\" x {}",
+                o.denied_in_broker_log
+            ),
+        ),
+        (
+            o.intruder_refused,
+            "an unknown device was refused with CONNACK 'identifier rejected'".to_string(),
+        ),
         (mqtls_exit_ok, "mqtls exited 0 on SIGTERM".to_string()),
     ];
     println!("== summary ==");
@@ -188,7 +226,10 @@ fn mqtls_binary() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/examples/demo -> target/<profile>/mqtls
-    exe.parent().and_then(|p| p.parent()).map(|p| p.join("mqtls")).expect("binary path")
+    exe.parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("mqtls"))
+        .expect("binary path")
 }
 
 async fn start_mqtls(config: &std::path::Path) -> Result<Child, String> {
@@ -199,7 +240,12 @@ async fn start_mqtls(config: &std::path::Path) -> Result<Child, String> {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("cannot start {} (build it with `cargo build --bin mqtls`): {e}", bin.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot start {} (build it with `cargo build --bin mqtls`): {e}",
+                bin.display()
+            )
+        })?;
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -236,11 +282,17 @@ async fn intruder(listen: SocketAddr) -> bool {
     let (_c, mut el) = device_v4("intruder-9", listen, Duration::from_secs(30));
     let refused = matches!(
         wait_connack_v4(&mut el).await,
-        Err(rumqttc::ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::BadClientId))
+        Err(rumqttc::ConnectionError::ConnectionRefused(
+            rumqttc::ConnectReturnCode::BadClientId
+        ))
     );
     println!(
         "   intruder-9 (no device entry) -> mqtls: {}",
-        if refused { "refused with CONNACK 0x02 identifier rejected" } else { "NOT refused" }
+        if refused {
+            "refused with CONNACK 0x02 identifier rejected"
+        } else {
+            "NOT refused"
+        }
     );
     refused
 }
@@ -254,12 +306,18 @@ async fn device_311(name: &'static str, listen: SocketAddr, say: mpsc::Unbounded
     let _ = say.send(format!("   {name} (MQTT 3.1.1, plain TCP) connected through mqtls"));
     let publish = async {
         let spoof = format!("spoof from {name}");
-        let _ = say.send(format!("   {name} -> sensors/boiler-2/temperature = {spoof} (not its own topic)"));
-        let _ = client.publish("sensors/boiler-2/temperature", QoS::AtLeastOnce, false, spoof).await;
+        let _ = say.send(format!(
+            "   {name} -> sensors/boiler-2/temperature = {spoof} (not its own topic)"
+        ));
+        let _ = client
+            .publish("sensors/boiler-2/temperature", QoS::AtLeastOnce, false, spoof)
+            .await;
         for n in 0u32.. {
             let reading = format!("{:.1}", 60.0 + f64::from(n % 10) / 2.0);
             let _ = say.send(format!("   {name} -> sensors/{name}/temperature = {reading}"));
-            let _ = client.publish(format!("sensors/{name}/temperature"), QoS::AtLeastOnce, false, reading).await;
+            let _ = client
+                .publish(format!("sensors/{name}/temperature"), QoS::AtLeastOnce, false, reading)
+                .await;
             tokio::time::sleep(READING_EVERY).await;
         }
     };
@@ -282,7 +340,9 @@ async fn device_5(name: &'static str, listen: SocketAddr, say: mpsc::UnboundedSe
             let reading = format!("{:.1}", 55.0 + f64::from(n % 7) / 2.0);
             let _ = say.send(format!("   {name} -> sensors/{name}/temperature = {reading}"));
             let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
-            let _ = client.publish(format!("sensors/{name}/temperature"), qos, false, reading).await;
+            let _ = client
+                .publish(format!("sensors/{name}/temperature"), qos, false, reading)
+                .await;
             tokio::time::sleep(READING_EVERY).await;
         }
     };

@@ -91,7 +91,7 @@ struct Half {
 
 impl Half {
     /// Moves bytes from `reader` to `writer` until the reader would block (Pending) or the direction has
-    /// finished (Ready). `activity` is set when bytes were read.
+    /// finished (Ready). `activity` is set when bytes were read or written.
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -112,6 +112,8 @@ impl Half {
                 }
                 self.start += n;
                 self.bytes += n as u64;
+                // Progress while the reader waited on the writer: the device is not silent, we were busy.
+                *activity = true;
                 continue;
             }
             if self.read_done {

@@ -7,6 +7,7 @@ pub mod mosquitto;
 pub mod mqtt_client;
 pub mod pki;
 pub mod proxy;
+pub mod raw;
 pub mod tls_echo;
 
 use std::sync::Arc;
