@@ -204,7 +204,7 @@ fn pick_listen_address() -> SocketAddr {
 
 fn write_config(pki: &Pki, broker: &Mosquitto, listen: SocketAddr, devices: &[common::ClientCert]) -> PathBuf {
     let mut text = format!(
-        "# Written by the mqtls demo.\n[listen]\naddress = \"{listen}\"\nconnect_timeout = \"10s\"\n\n\
+        "# Written by the mqtls demo.\n[listen]\naddress = \"{listen}\"\nconnect_timeout = \"10s\"\nmax_connections = 1000\n\n\
          [upstream]\naddress = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\nca_file = {:?}\n",
         broker.port(),
         pki.ca_pem_path()

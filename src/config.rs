@@ -112,6 +112,8 @@ pub struct Listen {
     pub max_connections: usize,
     /// The largest CONNECT packet accepted, in bytes.
     pub max_connect_size: usize,
+    /// Connections from one address that may be unidentified (CONNECT not yet read) at once.
+    pub max_pending_per_source: usize,
 }
 
 /// The `[upstream]` table.
@@ -285,6 +287,7 @@ struct RawListen {
     connect_timeout: Option<String>,
     max_connections: Option<i64>,
     max_connect_size: Option<i64>,
+    max_pending_per_source: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -356,8 +359,11 @@ impl OneOrMany {
 const DEFAULT_LISTEN: &str = "0.0.0.0:1883";
 const DEFAULT_DEVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-const DEFAULT_MAX_CONNECT_SIZE: usize = 64 * 1024;
-const MAX_CONNECT_SIZE_RANGE: (i64, i64) = (64, 16 * 1024 * 1024);
+// Legacy devices send CONNECTs of tens to hundreds of bytes; a will message or a long password can make
+// it a few KiB. 16 KiB leaves room while keeping what a flood of slow CONNECTs can pin small.
+const DEFAULT_MAX_CONNECT_SIZE: usize = 16 * 1024;
+const MAX_CONNECT_SIZE_RANGE: (i64, i64) = (64, 1024 * 1024);
+const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 64;
 const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -407,7 +413,7 @@ impl Validator {
         self.unique_names(&devices);
         if let Some(listen) = &listen {
             self.no_ambiguous_devices(&devices, &listen.addresses);
-            self.dedicated_listeners(&devices, &listen.addresses);
+            self.listeners_can_bind(&devices, &listen.addresses);
         }
         if devices.is_empty() && fallback.is_none() {
             self.error(
@@ -452,32 +458,43 @@ impl Validator {
             raw.connect_timeout,
             DEFAULT_DEVICE_CONNECT_TIMEOUT,
         );
-        let max_connections = match raw.max_connections {
-            None => DEFAULT_MAX_CONNECTIONS,
-            Some(n) if (1..=1_000_000).contains(&n) => n as usize,
-            Some(n) => {
-                self.error("listen.max_connections", format!("{n} is out of range (1 to 1000000)"));
-                DEFAULT_MAX_CONNECTIONS
-            }
-        };
-        let max_connect_size = match raw.max_connect_size {
-            None => DEFAULT_MAX_CONNECT_SIZE,
-            Some(n) if (MAX_CONNECT_SIZE_RANGE.0..=MAX_CONNECT_SIZE_RANGE.1).contains(&n) => n as usize,
-            Some(n) => {
-                let (lo, hi) = MAX_CONNECT_SIZE_RANGE;
-                self.error(
-                    "listen.max_connect_size",
-                    format!("{n} bytes is out of range ({lo} to {hi})"),
-                );
-                DEFAULT_MAX_CONNECT_SIZE
-            }
-        };
+        let max_connections = self.count(
+            "listen.max_connections",
+            raw.max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+            (1, 1_000_000),
+        );
+        let max_connect_size = self.count(
+            "listen.max_connect_size",
+            raw.max_connect_size,
+            DEFAULT_MAX_CONNECT_SIZE,
+            MAX_CONNECT_SIZE_RANGE,
+        );
+        let max_pending_per_source = self.count(
+            "listen.max_pending_per_source",
+            raw.max_pending_per_source,
+            DEFAULT_MAX_PENDING_PER_SOURCE,
+            (1, 1_000_000),
+        );
         Some(Listen {
             addresses,
             connect_timeout,
             max_connections,
             max_connect_size,
+            max_pending_per_source,
         })
+    }
+
+    /// A whole number within `range` (inclusive); on error the problem is recorded and the default stands in.
+    fn count(&mut self, key: &str, value: Option<i64>, default: usize, range: (i64, i64)) -> usize {
+        match value {
+            None => default,
+            Some(n) if (range.0..=range.1).contains(&n) => n as usize,
+            Some(n) => {
+                self.error(key, format!("{n} is out of range ({} to {})", range.0, range.1));
+                default
+            }
+        }
     }
 
     fn upstream(&mut self, raw: RawUpstream) -> Option<Upstream> {
@@ -576,7 +593,7 @@ impl Validator {
         };
         let before = self.errors.len();
         let has_rule = raw.client_id.is_some() || raw.source.is_some() || raw.listen.is_some();
-        let sources = self.sources(&name, raw.source);
+        let sources = self.sources(Some(&name), raw.source);
         let listen = self.device_listen(&name, raw.listen);
         let identity = self.identity("", raw.cert, raw.key, Some(&name));
         if !has_rule {
@@ -599,19 +616,20 @@ impl Validator {
         })
     }
 
-    fn sources(&mut self, device: &str, raw: Option<OneOrMany>) -> Vec<IpNet> {
+    /// Source rules of a device, or (`device` = None) of the whole device directory.
+    fn sources(&mut self, device: Option<&str>, raw: Option<OneOrMany>) -> Vec<IpNet> {
         let mut nets = Vec::new();
         for t in raw.map(OneOrMany::into_vec).unwrap_or_default() {
             match parse_net(&t) {
                 Some(n) => nets.push(n),
-                None => self.errors.push(
-                    ConfigError::new(
-                        &self.path,
-                        "source",
-                        format!("`{t}` is not an IP address or CIDR (e.g. 192.168.10.21 or 192.168.10.0/24)"),
-                    )
-                    .for_device(device),
-                ),
+                None => {
+                    let reason = format!("`{t}` is not an IP address or CIDR (e.g. 192.168.10.21 or 192.168.10.0/24)");
+                    let e = match device {
+                        Some(d) => ConfigError::new(&self.path, "source", reason).for_device(d),
+                        None => ConfigError::new(&self.path, "device_dir.source", reason),
+                    };
+                    self.errors.push(e);
+                }
             }
         }
         nets
@@ -671,7 +689,7 @@ impl Validator {
 
     fn device_dir(&mut self, raw: RawDeviceDir) -> Vec<DeviceSpec> {
         let dir = self.resolve(&raw.path);
-        let shared_sources = self.sources("", raw.source.clone());
+        let shared_sources = self.sources(None, raw.source.clone());
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) => {
@@ -721,7 +739,7 @@ impl Validator {
         // Errors about device.toml keys point at device.toml.
         let saved = std::mem::replace(&mut self.path, settings_path.clone());
         let sources = match settings.source {
-            Some(s) => self.sources(&name, Some(s)),
+            Some(s) => self.sources(Some(&name), Some(s)),
             None => shared_sources.to_vec(),
         };
         let listen = self.device_listen(&name, settings.listen);
@@ -801,29 +819,38 @@ impl Validator {
 
     /// A listener on 0.0.0.0:P (or [::]:P) takes port P on every address, so no other listener can
     /// have P; `mqtls run` would otherwise fail to bind after `mqtls check` said OK.
-    fn dedicated_listeners(&mut self, devices: &[DeviceSpec], shared: &[SocketAddr]) {
-        let mut taken: Vec<(SocketAddr, String)> = shared
+    fn listeners_can_bind(&mut self, devices: &[DeviceSpec], shared: &[SocketAddr]) {
+        let wanted = shared
             .iter()
-            .map(|a| (*a, "the shared listen.address".into()))
-            .collect();
-        for d in devices {
-            let Some(l) = d.listen else { continue };
+            .map(|a| (*a, None))
+            .chain(devices.iter().filter_map(|d| d.listen.map(|l| (l, Some(d)))));
+        let mut taken: Vec<(SocketAddr, String)> = Vec::new();
+        for (l, device) in wanted {
+            if taken.iter().any(|(a, _)| *a == l) {
+                continue;
+            }
             let clash = taken.iter().find(|(other, _)| {
-                *other != l
-                    && other.port() == l.port()
-                    && l.port() != 0
-                    && (other.ip().is_unspecified() || l.ip().is_unspecified())
+                other.port() == l.port() && l.port() != 0 && (other.ip().is_unspecified() || l.ip().is_unspecified())
             });
-            if let Some((other, owner)) = clash {
-                let e = ConfigError::new(
-                    &d.origin,
-                    "listen",
-                    format!("{l} overlaps the listener {other} of {owner} (same port; one of them is every address)"),
-                )
-                .for_device(&d.name);
-                self.errors.push(e);
-            } else if !taken.iter().any(|(a, _)| *a == l) {
-                taken.push((l, format!("device \"{}\"", d.name)));
+            let owner = match device {
+                Some(d) => format!("device \"{}\"", d.name),
+                None => "listen.address".to_string(),
+            };
+            match (clash, device) {
+                (Some((other, other_owner)), Some(d)) => {
+                    let reason = format!(
+                        "{l} overlaps the listener {other} of {other_owner} (same port; one of them is every address)"
+                    );
+                    self.errors
+                        .push(ConfigError::new(&d.origin, "listen", reason).for_device(&d.name));
+                }
+                (Some((other, other_owner)), None) => {
+                    let reason = format!(
+                        "{l} overlaps the listener {other} of {other_owner} (same port; one of them is every address)"
+                    );
+                    self.error("listen.address", reason);
+                }
+                (None, _) => taken.push((l, owner)),
             }
         }
     }

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mqtls::{Config, Generation, Proxy};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// How long open connections may run on after SIGTERM/SIGINT before they are closed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -88,7 +88,8 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok((config, generation)) => {
             let now = SystemTime::now();
             print!("{}", generation.table.describe(now));
-            for w in generation.table.warnings(now) {
+            let warnings = generation.table.warnings(now).into_iter();
+            for w in warnings.chain(descriptor_warning(config.listen.max_connections)) {
                 eprintln!("warning: {w}");
             }
             let n = generation.table.devices().len();
@@ -137,6 +138,9 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         let proxy = Proxy::bind(&config, generation).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(signals.stop_on_first(shutdown.clone()));
+        if let Some(w) = descriptor_warning(config.listen.max_connections) {
+            warn!("{w}");
+        }
         let addrs: Vec<String> = proxy.local_addrs().iter().map(ToString::to_string).collect();
         info!(listen = %addrs.join(","), devices, version = env!("CARGO_PKG_VERSION"), "mqtls ready");
         proxy.run(shutdown, SHUTDOWN_GRACE).await;
@@ -145,10 +149,12 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     })
 }
 
-/// SIGTERM (systemd stop) and SIGINT (Ctrl-C) both mean: stop accepting, drain, exit 0.
+/// SIGTERM (systemd stop) and SIGINT (Ctrl-C) both mean: stop accepting, drain, exit 0. A second one
+/// means: stop now. SIGHUP must not kill the daemon (its default action would).
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -157,15 +163,48 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    async fn stop_on_first(mut self, shutdown: CancellationToken) {
-        let name = tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
-        };
-        info!(signal = name, "shutting down");
-        shutdown.cancel();
+    async fn next_stop(&mut self) -> &'static str {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return "SIGTERM",
+                _ = self.int.recv() => return "SIGINT",
+                _ = self.hup.recv() => {
+                    warn!("SIGHUP: this version does not reload its configuration; restart mqtls to apply changes");
+                }
+            }
+        }
     }
+
+    async fn stop_on_first(mut self, shutdown: CancellationToken) {
+        let name = self.next_stop().await;
+        info!(signal = name, "shutting down: no new connections; open ones may finish");
+        shutdown.cancel();
+        let name = self.next_stop().await;
+        warn!(signal = name, "second signal: stopping now");
+        std::process::exit(0);
+    }
+}
+
+/// Each proxied connection holds two file descriptors; warn when the process limit cannot cover
+/// `max_connections` (the accept loop would then fail with EMFILE instead of answering "busy").
+fn descriptor_warning(max_connections: usize) -> Option<String> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let soft: usize = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()?;
+    let needed = 2 * max_connections + 64;
+    (soft < needed).then(|| {
+        format!(
+            "listen.max_connections = {max_connections} needs about {needed} open files, but the limit is {soft}; \
+             raise it (systemd: LimitNOFILE={needed}; shell: ulimit -n {needed}) or lower max_connections"
+        )
+    })
 }

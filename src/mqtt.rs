@@ -77,8 +77,8 @@ pub struct Connect {
     pub keep_alive: u16,
     /// Total size of the CONNECT packet in bytes, fixed header included.
     pub packet_len: usize,
-    /// The user name, if the device sent one. Informational only.
-    pub username: Option<String>,
+    /// Whether the device sent a user name (its value is validated, never kept: it stays the broker's).
+    pub has_username: bool,
     /// The clean session (3.1.x) or clean start (5.0) flag.
     pub clean_start: bool,
 }
@@ -207,11 +207,9 @@ pub fn parse_connect(buf: &[u8], max_len: usize) -> Result<Connect, ConnectError
         c.string("will topic", "truncated will topic")?;
         c.binary("truncated will payload")?;
     }
-    let username = if has_username {
-        Some(c.string("username", "truncated username")?.to_owned())
-    } else {
-        None
-    };
+    if has_username {
+        c.string("username", "truncated username")?;
+    }
     if has_password {
         c.binary("truncated password")?;
     }
@@ -224,10 +222,13 @@ pub fn parse_connect(buf: &[u8], max_len: usize) -> Result<Connect, ConnectError
         client_id,
         keep_alive,
         packet_len,
-        username,
+        has_username,
         clean_start,
     })
 }
+
+/// The most `read_connect` asks for in one read.
+const READ_CHUNK: usize = 2048;
 
 /// Reads from `r` into `buf` until `buf` holds a complete CONNECT, and returns it.
 ///
@@ -264,7 +265,9 @@ pub async fn read_connect<R: AsyncRead + Unpin>(
             }
             .into());
         }
-        buf.reserve_exact(want);
+        // Grow with what arrives, not with what the header claims: a declared size costs nothing.
+        let want = want.min(READ_CHUNK);
+        buf.reserve(want);
         let n = loop {
             match (&mut *r).take(want as u64).read_buf(buf).await {
                 Ok(n) => break n,
@@ -658,7 +661,7 @@ mod tests {
                 client_id: String::from_utf8(self.client_id.clone()).unwrap(),
                 keep_alive: self.keep_alive,
                 packet_len: self.encode().len(),
-                username: self.username.as_ref().map(|u| String::from_utf8(u.clone()).unwrap()),
+                has_username: self.username.is_some(),
                 clean_start: self.clean,
             }
         }
@@ -739,7 +742,7 @@ mod tests {
             t.password = Some(b"s3cret".to_vec());
             assert_roundtrip(&t);
             let c = parse_connect(&t.encode(), MAX).unwrap();
-            assert_eq!(c.username.as_deref(), Some("alice"));
+            assert!(c.has_username);
             assert!(!format!("{c:?}").contains("s3cret"));
 
             t.password = None;

@@ -48,6 +48,8 @@ pub enum End {
     },
     /// The device sent nothing for longer than its keep-alive allows.
     DeviceSilent(Duration),
+    /// The broker took none of the device's bytes for that long.
+    BrokerStalled(Duration),
     /// Reading from or writing to one side failed.
     Error {
         /// The side whose socket failed.
@@ -61,7 +63,8 @@ impl fmt::Display for End {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             End::Closed { first } => write!(f, "{first} closed"),
-            End::DeviceSilent(limit) => write!(f, "device silent for {:?} (1.5 x keep-alive)", limit),
+            End::DeviceSilent(limit) => write!(f, "device silent for {limit:?} (1.5 x keep-alive)"),
+            End::BrokerStalled(limit) => write!(f, "broker took no bytes for {limit:?} (1.5 x keep-alive)"),
             End::Error { side, error } => write!(f, "{side} error: {error}"),
         }
     }
@@ -81,6 +84,7 @@ pub struct Transfer {
 /// One direction of the copy.
 #[derive(Default)]
 struct Half {
+    /// Bytes read but not yet written, at `buf[start..end]`; also the read buffer during bursts.
     buf: Option<Box<[u8]>>,
     start: usize,
     end: usize,
@@ -89,27 +93,44 @@ struct Half {
     bytes: u64,
 }
 
+/// Which stream of a direction failed.
+enum Failed {
+    Reader(io::Error),
+    Writer(io::Error),
+}
+
 impl Half {
+    fn pending(&self) -> bool {
+        self.start < self.end
+    }
+
     /// Moves bytes from `reader` to `writer` until the reader would block (Pending) or the direction has
     /// finished (Ready). `activity` is set when bytes were read or written.
+    ///
+    /// Reads go first into a small buffer on the stack and are written straight on, so a quiet connection
+    /// exchanging small MQTT packets allocates nothing. The heap buffer appears only when a read fills
+    /// the stack buffer (a burst) or the writer cannot take everything at once, and is released after a
+    /// wake-up in which nothing was read.
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
         activity: &mut bool,
-    ) -> Poll<io::Result<()>>
+    ) -> Poll<Result<(), Failed>>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
     {
+        let mut read_something = false;
         loop {
-            if self.start < self.end {
+            if self.pending() {
                 let buf = self.buf.as_deref().unwrap_or_default();
-                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &buf[self.start..self.end]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
+                let n = match ready!(Pin::new(&mut *writer).poll_write(cx, &buf[self.start..self.end])) {
+                    Ok(0) => return Poll::Ready(Err(Failed::Writer(io::ErrorKind::WriteZero.into()))),
+                    Ok(n) => n,
+                    Err(e) => return Poll::Ready(Err(Failed::Writer(e))),
+                };
                 self.start += n;
                 self.bytes += n as u64;
                 // Progress while the reader waited on the writer: the device is not silent, we were busy.
@@ -117,38 +138,87 @@ impl Half {
                 continue;
             }
             if self.read_done {
-                ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(Failed::Writer)?;
                 // The peer may already be gone; its end-of-stream is then reported by the other direction.
                 let _ = ready!(Pin::new(&mut *writer).poll_shutdown(cx));
                 self.buf = None;
                 return Poll::Ready(Ok(()));
             }
-            let buf = self
-                .buf
-                .get_or_insert_with(|| vec![0; COPY_BUFFER_SIZE].into_boxed_slice());
-            let mut rb = ReadBuf::new(buf);
-            match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    (self.start, self.end) = (0, n);
-                    if n == 0 {
-                        self.read_done = true;
-                    } else {
-                        *activity = true;
+            let polled = match self.buf.as_deref_mut() {
+                Some(buf) => {
+                    let mut rb = ReadBuf::new(buf);
+                    match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
+                        Poll::Ready(Ok(())) => {
+                            let n = rb.filled().len();
+                            (self.start, self.end) = (0, n);
+                            Poll::Ready(Ok(n))
+                        }
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(Failed::Reader(e))),
+                        Poll::Pending => Poll::Pending,
                     }
                 }
-                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => self.read_done = true,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                None => self.poll_read_small(cx, reader, writer),
+            };
+            match polled {
+                Poll::Ready(Ok(0)) => self.read_done = true,
+                Poll::Ready(Ok(_)) => {
+                    read_something = true;
+                    *activity = true;
+                }
+                // A peer that closes TCP without a TLS close_notify: for MQTT, just the end of the stream.
+                Poll::Ready(Err(Failed::Reader(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.read_done = true
+                }
+                Poll::Ready(Err(failed)) => return Poll::Ready(Err(failed)),
                 Poll::Pending => {
-                    // Nothing to read: give the buffer back, and push out anything the writer still holds.
-                    self.buf = None;
-                    ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                    if !read_something {
+                        self.buf = None;
+                    }
+                    ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(Failed::Writer)?;
                     return Poll::Pending;
                 }
             }
         }
     }
+
+    /// Reads into a stack buffer and writes straight on. Leaves in `self.buf` whatever the writer did not
+    /// take, and allocates `self.buf` for the next reads when the stack buffer came back full. Returns
+    /// the bytes read.
+    fn poll_read_small<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<Result<usize, Failed>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let mut small = [0u8; SMALL_READ];
+        let mut rb = ReadBuf::new(&mut small);
+        ready!(Pin::new(&mut *reader).poll_read(cx, &mut rb)).map_err(Failed::Reader)?;
+        let n = rb.filled().len();
+        if n == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let written = match Pin::new(&mut *writer).poll_write(cx, &small[..n]) {
+            Poll::Ready(Ok(w)) => w,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(Failed::Writer(e))),
+            Poll::Pending => 0,
+        };
+        self.bytes += written as u64;
+        if written < n || n == SMALL_READ {
+            let mut buf = vec![0; COPY_BUFFER_SIZE].into_boxed_slice();
+            buf[..n - written].copy_from_slice(&small[written..n]);
+            (self.start, self.end) = (0, n - written);
+            self.buf = Some(buf);
+        }
+        Poll::Ready(Ok(n))
+    }
 }
+
+/// Bytes read on the stack before a heap buffer is needed: larger than most MQTT packets of a sensor.
+const SMALL_READ: usize = 1024;
 
 /// Copies between `device` and `broker` until both directions end, an error occurs, or the device stays
 /// silent longer than `silence_limit` (`None`: no limit).
@@ -166,49 +236,38 @@ where
         if !up.done {
             let mut activity = false;
             let r = up.poll_copy(cx, device, broker, &mut activity);
-            if activity {
-                if let (Some(sleep), Some(limit)) = (silence.as_mut(), silence_limit) {
-                    sleep.as_mut().reset(Instant::now() + limit);
-                }
+            if let (true, Some(sleep), Some(limit)) = (activity, silence.as_mut(), silence_limit) {
+                sleep.as_mut().reset(Instant::now() + limit);
             }
             match r {
                 Poll::Ready(Ok(())) => {
                     up.done = true;
                     first_closed.get_or_insert(Side::Device);
                 }
-                Poll::Ready(Err(error)) => {
-                    return Poll::Ready(End::Error {
-                        side: failing_side(&up, Side::Device),
-                        error,
-                    })
-                }
+                Poll::Ready(Err(failed)) => return Poll::Ready(failed.end(Side::Device, Side::Broker)),
                 Poll::Pending => {}
             }
         }
         if !down.done {
-            let mut activity = false;
-            match down.poll_copy(cx, broker, device, &mut activity) {
+            match down.poll_copy(cx, broker, device, &mut false) {
                 Poll::Ready(Ok(())) => {
                     down.done = true;
                     first_closed.get_or_insert(Side::Broker);
                 }
-                Poll::Ready(Err(error)) => {
-                    return Poll::Ready(End::Error {
-                        side: failing_side(&down, Side::Broker),
-                        error,
-                    })
-                }
+                Poll::Ready(Err(failed)) => return Poll::Ready(failed.end(Side::Broker, Side::Device)),
                 Poll::Pending => {}
             }
         }
-        if up.done && down.done {
-            return Poll::Ready(End::Closed {
-                first: first_closed.unwrap_or(Side::Device),
-            });
+        if let Some(first) = first_closed.filter(|_| up.done && down.done) {
+            return Poll::Ready(End::Closed { first });
         }
         if let (Some(sleep), Some(limit)) = (silence.as_mut(), silence_limit) {
             if !up.done && sleep.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(End::DeviceSilent(limit));
+                return Poll::Ready(if up.pending() {
+                    End::BrokerStalled(limit)
+                } else {
+                    End::DeviceSilent(limit)
+                });
             }
         }
         Poll::Pending
@@ -222,13 +281,12 @@ where
     }
 }
 
-/// An error while bytes were waiting to be written came from the writer's side; otherwise the reader's.
-fn failing_side(half: &Half, reader: Side) -> Side {
-    let writing = half.start < half.end || half.read_done;
-    match (writing, reader) {
-        (false, side) => side,
-        (true, Side::Device) => Side::Broker,
-        (true, Side::Broker) => Side::Device,
+impl Failed {
+    fn end(self, reader: Side, writer: Side) -> End {
+        match self {
+            Failed::Reader(error) => End::Error { side: reader, error },
+            Failed::Writer(error) => End::Error { side: writer, error },
+        }
     }
 }
 
@@ -278,5 +336,65 @@ mod tests {
             t.end
         );
         assert_eq!(t.device_to_broker, 4);
+    }
+
+    #[tokio::test]
+    async fn bulk_bytes_arrive_intact_through_a_narrow_writer() {
+        let (mut dev_outer, mut dev_inner) = duplex(300);
+        let (mut brk_outer, mut brk_inner) = duplex(700);
+        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, None).await });
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            dev_outer.write_all(&sent).await.unwrap();
+            dev_outer.shutdown().await.unwrap();
+            dev_outer
+        });
+        let mut got = Vec::new();
+        brk_outer.read_to_end(&mut got).await.unwrap();
+        assert!(got == data, "bytes changed or reordered");
+        drop(brk_outer);
+        drop(writer.await.unwrap());
+        assert_eq!(task.await.unwrap().device_to_broker, data.len() as u64);
+    }
+
+    /// A writer that accepts nothing and fails on flush, as a broker socket that was reset.
+    struct Broken;
+
+    impl AsyncRead for Broken {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Broken {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_broker_is_blamed_even_when_the_device_is_idle() {
+        let (_dev_outer, mut dev_inner) = duplex(64);
+        let t = pipe(&mut dev_inner, &mut Broken, None).await;
+        assert!(matches!(t.end, End::Error { side: Side::Broker, .. }), "{}", t.end);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_that_takes_nothing_is_reported_as_stalled_not_the_device_as_silent() {
+        let (mut dev_outer, mut dev_inner) = duplex(1 << 20);
+        let (_brk_outer, mut brk_inner) = duplex(16);
+        let task =
+            tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, Some(Duration::from_secs(3))).await });
+        dev_outer.write_all(&[1u8; 4096]).await.unwrap();
+        let t = task.await.unwrap();
+        assert!(matches!(t.end, End::BrokerStalled(_)), "{}", t.end);
+        assert_eq!(t.device_to_broker, 16, "only what the broker took");
     }
 }

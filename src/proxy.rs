@@ -5,9 +5,11 @@
 //! hostile device never delays another. When something goes wrong before the broker is reached, the device
 //! gets a CONNACK in its own protocol version ([`crate::mqtt::connack`]) rather than a bare reset.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,7 +23,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 use crate::config::{Config, Listen};
 use crate::device::DeviceTable;
 use crate::mqtt::{self, Connect, ProtocolVersion, Refusal};
-use crate::pipe::{self, Transfer};
+use crate::pipe;
 use crate::socket;
 use crate::upstream::Connector;
 
@@ -62,6 +64,8 @@ struct Shared {
     generation: RwLock<Arc<Generation>>,
     connections: Arc<Semaphore>,
     busy_refusals: Arc<Semaphore>,
+    /// Connections per source address that have not yet been identified (CONNECT not read or refused).
+    unidentified: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl Shared {
@@ -89,6 +93,7 @@ impl Proxy {
         let shared = Shared {
             connections: Arc::new(Semaphore::new(generation.listen.max_connections)),
             busy_refusals: Arc::new(Semaphore::new(MAX_BUSY_REFUSALS)),
+            unidentified: Mutex::new(HashMap::new()),
             generation: RwLock::new(Arc::new(generation)),
         };
         Ok(Proxy {
@@ -170,77 +175,130 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptContext, shutdown: Cancel
 
 fn admit(stream: TcpStream, peer: SocketAddr, ctx: &AcceptContext) {
     let span = info_span!("conn", %peer, device = tracing::field::Empty);
-    match ctx.shared.connections.clone().try_acquire_owned() {
+    let generation = ctx.shared.current();
+    let Some(slot) = UnidentifiedSlot::take(&ctx.shared, peer.ip(), generation.listen.max_pending_per_source) else {
+        span.in_scope(|| {
+            warn!(
+                reason = "source_limit",
+                "refused: too many unidentified connections from this address"
+            )
+        });
+        return;
+    };
+    let work = match ctx.shared.connections.clone().try_acquire_owned() {
         Ok(permit) => {
             let conn = Connection {
                 listener: ctx.configured,
                 peer,
-                generation: ctx.shared.current(),
+                generation,
+                slot: Some(slot),
                 _permit: permit,
             };
-            let hard_stop = ctx.hard_stop.clone();
-            ctx.tracker.spawn(
-                async move {
-                    tokio::select! {
-                        _ = conn.serve(stream) => {}
-                        _ = hard_stop.cancelled() => info!(reason = "shutdown", "connection closed at shutdown"),
-                    }
-                }
-                .instrument(span),
-            );
+            tokio_util::either::Either::Left(conn.serve(stream))
         }
         Err(_) => match ctx.shared.busy_refusals.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let generation = ctx.shared.current();
-                ctx.tracker
-                    .spawn(refuse_busy(stream, generation, permit).instrument(span));
+            Ok(permit) => tokio_util::either::Either::Right(refuse_busy(stream, generation, permit, slot)),
+            Err(_) => {
+                span.in_scope(|| {
+                    warn!(
+                        reason = "busy",
+                        "refused: connection limit reached; closed without answer"
+                    )
+                });
+                return;
             }
-            Err(_) => span.in_scope(|| {
-                warn!(
-                    reason = "busy",
-                    "refused: connection limit reached; closed without answer"
-                )
-            }),
         },
+    };
+    let hard_stop = ctx.hard_stop.clone();
+    ctx.tracker.spawn(
+        async move {
+            tokio::select! {
+                _ = work => {}
+                _ = hard_stop.cancelled() => info!(reason = "shutdown", "connection closed at shutdown"),
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// Counts a connection against its source address until it is identified, so that one host on the LAN
+/// cannot hold every connection slot with CONNECTs that never finish or never match.
+struct UnidentifiedSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl UnidentifiedSlot {
+    fn take(shared: &Arc<Shared>, ip: IpAddr, limit: usize) -> Option<UnidentifiedSlot> {
+        let mut map = shared.unidentified.lock().unwrap_or_else(|e| e.into_inner());
+        let count = map.entry(ip).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(UnidentifiedSlot {
+            shared: shared.clone(),
+            ip,
+        })
     }
 }
 
-async fn refuse_busy(mut stream: TcpStream, generation: Arc<Generation>, _permit: OwnedSemaphorePermit) {
+impl Drop for UnidentifiedSlot {
+    fn drop(&mut self) {
+        let mut map = self.shared.unidentified.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = map.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+async fn refuse_busy(
+    mut stream: TcpStream,
+    generation: Arc<Generation>,
+    _permit: OwnedSemaphorePermit,
+    _slot: UnidentifiedSlot,
+) {
     let limit = generation.listen.max_connections;
     match read_connect(&mut stream, &generation.listen).await {
         Some((connect, _)) => {
-            warn!(reason = "busy", client_id = %connect.client_id, limit, "refused: connection limit reached");
+            warn!(reason = "busy", client_id = ?connect.client_id, limit, "refused: connection limit reached");
             refuse(stream, connect.version, Refusal::ServerBusy).await;
         }
         None => debug!("over the connection limit and no valid CONNECT; closed"),
     }
 }
 
+/// One device connection, from its first byte to its last.
 struct Connection {
     listener: SocketAddr,
     peer: SocketAddr,
     generation: Arc<Generation>,
+    slot: Option<UnidentifiedSlot>,
     _permit: OwnedSemaphorePermit,
 }
 
+/// Bytes mqtls passed on itself before the copy loop started: the device's first bytes and the broker's
+/// CONNACK.
+struct Session {
+    keep_alive: u16,
+    first_in: u64,
+    first_out: u64,
+}
+
 impl Connection {
-    async fn serve(self, mut stream: TcpStream) {
+    async fn serve(mut self, mut stream: TcpStream) {
         socket::tune(&stream);
         let Some((connect, first_bytes)) = read_connect(&mut stream, &self.generation.listen).await else {
             return;
         };
-        let device = match self
-            .generation
-            .table
-            .find(self.listener, self.peer.ip(), &connect.client_id)
-        {
-            Ok(d) => d,
-            Err(_) => {
-                warn!(reason = "unknown_device", client_id = %connect.client_id, listener = %self.listener, "refused: no device matches");
-                refuse(stream, connect.version, Refusal::IdentifierRejected).await;
-                return;
-            }
+        let Some(device) = self.identify(&connect) else {
+            refuse(stream, connect.version, Refusal::IdentifierRejected).await;
+            return;
         };
+        self.slot = None;
         Span::current().record("device", &*device.name);
         let started = Instant::now();
         let mut broker = match self
@@ -257,48 +315,84 @@ impl Connection {
             }
         };
         info!(
-            client_id = %connect.client_id,
+            client_id = ?connect.client_id,
             mqtt = %connect.version,
             keep_alive = connect.keep_alive,
             setup_ms = started.elapsed().as_millis() as u64,
             "connection opened"
         );
-        if let Err(e) = forward_first_bytes(&mut broker, &first_bytes).await {
-            warn!(error = %e, "broker closed before the CONNECT was delivered");
-            return;
-        }
-        let first_len = first_bytes.len() as u64;
-        drop(first_bytes);
-        let mut keep_alive = connect.keep_alive;
-        let mut connack_bytes = 0;
-        if connect.version == ProtocolVersion::V5 {
-            let timeout = self.generation.connector.handshake_timeout();
-            match relay_connack(&mut broker, &mut stream, connect.version, timeout).await {
-                Ok((relayed, server_keep_alive)) => {
-                    connack_bytes = relayed;
-                    if let Some(k) = server_keep_alive {
-                        debug!(server_keep_alive = k, "broker overrides the keep-alive");
-                        keep_alive = k;
-                    }
-                }
-                Err(e) => {
-                    info!(error = %e, "connection closed before the broker's CONNACK");
-                    return;
-                }
+        let session = match self
+            .start_session(&mut broker, &mut stream, &connect, first_bytes)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                info!(end = %e, "connection closed before the session started");
+                return;
             }
-        }
-        let Transfer {
-            device_to_broker,
-            broker_to_device,
-            end,
-        } = pipe::pipe(&mut stream, &mut broker, silence_limit(keep_alive)).await;
+        };
+        drop(connect);
+        let transfer = pipe::pipe(&mut stream, &mut broker, silence_limit(session.keep_alive)).await;
         info!(
-            bytes_in = device_to_broker + first_len,
-            bytes_out = broker_to_device + connack_bytes as u64,
+            bytes_in = transfer.device_to_broker + session.first_in,
+            bytes_out = transfer.broker_to_device + session.first_out,
             duration_s = started.elapsed().as_secs_f64(),
-            end = %end,
+            end = %transfer.end,
             "connection closed"
         );
+    }
+
+    fn identify(&self, connect: &Connect) -> Option<Arc<crate::device::Device>> {
+        let found = self
+            .generation
+            .table
+            .find(self.listener, self.peer.ip(), &connect.client_id);
+        if found.is_err() {
+            warn!(
+                reason = "unknown_device",
+                client_id = ?connect.client_id,
+                listener = %self.listener,
+                "refused: no device matches"
+            );
+        }
+        found.ok()
+    }
+
+    /// Delivers the device's first bytes (its CONNECT and anything after it) and, for MQTT 5, relays
+    /// the broker's CONNACK to learn a Server Keep Alive. Bounded by the handshake timeout: a broker
+    /// that takes nothing must not hold the connection forever.
+    async fn start_session(
+        &self,
+        broker: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin),
+        device: &mut (impl AsyncWriteExt + Unpin),
+        connect: &Connect,
+        first_bytes: Vec<u8>,
+    ) -> io::Result<Session> {
+        let limit = self.generation.connector.handshake_timeout();
+        let forward = async {
+            broker.write_all(&first_bytes).await?;
+            broker.flush().await
+        };
+        timeout(limit, forward).await.unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the broker took no bytes in time",
+            ))
+        })?;
+        let mut session = Session {
+            keep_alive: connect.keep_alive,
+            first_in: first_bytes.len() as u64,
+            first_out: 0,
+        };
+        if connect.version == ProtocolVersion::V5 {
+            let (relayed, server_keep_alive) = relay_connack(broker, device, connect.version, limit).await?;
+            session.first_out = relayed as u64;
+            if let Some(k) = server_keep_alive {
+                debug!(server_keep_alive = k, "the broker sets the keep-alive");
+                session.keep_alive = k;
+            }
+        }
+        Ok(session)
     }
 }
 
@@ -324,11 +418,6 @@ async fn read_connect(stream: &mut TcpStream, limits: &Listen) -> Option<(Connec
     }
 }
 
-async fn forward_first_bytes<W: AsyncWriteExt + Unpin>(broker: &mut W, bytes: &[u8]) -> io::Result<()> {
-    broker.write_all(bytes).await?;
-    broker.flush().await
-}
-
 /// Copies the broker's first bytes to the device until they hold its whole CONNACK, and returns how many
 /// bytes were copied and the MQTT 5 Server Keep Alive, which replaces the device's own keep-alive. Bytes
 /// pass unchanged; if the CONNACK cannot be parsed they are still passed on and the device's keep-alive
@@ -350,7 +439,13 @@ where
             let mut chunk = [0u8; 512];
             let n = broker.read(&mut chunk).await?;
             if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
+                // Whatever the broker said before closing is the device's to read.
+                device.write_all(&buf).await?;
+                device.flush().await?;
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the broker closed before its CONNACK",
+                ));
             }
             buf.extend_from_slice(&chunk[..n]);
             let parsed = mqtt::parse_connack(&buf, version);

@@ -4,8 +4,6 @@
 //! Names are resolved for every connection rather than once at start-up: gateways often boot before
 //! their DNS works, and brokers move. The connector knows nothing about MQTT or about the device socket.
 
-use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,42 +17,49 @@ use tokio_rustls::TlsConnector;
 use crate::config::{HostPort, Upstream};
 use crate::socket;
 
-/// Why the broker could not be reached. The `reason` label is what metrics and logs use.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// Name resolution failed for every address.
-    #[error("cannot resolve {host}: {error}")]
-    Resolve {
-        /// The name.
-        host: String,
-        /// The resolver's answer.
-        error: io::Error,
-    },
-    /// Every address refused, was unreachable or timed out.
-    #[error("cannot connect to the broker: {0}")]
-    Connect(String),
-    /// The TLS handshake failed (untrusted chain, wrong name, client certificate rejected...).
-    #[error("TLS handshake with {addr} failed: {error}")]
-    Tls {
-        /// The broker address.
-        addr: SocketAddr,
-        /// The TLS error.
-        error: io::Error,
-    },
+/// What kind of failure stopped an attempt to reach the broker; the label metrics and logs use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Failure {
+    /// The name did not resolve.
+    Resolve,
+    /// TCP connect refused, unreachable or timed out.
+    Connect,
     /// The TLS handshake did not finish in time.
-    #[error("TLS handshake with {0} timed out")]
-    HandshakeTimeout(SocketAddr),
+    HandshakeTimeout,
+    /// The TLS handshake failed (untrusted chain, wrong name, client certificate rejected...).
+    Tls,
+}
+
+impl Failure {
+    /// A short, stable label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::Resolve => "resolve",
+            Failure::Connect => "connect",
+            Failure::HandshakeTimeout => "handshake_timeout",
+            Failure::Tls => "tls",
+        }
+    }
+}
+
+/// Why the broker could not be reached: every attempt, in order.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .attempts.iter().map(|(_, text)| text.as_str()).collect::<Vec<_>>().join("; "))]
+pub struct ConnectError {
+    /// Each attempt's failure and its description (address and cause).
+    pub attempts: Vec<(Failure, String)>,
 }
 
 impl ConnectError {
-    /// A short, stable label for metrics and log fields.
+    /// The most telling failure: a broker that answered but could not be trusted says more than one
+    /// that did not answer, which says more than a name that did not resolve.
     pub fn reason(&self) -> &'static str {
-        match self {
-            ConnectError::Resolve { .. } => "resolve",
-            ConnectError::Connect(_) => "connect",
-            ConnectError::Tls { .. } => "tls",
-            ConnectError::HandshakeTimeout(_) => "handshake_timeout",
-        }
+        self.attempts
+            .iter()
+            .map(|(f, _)| *f)
+            .max()
+            .unwrap_or(Failure::Connect)
+            .label()
     }
 }
 
@@ -84,59 +89,65 @@ impl Connector {
     }
 
     /// Connects to the first broker address that answers and completes the TLS handshake with `config`.
+    /// An address that fails at any step (resolve, connect, handshake) passes the turn to the next.
     pub async fn connect(&self, config: Arc<ClientConfig>) -> Result<TlsStream<TcpStream>, ConnectError> {
-        let mut failures = Vec::new();
-        let mut resolve_error = None;
+        let mut attempts = Vec::new();
         for hp in &self.addresses {
             let lookup = tokio::net::lookup_host((hp.host.as_str(), hp.port));
-            let resolved = timeout(self.connect_timeout, lookup).await.unwrap_or_else(|_| {
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no answer from the resolver in time",
-                ))
-            });
-            let addrs = match resolved {
-                Ok(a) => a,
-                Err(error) => {
-                    failures.push(format!("{hp}: cannot resolve: {error}"));
-                    resolve_error.get_or_insert(ConnectError::Resolve {
-                        host: hp.host.clone(),
-                        error,
-                    });
+            let addrs = match timeout(self.connect_timeout, lookup).await {
+                Ok(Ok(addrs)) => addrs,
+                Ok(Err(e)) => {
+                    attempts.push((Failure::Resolve, format!("{hp}: cannot resolve: {e}")));
+                    continue;
+                }
+                Err(_) => {
+                    attempts.push((Failure::Resolve, format!("{hp}: no answer from the resolver in time")));
                     continue;
                 }
             };
             for addr in addrs {
-                match timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                    Ok(Ok(tcp)) => return self.handshake(tcp, addr, hp, config).await,
-                    Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
-                    Err(_) => failures.push(format!("{addr}: no answer within {:?}", self.connect_timeout)),
+                let tcp = match timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                    Ok(Ok(tcp)) => tcp,
+                    Ok(Err(e)) => {
+                        attempts.push((Failure::Connect, format!("{addr}: {e}")));
+                        continue;
+                    }
+                    Err(_) => {
+                        attempts.push((
+                            Failure::Connect,
+                            format!("{addr}: no answer within {:?}", self.connect_timeout),
+                        ));
+                        continue;
+                    }
+                };
+                match self.handshake(tcp, hp, config.clone()).await {
+                    Ok(tls) => return Ok(tls),
+                    Err(failure) => attempts.push((failure.0, format!("{addr}: {}", failure.1))),
                 }
             }
         }
-        match resolve_error {
-            Some(e) if failures.len() == 1 => Err(e),
-            _ => Err(ConnectError::Connect(failures.join("; "))),
-        }
+        Err(ConnectError { attempts })
     }
 
     async fn handshake(
         &self,
         tcp: TcpStream,
-        addr: SocketAddr,
         hp: &HostPort,
         config: Arc<ClientConfig>,
-    ) -> Result<TlsStream<TcpStream>, ConnectError> {
+    ) -> Result<TlsStream<TcpStream>, (Failure, String)> {
         socket::tune(&tcp);
         let name = match &self.server_name {
             Some(n) => n.clone(),
             // Validation checked that every host is a valid name when server_name is unset.
-            None => hp.server_name().map_err(|e| ConnectError::Connect(e.to_string()))?,
+            None => hp.server_name().map_err(|e| (Failure::Tls, e))?,
         };
         match timeout(self.handshake_timeout, TlsConnector::from(config).connect(name, tcp)).await {
             Ok(Ok(tls)) => Ok(tls),
-            Ok(Err(error)) => Err(ConnectError::Tls { addr, error }),
-            Err(_) => Err(ConnectError::HandshakeTimeout(addr)),
+            Ok(Err(e)) => Err((Failure::Tls, format!("TLS handshake failed: {e}"))),
+            Err(_) => Err((
+                Failure::HandshakeTimeout,
+                format!("TLS handshake took longer than {:?}", self.handshake_timeout),
+            )),
         }
     }
 }

@@ -105,6 +105,27 @@ async fn addresses_are_tried_in_order_until_one_answers() {
 }
 
 #[tokio::test]
+async fn a_broker_that_fails_the_tls_handshake_passes_the_turn_to_the_next_address() {
+    let (logs, _g) = Logs::capture();
+    let pki = Pki::new();
+    let impostor = Mosquitto::start_with(&pki, &Pki::other_ca().server("impostor", &["localhost"])).await;
+    let broker = Mosquitto::start(&pki).await;
+    let mut config = ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&pki.client("failover-2")));
+    config.upstream.insert(0, impostor.addr().to_string());
+    let proxy = RunningProxy::start(&config, pki.dir()).await;
+
+    let (_c, mut el) = device_v4("failover-2", proxy.addr(), Duration::from_secs(30));
+    wait_connack_v4(&mut el)
+        .await
+        .expect("the trusted second broker serves");
+    logs.wait_line(&["failover-2", "connection opened"], MQTT_DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(broker.connected_usernames(), vec!["failover-2".to_string()]);
+    assert!(impostor.connected_usernames().is_empty());
+}
+
+#[tokio::test]
 async fn upstream_names_are_resolved_at_connection_time() {
     let pki = Pki::new();
     let broker = Mosquitto::start(&pki).await;

@@ -278,11 +278,9 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("bad address {first:?} in {line:?}: {e}"))
     }
 
-    /// Waits until the process catches SIGINT and SIGTERM (`SigCgt` in /proc/<pid>/status).
-    ///
-    /// mqtls installs its handlers in a task spawned just before it logs "mqtls ready", so for a moment
-    /// after that line the default action (terminate) is still in force; see the report. Signalling only
-    /// once the handlers are in place keeps these tests about the shutdown, not about that window.
+    /// Waits until the process catches SIGINT and SIGTERM (`SigCgt` in /proc/<pid>/status). mqtls installs
+    /// them before it logs "mqtls ready" (`sigterm_right_after_ready_exits_0` holds it to that); the other
+    /// tests wait anyway so that each stays about one behaviour.
     async fn wait_signal_handlers(&self) {
         const WANTED: u64 = (1 << (2 - 1)) | (1 << (15 - 1));
         let status = format!("/proc/{}/status", self.child.id());
@@ -401,6 +399,35 @@ async fn run_exits_0_on_sigterm() {
     let status = daemon.wait_exit(GUARD).await.expect("still running after SIGTERM");
     assert_eq!(status.code(), Some(0), "{status:?}; stderr:\n{}", daemon.stderr());
     daemon.wait_line(&["shutting down", "SIGTERM"]).await;
+}
+
+#[tokio::test]
+async fn sigterm_right_after_ready_exits_0() {
+    let pki = Pki::new();
+    let mut daemon = Daemon::spawn(&idle_config(&pki));
+    daemon.ready().await;
+    daemon.signal("TERM");
+    let status = daemon.wait_exit(GUARD).await.expect("still running after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{status:?}; stderr:\n{}", daemon.stderr());
+}
+
+#[tokio::test]
+async fn sighup_does_not_stop_the_daemon() {
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki).await;
+    let config = ProxyConfig::new(&pki, broker.addr())
+        .device(DeviceEntry::new(&pki.client("cli-hup")))
+        .write(pki.dir());
+    let mut daemon = Daemon::spawn(&config);
+    let addr = daemon.ready().await;
+    daemon.signal("HUP");
+    daemon.wait_line(&["SIGHUP"]).await;
+    let (_client, mut el) = device_v4("cli-hup", addr, Duration::from_secs(30));
+    wait_connack_v4(&mut el).await.expect("still serving after SIGHUP");
+    assert!(daemon.child.try_wait().unwrap().is_none(), "SIGHUP stopped mqtls");
+    daemon.signal("TERM");
+    let status = daemon.wait_exit(GUARD).await.expect("still running after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{status:?}; stderr:\n{}", daemon.stderr());
 }
 
 #[tokio::test]

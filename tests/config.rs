@@ -227,6 +227,12 @@ rejected! {
     source_of_the_wrong_type_says_what_is_expected:
         [Set(r#"source = "192.168.10.21""#, "source = 42")]
         => ["{config}: `device.source` (line ", "a string or a list of strings"];
+    two_shared_listeners_on_one_port_one_of_them_wildcard_are_refused:
+        [Set(r#"address = "127.0.0.1:1883""#, r#"address = ["127.0.0.1:1883", "0.0.0.0:1883"]"#)]
+        => ["{config}: `listen.address`: 0.0.0.0:1883 overlaps the listener 127.0.0.1:1883"];
+    bad_device_dir_source_names_its_key:
+        [Append("\n[device_dir]\npath = \"devices\"\nsource = \"not-a-net\"\n")]
+        => ["{config}: `device_dir.source`: `not-a-net` is not an IP address or CIDR"];
     key_that_holds_a_certificate_says_so:
         [Set(r#"key = "devices/boiler-2/key.pem""#, r#"key = "devices/boiler-2/cert.pem""#)]
         => [r#"{config}: device "boiler-2": `key`: "#, "holds a certificate, not a private key"];

@@ -149,3 +149,79 @@ async fn a_freed_slot_is_reused_after_a_device_leaves() {
         }
     }
 }
+
+#[tokio::test]
+async fn one_address_cannot_hold_every_slot_with_unfinished_connects() {
+    use common::raw::{connect, Version};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (logs, _g) = Logs::capture();
+    let s = setup(|pki, mut c| {
+        c.max_pending_per_source = Some(2);
+        c.device(DeviceEntry::new(&pki.client("neighbour-1")).source("127.0.0.2"))
+    })
+    .await;
+
+    // Two stalled CONNECTs from 127.0.0.1 use up that address's allowance...
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut sock = tokio::net::TcpStream::connect(s.proxy.addr()).await.unwrap();
+        sock.write_all(&[0x10]).await.unwrap();
+        stalled.push(sock);
+    }
+    // ...so a third is closed at once, unanswered (connections are admitted in order)...
+    let mut third = tokio::net::TcpStream::connect(s.proxy.addr()).await.unwrap();
+    let mut byte = [0u8; 1];
+    let n = tokio::time::timeout(MQTT_DEADLINE, third.read(&mut byte))
+        .await
+        .expect("closed, not left hanging")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "no answer to a connection over the per-address allowance");
+    let line = logs
+        .wait_line(&["source_limit", "peer=127.0.0.1:"], MQTT_DEADLINE)
+        .await
+        .unwrap();
+    assert!(line.contains("too many unidentified connections"), "{line}");
+
+    // ...while a device from another address is served normally.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut dev = sock.connect(s.proxy.addr()).await.unwrap();
+    dev.write_all(&connect(Version::V311, "neighbour-1", 30)).await.unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(MQTT_DEADLINE, dev.read_exact(&mut connack))
+        .await
+        .expect("CONNACK in time")
+        .unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00], "accepted");
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn a_client_id_cannot_forge_log_lines() {
+    use common::raw::{connect, Version};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (logs, _g) = Logs::capture();
+    let s = setup(|pki, c| c.device(DeviceEntry::new(&pki.client("honest-1")))).await;
+    let mut sock = tokio::net::TcpStream::connect(s.proxy.addr()).await.unwrap();
+    sock.write_all(&connect(Version::V311, "forger\nINFO mqtls: everything is fine", 30))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(MQTT_DEADLINE, sock.read_exact(&mut connack))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x02], "identifier rejected");
+    let line = logs
+        .wait_line(&["unknown_device", "forger"], MQTT_DEADLINE)
+        .await
+        .unwrap();
+    assert!(
+        line.contains(r#"forger\nINFO mqtls: everything is fine"#),
+        "escaped on one line: {line}"
+    );
+    assert!(!logs
+        .text()
+        .lines()
+        .any(|l| l.starts_with("INFO mqtls: everything is fine")));
+}

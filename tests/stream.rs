@@ -163,7 +163,7 @@ async fn connect_sent_one_byte_at_a_time_is_accepted_by_mosquitto() {
         .unwrap();
     let ack = raw::expect_connack(&mut s, Version::V311, WAIT).await;
     assert_eq!(ack.code, 0, "{ack:?}\n{}", broker.diagnostics());
-    logs.wait_line(&["connection opened", "client_id=dev-slow "], WAIT)
+    logs.wait_line(&["connection opened", "client_id=\"dev-slow\""], WAIT)
         .await
         .unwrap();
     assert_eq!(broker.connected_usernames(), vec!["dev-slow"]);
@@ -220,7 +220,7 @@ async fn mqtt31_connect_passes_through_to_mosquitto() {
     assert_eq!(msg, ("sensors/dev-31/t".to_string(), b"old but gold".to_vec()));
 
     let line = logs
-        .wait_line(&["connection opened", "client_id=dev-31 "], WAIT)
+        .wait_line(&["connection opened", "client_id=\"dev-31\""], WAIT)
         .await
         .unwrap();
     assert!(line.contains("mqtt=3.1 "), "{line}");

@@ -80,6 +80,7 @@ pub struct ProxyConfig {
     pub handshake_timeout: String,
     pub max_connections: usize,
     pub max_connect_size: usize,
+    pub max_pending_per_source: Option<usize>,
     pub devices: Vec<DeviceEntry>,
     pub extra: String,
 }
@@ -96,6 +97,7 @@ impl ProxyConfig {
             handshake_timeout: "5s".into(),
             max_connections: 100,
             max_connect_size: 65536,
+            max_pending_per_source: None,
             devices: Vec::new(),
             extra: String::new(),
         }
@@ -119,6 +121,9 @@ impl ProxyConfig {
             self.upstream_connect_timeout,
             self.handshake_timeout,
         );
+        if let Some(n) = self.max_pending_per_source {
+            s = s.replacen("[upstream]", &format!("max_pending_per_source = {n}\n\n[upstream]"), 1);
+        }
         if let Some(n) = &self.server_name {
             let _ = writeln!(s, "server_name = {n:?}");
         }
