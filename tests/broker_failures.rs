@@ -168,3 +168,36 @@ async fn a_broker_that_goes_away_closes_its_devices_but_not_the_daemon() {
     // The daemon is still there and still answers, now with "server unavailable".
     assert_eq!(refusal_v4(&proxy, "survivor-2").await, V4Code::ServiceUnavailable);
 }
+
+#[tokio::test]
+async fn alpn_is_offered_as_configured() {
+    use common::{EchoMode, TlsEcho};
+    let pki = Pki::new();
+    let echo = TlsEcho::start_with_alpn(&pki, EchoMode::EchoUntilEof, &["x-amzn-mqtt-ca"]).await;
+    let mut config = ProxyConfig::new(&pki, echo.addr()).device(DeviceEntry::new(&pki.client("alpn-1")));
+    config.extra = "alpn = [\"x-amzn-mqtt-ca\"]\n".into();
+    let proxy = RunningProxy::start(&config, pki.dir()).await;
+    let mut dev = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let hello = common::raw::connect(common::raw::Version::V311, "alpn-1", 30);
+    tokio::io::AsyncWriteExt::write_all(&mut dev, &hello).await.unwrap();
+    tokio::io::AsyncWriteExt::shutdown(&mut dev).await.unwrap();
+    echo.wait_finished(1, MQTT_DEADLINE).await.unwrap();
+    assert_eq!(echo.alpn(), vec![Some(b"x-amzn-mqtt-ca".to_vec())]);
+}
+
+#[tokio::test]
+async fn a_broker_that_wants_another_alpn_protocol_is_a_tls_failure() {
+    use common::{EchoMode, TlsEcho};
+    let (logs, _g) = Logs::capture();
+    let pki = Pki::new();
+    let echo = TlsEcho::start_with_alpn(&pki, EchoMode::EchoUntilEof, &["x-amzn-mqtt-ca"]).await;
+    let mut config = ProxyConfig::new(&pki, echo.addr()).device(DeviceEntry::new(&pki.client("alpn-2")));
+    config.extra = "alpn = [\"mqtt\"]\n".into();
+    let proxy = RunningProxy::start(&config, pki.dir()).await;
+    assert_eq!(refusal_v4(&proxy, "alpn-2").await, V4Code::ServiceUnavailable);
+    let line = logs
+        .wait_line(&["alpn-2", "broker unreachable"], MQTT_DEADLINE)
+        .await
+        .unwrap();
+    assert!(line.contains("reason=\"tls\""), "{line}");
+}

@@ -55,6 +55,8 @@ pub struct ConnRecord {
 struct State {
     /// Serials in handshake order (recorded as soon as the handshake is done).
     serials: Vec<Vec<u8>>,
+    /// The ALPN protocol agreed on each handshake, in handshake order.
+    alpn: Vec<Option<Vec<u8>>>,
     finished: Vec<ConnRecord>,
     handshake_failures: Vec<String>,
 }
@@ -79,6 +81,12 @@ impl TlsEcho {
     /// Listen on 127.0.0.1:0 with a server certificate for `localhost` and
     /// `127.0.0.1`, requiring a client certificate signed by `pki`'s CA.
     pub async fn start(pki: &Pki, mode: EchoMode) -> TlsEcho {
+        Self::start_with_alpn(pki, mode, &[]).await
+    }
+
+    /// Like [`TlsEcho::start`], offering these ALPN protocols (a client that offers others is refused,
+    /// as AWS IoT Core does on port 443).
+    pub async fn start_with_alpn(pki: &Pki, mode: EchoMode, alpn: &[&str]) -> TlsEcho {
         let server = pki.server("tls-echo", &["localhost", "127.0.0.1"]);
         let provider = super::provider();
         let verifier =
@@ -91,6 +99,8 @@ impl TlsEcho {
             .with_client_cert_verifier(verifier)
             .with_single_cert(pki::load_certs(&server.cert), pki::load_key(&server.key))
             .expect("server cert");
+        let mut config = config;
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tls echo");
         let addr = listener.local_addr().expect("local addr");
@@ -129,7 +139,12 @@ impl TlsEcho {
                         .and_then(|c| c.first())
                         .map(|c| pki::raw_serial(c))
                         .unwrap_or_default();
-                    st.lock().unwrap().serials.push(serial.clone());
+                    let agreed = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                    {
+                        let mut s = st.lock().unwrap();
+                        s.serials.push(serial.clone());
+                        s.alpn.push(agreed);
+                    }
                     let record = serve(&mut tls, serial, &mode).await;
                     let mut s = st.lock().unwrap();
                     s.finished.push(record);
@@ -151,6 +166,11 @@ impl TlsEcho {
     /// The listening address (127.0.0.1).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The ALPN protocol agreed on each completed handshake, in handshake order.
+    pub fn alpn(&self) -> Vec<Option<Vec<u8>>> {
+        self.state.lock().unwrap().alpn.clone()
     }
 
     /// Serials of client leaf certificates, one per completed handshake, in
