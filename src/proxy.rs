@@ -289,28 +289,26 @@ struct Session {
 }
 
 impl Connection {
+    /// The set-up steps run boxed: their futures (the TLS handshake's above all) are large, and the task
+    /// of a long-lived connection should keep only what the copy needs.
     async fn serve(mut self, mut stream: TcpStream) {
         socket::tune(&stream);
-        let Some((connect, first_bytes)) = read_connect(&mut stream, &self.generation.listen).await else {
+        let Some((connect, first_bytes)) = Box::pin(read_connect(&mut stream, &self.generation.listen)).await else {
             return;
         };
         let Some(device) = self.identify(&connect) else {
-            refuse(stream, connect.version, Refusal::IdentifierRejected).await;
+            Box::pin(refuse(stream, connect.version, Refusal::IdentifierRejected)).await;
             return;
         };
         self.slot = None;
         Span::current().record("device", &*device.name);
         let started = Instant::now();
-        let mut broker = match self
-            .generation
-            .connector
-            .connect(device.identity.client_config.clone())
-            .await
+        let mut broker = match Box::pin(self.generation.connector.connect(device.identity.client_config.clone())).await
         {
             Ok(b) => b,
             Err(e) => {
                 warn!(reason = e.reason(), error = %e, "refused: broker unreachable");
-                refuse(stream, connect.version, Refusal::ServerUnavailable).await;
+                Box::pin(refuse(stream, connect.version, Refusal::ServerUnavailable)).await;
                 return;
             }
         };
@@ -321,10 +319,7 @@ impl Connection {
             setup_ms = started.elapsed().as_millis() as u64,
             "connection opened"
         );
-        let session = match self
-            .start_session(&mut broker, &mut stream, &connect, first_bytes)
-            .await
-        {
+        let session = match Box::pin(self.start_session(&mut broker, &mut stream, &connect, first_bytes)).await {
             Ok(s) => s,
             Err(e) => {
                 info!(end = %e, "connection closed before the session started");
