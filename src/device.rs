@@ -142,11 +142,6 @@ impl DeviceTable {
         &self.devices
     }
 
-    /// The shared fallback identity, if configured.
-    pub fn fallback(&self) -> Option<&Arc<Device>> {
-        self.fallback.as_ref()
-    }
-
     /// A human-readable table of devices, their rules and certificates, as printed by `mqtls check`.
     pub fn describe(&self, now: SystemTime) -> String {
         let rows: Vec<[String; 4]> = self

@@ -150,14 +150,6 @@ impl CertSummary {
             not_after: to_time(cert.validity().not_after),
         })
     }
-
-    /// Seconds since the Unix epoch of `not_after`.
-    pub fn not_after_unix(&self) -> u64 {
-        self.not_after
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    }
 }
 
 /// A device identity ready to use: the client config that presents it, and what it says.
