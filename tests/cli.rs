@@ -424,6 +424,7 @@ async fn sighup_does_not_stop_the_daemon() {
     daemon.wait_line(&["SIGHUP"]).await;
     let (_client, mut el) = device_v4("cli-hup", addr, Duration::from_secs(30));
     wait_connack_v4(&mut el).await.expect("still serving after SIGHUP");
+    drop(el); // the device leaves, so that SIGTERM below has nothing to wait for
     assert!(daemon.child.try_wait().unwrap().is_none(), "SIGHUP stopped mqtls");
     daemon.signal("TERM");
     let status = daemon.wait_exit(GUARD).await.expect("still running after SIGTERM");
