@@ -201,13 +201,36 @@ impl Half {
         if n == 0 {
             return Poll::Ready(Ok(0));
         }
+        if n == SMALL_READ {
+            // A burst, or a packet larger than the stack buffer: gather what else is waiting so that it
+            // goes out in one write (one TLS record) rather than split at the stack buffer's edge.
+            let mut buf = vec![0; COPY_BUFFER_SIZE].into_boxed_slice();
+            buf[..n].copy_from_slice(&small);
+            let mut rest = ReadBuf::new(&mut buf[n..]);
+            let more = match Pin::new(&mut *reader).poll_read(cx, &mut rest) {
+                Poll::Ready(Ok(())) if rest.filled().is_empty() => {
+                    self.read_done = true;
+                    0
+                }
+                Poll::Ready(Ok(())) => rest.filled().len(),
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.read_done = true;
+                    0
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Failed::Reader(e))),
+                Poll::Pending => 0,
+            };
+            (self.start, self.end) = (0, n + more);
+            self.buf = Some(buf);
+            return Poll::Ready(Ok(n + more));
+        }
         let written = match Pin::new(&mut *writer).poll_write(cx, &small[..n]) {
             Poll::Ready(Ok(w)) => w,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(Failed::Writer(e))),
             Poll::Pending => 0,
         };
         self.bytes += written as u64;
-        if written < n || n == SMALL_READ {
+        if written < n {
             let mut buf = vec![0; COPY_BUFFER_SIZE].into_boxed_slice();
             buf[..n - written].copy_from_slice(&small[written..n]);
             (self.start, self.end) = (0, n - written);
@@ -218,7 +241,7 @@ impl Half {
 }
 
 /// Bytes read on the stack before a heap buffer is needed: larger than most MQTT packets of a sensor.
-const SMALL_READ: usize = 1024;
+const SMALL_READ: usize = 2048;
 
 /// Copies between `device` and `broker` until both directions end, an error occurs, or the device stays
 /// silent longer than `silence_limit` (`None`: no limit).
@@ -396,5 +419,41 @@ mod tests {
         let t = task.await.unwrap();
         assert!(matches!(t.end, End::BrokerStalled(_)), "{}", t.end);
         assert_eq!(t.device_to_broker, 16, "only what the broker took");
+    }
+
+    /// A broker that says nothing (end of stream at once), takes everything, and remembers the size of
+    /// each write.
+    #[derive(Default)]
+    struct Recording(std::sync::Arc<std::sync::Mutex<Vec<usize>>>);
+
+    impl AsyncRead for Recording {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Recording {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+            self.0.lock().unwrap().push(b.len());
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_packet_larger_than_the_stack_buffer_goes_out_in_one_write() {
+        let (mut dev_outer, mut dev_inner) = duplex(64 * 1024);
+        let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut broker = Recording(writes.clone());
+        dev_outer.write_all(&[7u8; SMALL_READ + 35]).await.unwrap();
+        dev_outer.shutdown().await.unwrap();
+        let t = pipe(&mut dev_inner, &mut broker, None).await;
+        assert_eq!(t.device_to_broker, (SMALL_READ + 35) as u64);
+        assert_eq!(*writes.lock().unwrap(), vec![SMALL_READ + 35]);
     }
 }

@@ -1,0 +1,557 @@
+//! mqtls-bench: runs mqtls, stunnel, HAProxy, socat and direct TLS in turn in front of the same kind of
+//! upstream (a real Mosquitto 2 with mutual TLS, fresh for each contender), measures, and reports figures
+//! and ratios. See bench/README.md.
+
+mod broker;
+mod common;
+mod contender;
+mod measure;
+mod net;
+mod process;
+mod procfs;
+mod report;
+mod sink;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
+
+use broker::{Broker, BrokerFiles};
+use common::pki::Pki;
+use contender::{Kind, Running, Setup};
+use net::Target;
+use sink::Sinks;
+
+/// The measurements, in priority order.
+pub const MEASUREMENTS: [&str; 6] = ["memory", "latency", "setup", "storm", "throughput", "cpu"];
+
+/// How big each measurement is.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub mode: &'static str,
+    pub mem_ns: Vec<usize>,
+    pub settle: Duration,
+    pub lat_warmup: usize,
+    pub lat_count: usize,
+    pub lat_sizes: Vec<usize>,
+    pub setup_in_flight: usize,
+    pub setup_duration: Duration,
+    pub storm_devices: usize,
+    pub storm_limit: Duration,
+    pub bulk_bytes: u64,
+    pub bulk_runs: usize,
+    pub cpu_devices: usize,
+    pub cpu_rate: f64,
+    pub cpu_messages: u64,
+}
+
+impl Plan {
+    fn full() -> Plan {
+        Plan {
+            mode: "full",
+            mem_ns: vec![1000, 9000],
+            settle: Duration::from_secs(3),
+            lat_warmup: 500,
+            lat_count: 5000,
+            lat_sizes: vec![32, 1024],
+            setup_in_flight: 16,
+            setup_duration: Duration::from_secs(8),
+            storm_devices: 5000,
+            storm_limit: Duration::from_secs(120),
+            bulk_bytes: 256 << 20,
+            bulk_runs: 5,
+            cpu_devices: 100,
+            cpu_rate: 20_000.0,
+            cpu_messages: 400_000,
+        }
+    }
+
+    fn smoke() -> Plan {
+        Plan {
+            mode: "smoke",
+            mem_ns: vec![20, 50],
+            settle: Duration::from_millis(300),
+            lat_warmup: 20,
+            lat_count: 200,
+            lat_sizes: vec![32, 1024],
+            setup_in_flight: 4,
+            setup_duration: Duration::from_millis(700),
+            storm_devices: 50,
+            storm_limit: Duration::from_secs(30),
+            bulk_bytes: 4 << 20,
+            bulk_runs: 1,
+            cpu_devices: 5,
+            cpu_rate: 5_000.0,
+            cpu_messages: 2_000,
+        }
+    }
+}
+
+struct Args {
+    plan: Plan,
+    only: Vec<Kind>,
+    measurements: Vec<&'static str>,
+    json: PathBuf,
+    markdown: Option<PathBuf>,
+    repo: PathBuf,
+    broker_as_shipped: bool,
+    from_json: Option<PathBuf>,
+}
+
+const USAGE: &str = "usage: mqtls-bench [--mode full|smoke] [--only mqtls,stunnel,haproxy,socat,direct]
+                   [--skip memory,latency,setup,storm,throughput,cpu] [--json PATH] [--markdown PATH|-] [--broker-as-shipped]
+                   [--from-json PATH]   (no measuring: the report of an earlier run's JSON)";
+
+fn parse_args() -> Result<Args> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ has a parent")
+        .to_path_buf();
+    let mut mode = "full".to_string();
+    let mut only = Kind::ALL.to_vec();
+    let mut skip: Vec<String> = Vec::new();
+    let mut json_path = None;
+    let mut markdown = None;
+    let mut broker_as_shipped = false;
+    let mut from_json = None;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value\n{USAGE}"));
+        match a.as_str() {
+            "--mode" => mode = value()?,
+            "--only" => {
+                only = value()?
+                    .split(',')
+                    .map(|s| Kind::parse(s.trim()).with_context(|| format!("unknown contender {s:?}")))
+                    .collect::<Result<_>>()?
+            }
+            "--skip" => skip = value()?.split(',').map(|s| s.trim().to_owned()).collect(),
+            "--json" => json_path = Some(PathBuf::from(value()?)),
+            "--markdown" => markdown = Some(value()?),
+            "--broker-as-shipped" => broker_as_shipped = true,
+            "--from-json" => from_json = Some(PathBuf::from(value()?)),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    for s in &skip {
+        if !MEASUREMENTS.contains(&s.as_str()) {
+            bail!("unknown measurement {s:?} (one of {MEASUREMENTS:?})");
+        }
+    }
+    let plan = match mode.as_str() {
+        "full" => Plan::full(),
+        "smoke" => Plan::smoke(),
+        m => bail!("unknown mode {m:?}\n{USAGE}"),
+    };
+    let smoke = plan.mode == "smoke";
+    let json = json_path.unwrap_or_else(|| {
+        if smoke {
+            repo.join("bench/out/smoke.json")
+        } else {
+            repo.join("bench/results/results.json")
+        }
+    });
+    // Smoke runs never write BENCHMARKS.md unless asked to.
+    let markdown = match markdown.as_deref() {
+        Some("-") => None,
+        Some(p) => Some(PathBuf::from(p)),
+        None if smoke => None,
+        None => Some(repo.join("BENCHMARKS.md")),
+    };
+    Ok(Args {
+        plan,
+        only,
+        measurements: MEASUREMENTS
+            .into_iter()
+            .filter(|m| !skip.iter().any(|s| s == m))
+            .collect(),
+        json,
+        markdown,
+        repo,
+        broker_as_shipped,
+        from_json,
+    })
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    if let Some(path) = &args.from_json {
+        let results: Value = serde_json::from_str(&fs::read_to_string(path)?)?;
+        println!("{}", report::terminal(&results));
+        if let Some(md) = &args.markdown {
+            fs::write(md, report::markdown(&results))?;
+            println!("Markdown: {}", md.display());
+        }
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let results = rt.block_on(run(&args))?;
+    let failed = report::failures(&results);
+    let json_text = serde_json::to_string_pretty(&results)?;
+    if let Some(dir) = args.json.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(&args.json, json_text + "\n").with_context(|| format!("write {}", args.json.display()))?;
+    println!("{}", report::terminal(&results));
+    println!("JSON: {}", args.json.display());
+    if let Some(md) = &args.markdown {
+        fs::write(md, report::markdown(&results)).with_context(|| format!("write {}", md.display()))?;
+        println!("Markdown: {}", md.display());
+    }
+    if !failed.is_empty() {
+        eprintln!("measurements that did not complete:");
+        for f in &failed {
+            eprintln!("  {f}");
+        }
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+struct Env {
+    setup: Setup,
+    ca: PathBuf,
+    broker_cert: PathBuf,
+    broker_key: PathBuf,
+    client_config: Arc<rustls::ClientConfig>,
+    sinks: Option<Sinks>,
+    broker_nodelay: bool,
+    _pki: Pki,
+}
+
+async fn run(args: &Args) -> Result<Value> {
+    let started = Instant::now();
+    let plan = &args.plan;
+    let mqtls_bin = args.repo.join("target/release/mqtls");
+    if !mqtls_bin.is_file() {
+        bail!(
+            "{} is missing: run `cargo build --release --bin mqtls` at the repository root (bench/run does)",
+            mqtls_bin.display()
+        );
+    }
+    let pki = Pki::new();
+    let client = pki.client(measure::DEVICE_CN);
+    let broker_cert = pki.server("mosquitto", &["localhost", "127.0.0.1"]);
+    let sink_cert = pki.server("sink", &["localhost", "127.0.0.1"]);
+    let combined = pki.dir().join("client-combined.pem");
+    common::pki::write_file(
+        &combined,
+        format!(
+            "{}{}",
+            fs::read_to_string(&client.cert)?,
+            fs::read_to_string(&client.key)?
+        )
+        .as_bytes(),
+        0o600,
+    );
+    let work = pki.dir().join("work");
+    fs::create_dir_all(&work)?;
+    let sinks = if args.measurements.contains(&"throughput") {
+        Some(Sinks::start(pki.ca_pem_path(), &sink_cert.cert, &sink_cert.key).await?)
+    } else {
+        None
+    };
+    let env = Env {
+        setup: Setup {
+            repo: args.repo.clone(),
+            dir: work,
+            mqtls_bin,
+            ca: pki.ca_pem_path().to_path_buf(),
+            cert: client.cert.clone(),
+            key: client.key.clone(),
+            combined,
+            max_connections: plan.mem_ns.iter().copied().max().unwrap_or(0).max(plan.storm_devices) + 500,
+        },
+        ca: pki.ca_pem_path().to_path_buf(),
+        broker_cert: broker_cert.cert.clone(),
+        broker_key: broker_cert.key.clone(),
+        client_config: pki.rustls_client_config(Some(&client)),
+        sinks,
+        broker_nodelay: !args.broker_as_shipped,
+        _pki: pki,
+    };
+
+    let mut contenders = Map::new();
+    for &kind in &args.only {
+        eprintln!("== {kind}");
+        let r = run_contender(kind, args, &env).await;
+        contenders.insert(kind.name().into(), Value::Object(r));
+    }
+    let mut baseline = Map::new();
+    if let Some(sinks) = &env.sinks {
+        eprintln!("== plain TCP (throughput baseline)");
+        let v = measure::throughput(&Target::Plain(sinks.plain), sinks, plan.bulk_bytes, plan.bulk_runs).await;
+        baseline.insert("throughput".into(), outcome(v));
+    }
+    Ok(json!({
+        "meta": meta(args, started.elapsed()),
+        "measurements": args.measurements,
+        "contenders": contenders,
+        "plain_tcp": baseline,
+    }))
+}
+
+fn outcome(r: Result<Value>) -> Value {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            eprintln!("    FAILED: {msg}");
+            json!({ "error": msg })
+        }
+    }
+}
+
+/// Runs one step with a time limit and records its figures or why it failed.
+async fn step<F>(out: &mut Map<String, Value>, name: &str, limit: Duration, f: F)
+where
+    F: std::future::Future<Output = Result<Value>>,
+{
+    eprintln!("  {name} ...");
+    let t0 = Instant::now();
+    let r = match tokio::time::timeout(limit, f).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!("did not finish within {limit:?}")),
+    };
+    let mut v = outcome(r);
+    if let Value::Object(m) = &mut v {
+        m.insert("wall_s".into(), json!(t0.elapsed().as_secs_f64()));
+    }
+    eprintln!("    done in {:.1} s", t0.elapsed().as_secs_f64());
+    out.insert(name.into(), v);
+}
+
+async fn run_contender(kind: Kind, args: &Args, env: &Env) -> Map<String, Value> {
+    let plan = &args.plan;
+    let wants = |m: &str| args.measurements.contains(&m);
+    let mut out = Map::new();
+    // Latency first, on a fresh contender and broker; memory next, from a baseline that has seen only the
+    // latency device; the storm and the CPU run after.
+    let broker_steps: Vec<&str> = ["latency", "memory", "setup", "storm", "cpu"]
+        .into_iter()
+        .filter(|m| wants(m) && (kind.is_proxy() || !matches!(*m, "memory" | "cpu")))
+        .collect();
+    if !broker_steps.is_empty() {
+        match start_with_broker(kind, env).await {
+            Err(e) => {
+                let msg = format!("{e:#}");
+                eprintln!("  FAILED to start: {msg}");
+                for m in &broker_steps {
+                    out.insert((*m).into(), json!({ "error": format!("could not start: {msg}") }));
+                }
+            }
+            Ok((broker, mut running, target)) => {
+                let pgid = running.as_ref().map(|r| r.proc.pgid());
+                let limit = Duration::from_secs(if plan.mode == "smoke" { 60 } else { 300 });
+                // Let start-up work (the broker's, the contender's, the check connection) die down.
+                tokio::time::sleep(plan.settle).await;
+                for m in &broker_steps {
+                    match *m {
+                        "memory" => {
+                            step(
+                                &mut out,
+                                m,
+                                limit,
+                                measure::memory(pgid.unwrap(), &target, &plan.mem_ns, plan.settle),
+                            )
+                            .await
+                        }
+                        "latency" => {
+                            let direct = Target::Tls {
+                                addr: broker.addr,
+                                config: env.client_config.clone(),
+                            };
+                            let baseline = kind.is_proxy().then_some(&direct);
+                            let f =
+                                measure::latency(&target, baseline, &plan.lat_sizes, plan.lat_warmup, plan.lat_count);
+                            step(&mut out, m, limit, f).await
+                        }
+                        "setup" => {
+                            step(
+                                &mut out,
+                                m,
+                                limit,
+                                measure::setup_rate(&target, plan.setup_in_flight, plan.setup_duration),
+                            )
+                            .await
+                        }
+                        "storm" => {
+                            step(
+                                &mut out,
+                                m,
+                                limit,
+                                measure::storm(&target, plan.storm_devices, plan.storm_limit),
+                            )
+                            .await
+                        }
+                        "cpu" => {
+                            let f = measure::cpu(
+                                pgid.unwrap(),
+                                broker.proc.pgid(),
+                                &target,
+                                plan.cpu_devices,
+                                plan.cpu_rate,
+                                plan.cpu_messages,
+                            );
+                            step(&mut out, m, limit, f).await
+                        }
+                        _ => unreachable!(),
+                    }
+                    if let Some(r) = running.as_mut() {
+                        if !r.proc.alive() {
+                            let msg = format!("{kind} exited during {m}:\n{}", r.proc.log_tail());
+                            eprintln!("  {msg}");
+                            out.insert((*m).into(), json!({ "error": msg }));
+                            break;
+                        }
+                    }
+                }
+                drop(running);
+                drop(broker);
+            }
+        }
+    }
+    if let (true, Some(sinks)) = (wants("throughput"), env.sinks.as_ref()) {
+        let started = if kind.is_proxy() {
+            contender::start(kind, sinks.tls, &env.setup, "sink").await.map(Some)
+        } else {
+            Ok(None)
+        };
+        match started {
+            Err(e) => {
+                out.insert(
+                    "throughput".into(),
+                    json!({ "error": format!("could not start: {e:#}") }),
+                );
+            }
+            Ok(running) => {
+                let target = match &running {
+                    Some(r) => Target::Plain(r.listen),
+                    None => Target::Tls {
+                        addr: sinks.tls,
+                        config: env.client_config.clone(),
+                    },
+                };
+                let f = async {
+                    let resumption = measure::resumption(&target, sinks, 8).await?;
+                    let mut v = measure::throughput(&target, sinks, plan.bulk_bytes, plan.bulk_runs).await?;
+                    v["resumption_at_sink"] = resumption;
+                    Ok(v)
+                };
+                step(&mut out, "throughput", Duration::from_secs(600), f).await;
+                drop(running);
+            }
+        }
+    }
+    out
+}
+
+/// A fresh broker, the contender in front of it (none for direct), and one full MQTT connection
+/// through it as a check that the chain works.
+async fn start_with_broker(kind: Kind, env: &Env) -> Result<(Broker, Option<Running>, Target)> {
+    let files = BrokerFiles {
+        repo: &env.setup.repo,
+        ca: &env.ca,
+        cert: &env.broker_cert,
+        key: &env.broker_key,
+        nodelay: env.broker_nodelay,
+    };
+    let broker = Broker::start(&files, &env.setup.dir, kind.name()).await?;
+    let (running, target) = if kind.is_proxy() {
+        let r = contender::start(kind, broker.addr, &env.setup, "broker").await?;
+        let t = Target::Plain(r.listen);
+        (Some(r), t)
+    } else {
+        (
+            None,
+            Target::Tls {
+                addr: broker.addr,
+                config: env.client_config.clone(),
+            },
+        )
+    };
+    let check = net::Conn::mqtt(&target, 60, Duration::from_secs(10)).await;
+    match check {
+        Ok(c) => c
+            .close(Duration::from_secs(10))
+            .await
+            .context("closing the check connection")?,
+        Err(e) => {
+            let log = running.as_ref().map(|r| r.proc.log_tail()).unwrap_or_default();
+            bail!("a device cannot connect through {kind}: {e}\n{log}");
+        }
+    }
+    Ok((broker, running, target))
+}
+
+fn version(cmd: &str, args: &[&str], pick: impl Fn(&str) -> bool) -> String {
+    let Some(bin) = process::find_binary(&[cmd]) else {
+        return "not installed".into();
+    };
+    let Ok(out) = Command::new(bin).args(args).output() else {
+        return "?".into();
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines().find(|l| pick(l)).unwrap_or("?").trim().to_owned()
+}
+
+fn meta(args: &Args, elapsed: Duration) -> Value {
+    let sh = |c: &str, a: &[&str]| {
+        Command::new(c)
+            .args(a)
+            .current_dir(&args.repo)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let p = &args.plan;
+    json!({
+        "mode": p.mode,
+        "date": sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        "commit": sh("git", &["rev-parse", "--short", "HEAD"]),
+        "dirty": !sh("git", &["status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"]).is_empty(),
+        "kernel": sh("uname", &["-r"]),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())).unwrap_or_default(),
+        "seconds": elapsed.as_secs_f64(),
+        "versions": {
+            "mosquitto": version("mosquitto", &["-h"], |l| l.contains("mosquitto version")),
+            "stunnel": version("stunnel4", &["-version"], |l| l.starts_with("stunnel ")),
+            "haproxy": version("haproxy", &["-v"], |l| l.starts_with("HAProxy version")),
+            "socat": version("socat", &["-V"], |l| l.starts_with("socat version")),
+            "openssl": version("openssl", &["version"], |l| l.starts_with("OpenSSL")),
+        },
+        "broker_tcp_nodelay": !args.broker_as_shipped,
+        "plan": {
+            "settle_s": p.settle.as_secs_f64(),
+            "memory_n": p.mem_ns,
+            "latency_messages": p.lat_count,
+            "latency_warmup": p.lat_warmup,
+            "latency_payloads": p.lat_sizes,
+            "setup_in_flight": p.setup_in_flight,
+            "setup_seconds": p.setup_duration.as_secs_f64(),
+            "storm_devices": p.storm_devices,
+            "bulk_bytes": p.bulk_bytes,
+            "bulk_runs": p.bulk_runs,
+            "cpu_devices": p.cpu_devices,
+            "cpu_rate": p.cpu_rate,
+            "cpu_messages": p.cpu_messages,
+        },
+    })
+}

@@ -1,0 +1,498 @@
+//! The six measurements. Each returns a JSON object of figures, or an error when it could not complete
+//! (a connection that failed, a CONNACK that refused, a sink that never answered): the bench reports
+//! figures, it never compares them against thresholds.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tokio::sync::{Barrier, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::{sleep, timeout};
+
+use crate::net::{self, Conn, Target};
+use crate::procfs;
+use crate::sink::Sinks;
+
+/// CN of the one client certificate every contender presents; the broker's ACL lets it publish below
+/// `sensors/<CN>/`.
+pub const DEVICE_CN: &str = "bench-device";
+const STEP: Duration = Duration::from_secs(20);
+/// Keep-alive of the devices: large, so that nobody times out during a run, but not 0, so that mqtls
+/// keeps its per-connection silence timer (the real-world cost).
+const KEEP_ALIVE: u16 = 3600;
+
+fn topic(what: &str) -> String {
+    format!("sensors/{DEVICE_CN}/{what}")
+}
+
+/// Opens `n` MQTT connections, `in_flight` at a time; fails if any fails.
+pub async fn open_many(target: &Target, n: usize, in_flight: usize) -> Result<Vec<Conn>> {
+    let sem = Arc::new(Semaphore::new(in_flight));
+    let mut set = JoinSet::new();
+    for _ in 0..n {
+        let (sem, target) = (sem.clone(), target.clone());
+        set.spawn(async move {
+            let _p = sem.acquire_owned().await;
+            Conn::mqtt(&target, KEEP_ALIVE, STEP).await
+        });
+    }
+    let mut conns = Vec::with_capacity(n);
+    let mut errors = BTreeMap::<String, usize>::new();
+    while let Some(r) = set.join_next().await {
+        match r? {
+            Ok(c) => conns.push(c),
+            Err(e) => *errors.entry(e.to_string()).or_default() += 1,
+        }
+    }
+    if !errors.is_empty() {
+        bail!("{} of {n} connections failed: {errors:?}", n - conns.len());
+    }
+    Ok(conns)
+}
+
+/// PINGREQ/PINGRESP on every connection (proves each one is still proxied end to end).
+pub async fn ping_all(conns: Vec<Conn>) -> Result<Vec<Conn>> {
+    let mut chunks: Vec<Vec<Conn>> = (0..64).map(|_| Vec::new()).collect();
+    for (i, c) in conns.into_iter().enumerate() {
+        chunks[i % 64].push(c);
+    }
+    let mut set = JoinSet::new();
+    for mut chunk in chunks {
+        set.spawn(async move {
+            for c in &mut chunk {
+                timeout(STEP, c.ping())
+                    .await
+                    .map_err(|_| anyhow!("no PINGRESP in time"))??;
+            }
+            Ok::<_, anyhow::Error>(chunk)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        out.extend(r??);
+    }
+    Ok(out)
+}
+
+/// Measurement 1: Memory per idle proxied connection: the growth of the contender's process group (PSS, and RSS)
+/// from a warm baseline to N idle connections, divided by N.
+pub async fn memory(pgid: i32, target: &Target, ns: &[usize], settle: Duration) -> Result<Value> {
+    // Warm up: TLS configuration, worker threads, allocator arenas.
+    for _ in 0..20 {
+        Conn::mqtt(target, KEEP_ALIVE, STEP).await?.close(STEP).await?;
+    }
+    sleep(settle).await;
+    let base = procfs::group_mem(pgid);
+    let mut conns: Vec<Conn> = Vec::new();
+    let mut points = Vec::new();
+    for &n in ns {
+        let started = Instant::now();
+        let more = open_many(target, n - conns.len(), 32).await?;
+        let open_s = started.elapsed().as_secs_f64();
+        conns.extend(more);
+        sleep(settle).await;
+        let m = procfs::group_mem(pgid);
+        eprintln!(
+            "    N={n}: PSS {} -> {} KiB, RSS {} -> {} KiB, {} process(es)",
+            base.pss_kib, m.pss_kib, base.rss_kib, m.rss_kib, m.processes
+        );
+        points.push(json!({
+            "n": n,
+            "pss_kib_per_conn": (m.pss_kib as f64 - base.pss_kib as f64) / n as f64,
+            "rss_kib_per_conn": (m.rss_kib as f64 - base.rss_kib as f64) / n as f64,
+            "pss_kib": m.pss_kib,
+            "rss_kib": m.rss_kib,
+            "processes": m.processes,
+            "open_seconds": open_s,
+        }));
+    }
+    let total = conns.len();
+    let conns = ping_all(conns).await.context("pinging the idle connections")?;
+    drop(conns);
+    // Let the contender tear the connections down before the next measurement.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while procfs::group(pgid).len() > 1 && Instant::now() < deadline {
+        sleep(Duration::from_millis(100)).await;
+    }
+    sleep(settle).await;
+    Ok(json!({
+        "baseline_pss_kib": base.pss_kib,
+        "baseline_rss_kib": base.rss_kib,
+        "verified_connections": total,
+        "points": points,
+    }))
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("histogram bounds")
+}
+
+fn summary_us(h: &Histogram<u64>) -> Value {
+    json!({
+        "count": h.len(),
+        "p50_us": h.value_at_quantile(0.50) as f64 / 1000.0,
+        "p90_us": h.value_at_quantile(0.90) as f64 / 1000.0,
+        "p99_us": h.value_at_quantile(0.99) as f64 / 1000.0,
+        "p999_us": h.value_at_quantile(0.999) as f64 / 1000.0,
+        "max_us": h.max() as f64 / 1000.0,
+        "mean_us": h.mean() / 1000.0,
+    })
+}
+
+/// Measurement 2: QoS 1 PUBLISH -> PUBACK round trips on one connection, one at a time. With a `baseline` (a device
+/// speaking TLS directly to the same broker), blocks of round trips alternate between the two
+/// connections, so that both see the same moments of the machine, and the latency added by the contender
+/// is computed from that paired baseline.
+pub async fn latency(
+    target: &Target,
+    baseline: Option<&Target>,
+    sizes: &[usize],
+    warmup: usize,
+    count: usize,
+) -> Result<Value> {
+    const BLOCK: usize = 250;
+    let mut c = Conn::mqtt(target, KEEP_ALIVE, STEP).await?;
+    let mut b = match baseline {
+        Some(t) => Some(Conn::mqtt(t, KEEP_ALIVE, STEP).await?),
+        None => None,
+    };
+    let mut out = serde_json::Map::new();
+    let mut pid: u16 = 0;
+    let t = topic("latency");
+    for &size in sizes {
+        let payload = vec![0x5A; size];
+        let (mut h, mut hb) = (hist(), hist());
+        let mut done = 0;
+        while done < warmup + count {
+            let n = BLOCK.min(warmup + count - done);
+            round_trips(&mut c, &t, &payload, &mut pid, done, n, warmup, &mut h).await?;
+            if let Some(b) = b.as_mut() {
+                round_trips(b, &t, &payload, &mut pid, done, n, warmup, &mut hb).await?;
+            }
+            done += n;
+        }
+        let mut v = summary_us(&h);
+        if b.is_some() {
+            let base = summary_us(&hb);
+            v["added_p50_us"] = json!(v["p50_us"].as_f64().unwrap_or(0.0) - base["p50_us"].as_f64().unwrap_or(0.0));
+            v["added_p99_us"] = json!(v["p99_us"].as_f64().unwrap_or(0.0) - base["p99_us"].as_f64().unwrap_or(0.0));
+            v["direct_baseline"] = base;
+        }
+        out.insert(size.to_string(), v);
+    }
+    c.close(STEP).await?;
+    if let Some(b) = b {
+        b.close(STEP).await?;
+    }
+    Ok(Value::Object(out))
+}
+
+/// `n` round trips; those whose index (from `first`) is past `warmup` are recorded in `h`.
+#[allow(clippy::too_many_arguments)]
+async fn round_trips(
+    c: &mut Conn,
+    topic: &str,
+    payload: &[u8],
+    pid: &mut u16,
+    first: usize,
+    n: usize,
+    warmup: usize,
+    h: &mut Histogram<u64>,
+) -> Result<()> {
+    for i in first..first + n {
+        *pid = pid.wrapping_add(1).max(1);
+        let id = *pid;
+        let msg = net::publish(topic, 1, id, payload);
+        let t0 = Instant::now();
+        timeout(STEP, async {
+            c.send(&msg).await?;
+            loop {
+                let p = c.read_packet().await?;
+                if p.first == 0x40 && p.body.get(..2) == Some(&id.to_be_bytes()[..]) {
+                    return Ok::<_, std::io::Error>(());
+                }
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("no PUBACK in time"))??;
+        if i >= warmup {
+            h.record(t0.elapsed().as_nanos() as u64)?;
+        }
+    }
+    Ok(())
+}
+
+/// Measurement 3: Completed connections per second: TCP, (the contender's mTLS handshake upstream), CONNECT/CONNACK,
+/// DISCONNECT and close, with `in_flight` devices at a time, for `duration`.
+pub async fn setup_rate(target: &Target, in_flight: usize, duration: Duration) -> Result<Value> {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut set = JoinSet::new();
+    for _ in 0..in_flight {
+        let target = target.clone();
+        set.spawn(async move {
+            let mut h = hist();
+            let (mut ok, mut resumed, mut tls) = (0u64, 0u64, 0u64);
+            let mut errors = BTreeMap::<String, usize>::new();
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                let r = timeout(STEP, async {
+                    let mut c = Conn::open(&target).await?;
+                    c.handshake(0).await?;
+                    let setup = t0.elapsed();
+                    let res = c.resumed;
+                    c.close(STEP).await?;
+                    Ok::<_, std::io::Error>((setup, res))
+                })
+                .await;
+                match r {
+                    Ok(Ok((setup, res))) => {
+                        ok += 1;
+                        h.record(setup.as_nanos() as u64).ok();
+                        if let Some(r) = res {
+                            tls += 1;
+                            resumed += r as u64;
+                        }
+                    }
+                    Ok(Err(e)) => *errors.entry(e.to_string()).or_default() += 1,
+                    Err(_) => *errors.entry("timed out".into()).or_default() += 1,
+                }
+            }
+            (ok, h, tls, resumed, errors)
+        });
+    }
+    let mut total = 0;
+    let mut h = hist();
+    let (mut tls, mut resumed) = (0, 0);
+    let mut errors = BTreeMap::<String, usize>::new();
+    while let Some(r) = set.join_next().await {
+        let (ok, wh, t, res, errs) = r?;
+        total += ok;
+        h.add(wh)?;
+        tls += t;
+        resumed += res;
+        for (k, v) in errs {
+            *errors.entry(k).or_default() += v;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    if total == 0 {
+        bail!("no connection completed: {errors:?}");
+    }
+    let mut v = json!({
+        "in_flight": in_flight,
+        "completed": total,
+        "seconds": elapsed,
+        "per_second": total as f64 / elapsed,
+        "failed": errors.values().sum::<usize>(),
+        "errors": errors,
+        "setup_time": summary_us(&h),
+    });
+    if tls > 0 {
+        v["device_tls_resumed"] = json!(resumed);
+        v["device_tls_handshakes"] = json!(tls);
+    }
+    Ok(v)
+}
+
+/// Measurement 4: `n` devices connect at the same instant; each retries (after 100-200 ms) when refused or failed,
+/// as a device would. Reports when the last one had its CONNACK.
+pub async fn storm(target: &Target, n: usize, limit: Duration) -> Result<Value> {
+    let barrier = Arc::new(Barrier::new(n + 1));
+    let mut set = JoinSet::new();
+    for i in 0..n {
+        let (target, barrier) = (target.clone(), barrier.clone());
+        set.spawn(async move {
+            barrier.wait().await;
+            let start = Instant::now();
+            let mut attempts = 0u32;
+            let mut errors = Vec::new();
+            loop {
+                attempts += 1;
+                let left = limit.saturating_sub(start.elapsed());
+                if left.is_zero() {
+                    return Err((attempts, errors));
+                }
+                match Conn::mqtt(&target, KEEP_ALIVE, left.min(Duration::from_secs(60))).await {
+                    Ok(c) => return Ok((start.elapsed(), attempts, errors, c)),
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        sleep(Duration::from_millis(100 + (i % 100) as u64)).await;
+                    }
+                }
+            }
+        });
+    }
+    let begin = Instant::now();
+    barrier.wait().await;
+    let mut times = hist();
+    let mut conns = Vec::new();
+    let mut attempts = 0u64;
+    let mut failed = 0usize;
+    let mut errors = BTreeMap::<String, usize>::new();
+    while let Some(r) = set.join_next().await {
+        match r? {
+            Ok((t, a, errs, c)) => {
+                times.record(t.as_nanos() as u64)?;
+                attempts += u64::from(a);
+                conns.push(c);
+                for e in errs {
+                    *errors.entry(e).or_default() += 1;
+                }
+            }
+            Err((a, errs)) => {
+                failed += 1;
+                attempts += u64::from(a);
+                for e in errs {
+                    *errors.entry(e).or_default() += 1;
+                }
+            }
+        }
+    }
+    let _ = begin;
+    drop(conns);
+    if failed > 0 {
+        bail!("{failed} of {n} devices not connected within {limit:?}; errors: {errors:?}");
+    }
+    sleep(Duration::from_secs(1)).await;
+    Ok(json!({
+        "devices": n,
+        "all_connected_s": times.max() as f64 / 1e9,
+        "p50_s": times.value_at_quantile(0.5) as f64 / 1e9,
+        "p99_s": times.value_at_quantile(0.99) as f64 / 1e9,
+        "attempts": attempts,
+        "retry_reasons": errors,
+    }))
+}
+
+/// TLS session resumption as seen by the rustls sink: `n` sequential connections through the target.
+pub async fn resumption(target: &Target, sinks: &Sinks, n: usize) -> Result<Value> {
+    let connect = net::connect(&net::next_client_id(), 0);
+    sinks.state.expected.store(connect.len() as u64, Ordering::SeqCst);
+    sleep(Duration::from_millis(300)).await;
+    sinks.state.resumed.lock().unwrap().clear();
+    for _ in 0..n {
+        let mut c = Conn::open(target).await?;
+        c.send(&connect).await?;
+        let mut k = [0u8; 1];
+        let got = timeout(STEP, c.read_raw(&mut k))
+            .await
+            .map_err(|_| anyhow!("sink never answered"))??;
+        if got != 1 || k[0] != b'K' {
+            bail!("unexpected answer from the sink");
+        }
+        drop(c);
+        sleep(Duration::from_millis(50)).await;
+    }
+    let seen = sinks.state.resumed.lock().unwrap().clone();
+    Ok(json!({
+        "connections": seen.len(),
+        "resumed": seen.iter().filter(|r| **r).count(),
+    }))
+}
+
+/// Measurement 5: Bulk bytes from the device through the target to a sink; MB/s (10^6 bytes), median of `runs`.
+pub async fn throughput(target: &Target, sinks: &Sinks, bytes: u64, runs: usize) -> Result<Value> {
+    let connect = net::connect(&net::next_client_id(), 0);
+    let chunk = vec![0xA5u8; 64 * 1024];
+    sinks
+        .state
+        .expected
+        .store(connect.len() as u64 + bytes, Ordering::SeqCst);
+    let mut rates = Vec::new();
+    // One run more than counted: the first warms up the connection paths and is dropped.
+    for run in 0..=runs {
+        let mut c = Conn::open(target).await?;
+        let t0 = Instant::now();
+        timeout(Duration::from_secs(300), async {
+            c.write(&connect).await?;
+            let mut sent = 0u64;
+            while sent < bytes {
+                let n = (bytes - sent).min(chunk.len() as u64) as usize;
+                c.write(&chunk[..n]).await?;
+                sent += n as u64;
+            }
+            c.flush().await?;
+            let mut k = [0u8; 1];
+            if c.read_raw(&mut k).await? != 1 || k[0] != b'K' {
+                bail!("unexpected answer from the sink");
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|_| anyhow!("bulk transfer did not finish in 300 s"))??;
+        if run > 0 {
+            rates.push(bytes as f64 / t0.elapsed().as_secs_f64() / 1e6);
+        }
+    }
+    rates.sort_by(f64::total_cmp);
+    Ok(json!({
+        "bytes": bytes,
+        "runs": runs,
+        "mb_per_s": rates[rates.len() / 2],
+        "all_mb_per_s": rates,
+    }))
+}
+
+/// Measurement 6: CPU seconds of the contender's process group per million QoS 0 PUBLISH of 32 B, sent one per write
+/// at a steady rate from `devices` connections; each device ends with a PINGREQ/PINGRESP so that every
+/// message has passed through.
+pub async fn cpu(
+    pgid: i32,
+    broker_pgid: i32,
+    target: &Target,
+    devices: usize,
+    rate: f64,
+    messages: u64,
+) -> Result<Value> {
+    let conns = open_many(target, devices, 32).await?;
+    sleep(Duration::from_millis(500)).await;
+    let per_device = messages / devices as u64;
+    let period = Duration::from_secs_f64(devices as f64 / rate);
+    let msg = net::publish(&topic("cpu"), 0, 0, &[0x33; 32]);
+    let c0 = procfs::group_cpu_secs(pgid);
+    let b0 = procfs::group_cpu_secs(broker_pgid);
+    let t0 = Instant::now();
+    let mut set = JoinSet::new();
+    for (i, mut c) in conns.into_iter().enumerate() {
+        let msg = msg.clone();
+        set.spawn(async move {
+            // Stagger the devices over one period.
+            sleep(period.mul_f64(i as f64 / devices as f64)).await;
+            let mut iv = tokio::time::interval(period);
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            for _ in 0..per_device {
+                iv.tick().await;
+                c.send(&msg).await?;
+            }
+            timeout(Duration::from_secs(60), c.ping())
+                .await
+                .map_err(|_| anyhow!("no PINGRESP after the messages"))??;
+            Ok::<_, anyhow::Error>(c)
+        });
+    }
+    let mut conns = Vec::new();
+    while let Some(r) = set.join_next().await {
+        conns.push(r??);
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let c1 = procfs::group_cpu_secs(pgid);
+    let b1 = procfs::group_cpu_secs(broker_pgid);
+    drop(conns);
+    let sent = per_device * devices as u64;
+    Ok(json!({
+        "messages": sent,
+        "devices": devices,
+        "target_rate": rate,
+        "achieved_rate": sent as f64 / elapsed,
+        "seconds": elapsed,
+        "cpu_s": c1 - c0,
+        "cpu_s_per_million": (c1 - c0) / sent as f64 * 1e6,
+        "broker_cpu_s_per_million": (b1 - b0) / sent as f64 * 1e6,
+    }))
+}
