@@ -832,25 +832,21 @@ impl Validator {
             let clash = taken.iter().find(|(other, _)| {
                 other.port() == l.port() && l.port() != 0 && (other.ip().is_unspecified() || l.ip().is_unspecified())
             });
-            let owner = match device {
-                Some(d) => format!("device \"{}\"", d.name),
-                None => "listen.address".to_string(),
+            let Some((other, other_owner)) = clash else {
+                let owner = match device {
+                    Some(d) => format!("device \"{}\"", d.name),
+                    None => "listen.address".to_string(),
+                };
+                taken.push((l, owner));
+                continue;
             };
-            match (clash, device) {
-                (Some((other, other_owner)), Some(d)) => {
-                    let reason = format!(
-                        "{l} overlaps the listener {other} of {other_owner} (same port; one of them is every address)"
-                    );
-                    self.errors
-                        .push(ConfigError::new(&d.origin, "listen", reason).for_device(&d.name));
-                }
-                (Some((other, other_owner)), None) => {
-                    let reason = format!(
-                        "{l} overlaps the listener {other} of {other_owner} (same port; one of them is every address)"
-                    );
-                    self.error("listen.address", reason);
-                }
-                (None, _) => taken.push((l, owner)),
+            let reason =
+                format!("{l} overlaps the listener {other} of {other_owner} (same port; one of them is every address)");
+            match device {
+                Some(d) => self
+                    .errors
+                    .push(ConfigError::new(&d.origin, "listen", reason).for_device(&d.name)),
+                None => self.error("listen.address", reason),
             }
         }
     }

@@ -132,6 +132,40 @@ async fn wait_broker_session_end(broker: &Mosquitto, client_id: &str) -> String 
         .to_string()
 }
 
+/// Waits for mqtls to close a silent device and asserts that it was mqtls, no earlier than `at_least`
+/// after the CONNECT, that did it (not Mosquitto's own keep-alive check), and that it closed the broker side
+/// too and logged `silent for <logged>`.
+async fn assert_cut_off_by_mqtls(
+    conn: &mut EarlyConnection,
+    broker: &Mosquitto,
+    logs: &Logs,
+    at_least: Duration,
+    logged: &str,
+) {
+    let (got, closed) = raw::read_until_closed(&mut conn.stream, Instant::now() + WAIT + at_least)
+        .await
+        .unwrap();
+    let silent_for = conn.sent.elapsed();
+    assert_eq!((got, closed), (Vec::new(), Closed::Eof), "nothing but the end");
+    assert!(
+        silent_for >= at_least,
+        "cut off after {silent_for:?}, before {at_least:?}"
+    );
+    let ended = wait_broker_session_end(broker, &conn.client_id).await;
+    assert!(
+        !ended.contains(MOSQUITTO_KEEPALIVE_KICK),
+        "Mosquitto got there first: {ended}"
+    );
+    let line = logs.wait_line(&["connection closed", &conn.peer], WAIT).await.unwrap();
+    assert!(line.contains(&format!("silent for {logged}")), "{line}");
+    assert_eq!(
+        broker.count_in_log(MOSQUITTO_KEEPALIVE_KICK),
+        0,
+        "{}",
+        broker.diagnostics()
+    );
+}
+
 async fn mosquitto_and_proxy(pki: &Pki, conf_extra: &str, cn: &str) -> (Mosquitto, RunningProxy) {
     let server = pki.server("mosquitto", &["localhost", "127.0.0.1"]);
     let conf = format!("{}\n{conf_extra}\n", deploy_conf());
@@ -154,30 +188,7 @@ async fn silent_device_is_cut_off_after_one_and_a_half_keep_alives() {
     .await;
     assert_eq!(conn.connack.code, 0, "{:?}\n{}", conn.connack, broker.diagnostics());
 
-    let (got, closed) = raw::read_until_closed(&mut conn.stream, Instant::now() + WAIT)
-        .await
-        .unwrap();
-    let silent_for = conn.sent.elapsed();
-    assert!(got.is_empty(), "nothing but the end, got {got:02x?}");
-    assert_eq!(closed, Closed::Eof);
-    assert!(
-        silent_for >= Duration::from_millis(1500),
-        "cut off after {silent_for:?}, before 1.5 x keep-alive"
-    );
-    // It was mqtls, not Mosquitto, that timed the device out, and it closed the broker side too.
-    let ended = wait_broker_session_end(&broker, &conn.client_id).await;
-    assert!(
-        !ended.contains(MOSQUITTO_KEEPALIVE_KICK),
-        "Mosquitto got there first: {ended}"
-    );
-    let line = logs.wait_line(&["connection closed", &conn.peer], WAIT).await.unwrap();
-    assert!(line.contains("silent for 1.5s"), "{line}");
-    assert_eq!(
-        broker.count_in_log(MOSQUITTO_KEEPALIVE_KICK),
-        0,
-        "{}",
-        broker.diagnostics()
-    );
+    assert_cut_off_by_mqtls(&mut conn, &broker, &logs, Duration::from_millis(1500), "1.5s").await;
 }
 
 #[tokio::test]
@@ -255,22 +266,7 @@ async fn mqtt5_device_keep_alive_applies_when_the_connack_has_no_server_keep_ali
     assert!(!conn.connack.properties.is_empty(), "{:?}", conn.connack);
     assert_eq!(conn.connack.server_keep_alive(), None, "{:?}", conn.connack);
 
-    let (got, closed) = raw::read_until_closed(&mut conn.stream, Instant::now() + WAIT)
-        .await
-        .unwrap();
-    let silent_for = conn.sent.elapsed();
-    assert_eq!((got, closed), (Vec::new(), Closed::Eof));
-    assert!(
-        silent_for >= Duration::from_millis(1500),
-        "cut off after {silent_for:?}, before 1.5 x keep-alive"
-    );
-    let ended = wait_broker_session_end(&broker, &conn.client_id).await;
-    assert!(
-        !ended.contains(MOSQUITTO_KEEPALIVE_KICK),
-        "Mosquitto got there first: {ended}"
-    );
-    let line = logs.wait_line(&["connection closed", &conn.peer], WAIT).await.unwrap();
-    assert!(line.contains("silent for 1.5s"), "{line}");
+    assert_cut_off_by_mqtls(&mut conn, &broker, &logs, Duration::from_millis(1500), "1.5s").await;
 }
 
 #[tokio::test]
@@ -289,30 +285,8 @@ async fn mqtt5_server_keep_alive_replaces_the_device_keep_alive() {
     assert_eq!(conn.connack.server_keep_alive(), Some(10), "{:?}", conn.connack);
 
     // With the device's own 60 s mqtls would wait 90 s; the broker's 10 s means 15 s.
-    let (got, closed) = raw::read_until_closed(&mut conn.stream, Instant::now() + WAIT * 2)
-        .await
-        .unwrap();
-    let silent_for = conn.sent.elapsed();
-    assert!(got.is_empty(), "nothing but the end, got {got:02x?}");
-    assert_eq!(closed, Closed::Eof);
-    assert!(
-        silent_for >= Duration::from_secs(15),
-        "cut off after {silent_for:?}, before 1.5 x Server Keep Alive"
-    );
-    let ended = wait_broker_session_end(&broker, &conn.client_id).await;
-    assert!(
-        !ended.contains(MOSQUITTO_KEEPALIVE_KICK),
-        "Mosquitto got there first: {ended}"
-    );
-    let line = logs.wait_line(&["connection closed", &conn.peer], WAIT).await.unwrap();
-    assert!(line.contains("silent for 15s"), "{line}");
+    assert_cut_off_by_mqtls(&mut conn, &broker, &logs, Duration::from_secs(15), "15s").await;
     logs.wait_line(&["server_keep_alive=10", &conn.peer], WAIT)
         .await
         .unwrap();
-    assert_eq!(
-        broker.count_in_log(MOSQUITTO_KEEPALIVE_KICK),
-        0,
-        "{}",
-        broker.diagnostics()
-    );
 }
