@@ -8,7 +8,10 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use mqtls::reload::Reloader;
 use mqtls::{Config, Generation, Proxy};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -137,20 +140,33 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         let signals = Signals::install().context("cannot install signal handlers")?;
         let proxy = Proxy::bind(&config, generation).await?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals.stop_on_first(shutdown.clone()));
+        let (reload_requests, reload_queue) = mpsc::channel(1);
+        tokio::spawn(signals.dispatch(shutdown.clone(), reload_requests));
+        let metrics_stop = CancellationToken::new();
+        if let Some(m) = &config.metrics {
+            let listener = TcpListener::bind(m.address)
+                .await
+                .with_context(|| format!("{}: `metrics.address`: cannot listen on {}", path.display(), m.address))?;
+            let local = listener.local_addr()?;
+            info!(address = %local, "metrics endpoint: GET http://{local}/metrics");
+            tokio::spawn(mqtls::metrics::serve(listener, proxy.metrics(), metrics_stop.clone()));
+        }
+        let reloader = Reloader::new(path, config.clone(), proxy.handle());
+        tokio::spawn(reloader.run(reload_queue, shutdown.clone()));
         if let Some(w) = descriptor_warning(config.listen.max_connections) {
             warn!("{w}");
         }
         let addrs: Vec<String> = proxy.local_addrs().iter().map(ToString::to_string).collect();
         info!(listen = %addrs.join(","), devices, version = env!("CARGO_PKG_VERSION"), "mqtls ready");
         proxy.run(shutdown, SHUTDOWN_GRACE).await;
+        metrics_stop.cancel();
         info!("stopped");
         Ok(())
     })
 }
 
 /// SIGTERM (systemd stop) and SIGINT (Ctrl-C) both mean: stop accepting, drain, exit 0. A second one
-/// means: stop now. SIGHUP must not kill the daemon (its default action would).
+/// means: stop now. SIGHUP (systemd reload) asks for a reload.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
@@ -167,23 +183,24 @@ impl Signals {
         })
     }
 
-    async fn next_stop(&mut self) -> &'static str {
+    async fn next_stop(&mut self, reload: &mpsc::Sender<()>) -> &'static str {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return "SIGTERM",
                 _ = self.int.recv() => return "SIGINT",
                 _ = self.hup.recv() => {
-                    warn!("SIGHUP: this version does not reload its configuration; restart mqtls to apply changes");
+                    // A reload already queued will read the files as they are now: one is enough.
+                    let _ = reload.try_send(());
                 }
             }
         }
     }
 
-    async fn stop_on_first(mut self, shutdown: CancellationToken) {
-        let name = self.next_stop().await;
+    async fn dispatch(mut self, shutdown: CancellationToken, reload: mpsc::Sender<()>) {
+        let name = self.next_stop(&reload).await;
         info!(signal = name, "shutting down: no new connections; open ones may finish");
         shutdown.cancel();
-        let name = self.next_stop().await;
+        let name = self.next_stop(&reload).await;
         warn!(signal = name, "second signal: stopping now");
         std::process::exit(0);
     }
