@@ -1062,6 +1062,19 @@ key = "devices/boiler-1/key.pem"
     }
 
     #[test]
+    fn metrics_and_reload_defaults() {
+        let c = load(BASE).unwrap();
+        assert_eq!(c.metrics, None, "no [metrics] table: no endpoint");
+        assert!(c.reload.watch);
+        assert_eq!(c.reload.watch_interval, Duration::from_secs(2));
+        let c = load(&format!("{BASE}\n[metrics]\n[reload]\nwatch = false\n")).unwrap();
+        let m = c.metrics.unwrap();
+        assert_eq!(m.address, "127.0.0.1:9883".parse().unwrap());
+        assert!(m.device_labels);
+        assert!(!c.reload.watch);
+    }
+
+    #[test]
     fn shipped_example_is_valid() {
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/mqtls.example.toml"));
         let c = Config::load(path).unwrap();
