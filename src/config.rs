@@ -929,9 +929,7 @@ impl Validator {
             }
         }
     }
-}
 
-impl Validator {
     /// The metrics endpoint cannot share a port with a device listener.
     fn metrics_apart(&mut self, metrics: SocketAddr, devices: &[DeviceSpec], shared: &[SocketAddr]) {
         let listeners = shared.iter().chain(devices.iter().filter_map(|d| d.listen.as_ref()));
