@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs what mqtls's example and tests need on Debian: Mosquitto (the broker the tests run) and its
-# command-line clients, and Prometheus for its promtool (tests/recipes.rs checks and unit-tests the alert
-# rules in deploy/prometheus/). Does nothing when they are already there.
+# command-line clients, Prometheus for its promtool (tests/recipes.rs checks and unit-tests the alert rules
+# in deploy/prometheus/), and the system's CA certificates (the AWS and Azure recipes use their roots).
+# Does nothing when they are already there.
 set -euo pipefail
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+[ -f /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   sudo=""
