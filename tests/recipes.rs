@@ -259,19 +259,7 @@ fn load_recipe(rel: &str) -> Loaded {
 fn provide_files(pki: &Pki, root: &Path, config: &toml::Value) {
     let text = |v: Option<&toml::Value>| v.and_then(toml::Value::as_str).map(PathBuf::from);
     if let Some(ca) = text(config.get("upstream").and_then(|u| u.get("ca_file"))) {
-        fs::create_dir_all(ca.parent().expect("ca_file in a directory")).expect("create directory");
-        if !ca.starts_with(root) {
-            assert!(
-                ca.is_file(),
-                "{} is not on this system (install ca-certificates)",
-                ca.display()
-            );
-        } else if ca.file_name().is_some_and(|n| n == "azure-iot-roots.pem") {
-            let bundle: String = AZURE_ROOTS.iter().map(|(p, _)| read(Path::new(p))).collect();
-            common::pki::write_file(&ca, bundle.as_bytes(), 0o644);
-        } else {
-            common::pki::write_file(&ca, read(pki.ca_pem_path()).as_bytes(), 0o644);
-        }
+        provide_ca(pki, root, &ca);
     }
     let identities = config
         .get("device")
@@ -292,6 +280,26 @@ fn provide_files(pki: &Pki, root: &Path, config: &toml::Value) {
         for name in ["boiler-7", "meter-8"] {
             pki.client_in(&dir.join(name), name);
         }
+    }
+}
+
+/// A CA file under the temporary `/etc/mqtls/` is written (the Azure bundle from the system's roots, any
+/// other from the test CA); one elsewhere must be on this system already.
+fn provide_ca(pki: &Pki, root: &Path, ca: &Path) {
+    if !ca.starts_with(root) {
+        assert!(
+            ca.is_file(),
+            "{} is not on this system (install ca-certificates)",
+            ca.display()
+        );
+        return;
+    }
+    fs::create_dir_all(ca.parent().expect("ca_file in a directory")).expect("create directory");
+    if ca.file_name().is_some_and(|n| n == "azure-iot-roots.pem") {
+        let bundle: String = AZURE_ROOTS.iter().map(|(p, _)| read(Path::new(p))).collect();
+        common::pki::write_file(ca, bundle.as_bytes(), 0o644);
+    } else {
+        common::pki::write_file(ca, read(pki.ca_pem_path()).as_bytes(), 0o644);
     }
 }
 
