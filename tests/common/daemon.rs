@@ -194,3 +194,53 @@ impl Daemon {
             .count()
     }
 }
+
+/// Starts `mqtls run` with a metrics endpoint (no broker needed), takes one scrape of `/metrics` with a
+/// plain blocking client, and stops it: for tests that only need to know what mqtls exports.
+pub fn scrape_once() -> String {
+    use std::io::{Read, Write};
+    let pki = super::Pki::new();
+    let mut config = super::proxy::ProxyConfig::new(&pki, "127.0.0.1:1".parse().unwrap())
+        .device(super::proxy::DeviceEntry::new(&pki.client("boiler-1")));
+    config.extra.push_str("\n[metrics]\naddress = \"127.0.0.1:0\"\n");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config.write(pki.dir()))
+        .env("MQTLS_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mqtls run");
+    let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut seen = Vec::new();
+    let mut addr = None;
+    for line in stderr.lines().map_while(Result::ok) {
+        let line = strip_ansi(&line);
+        if line.contains("metrics endpoint") {
+            addr = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("address="))
+                .and_then(|a| a.trim_matches('"').parse::<SocketAddr>().ok());
+            break;
+        }
+        seen.push(line);
+    }
+    let addr = addr.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("no metrics endpoint line; stderr:\n{}", seen.join("\n"))
+    });
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    s.set_read_timeout(Some(GUARD)).expect("read timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: mqtls\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("response");
+    let _ = child.kill();
+    let _ = child.wait();
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}

@@ -5,6 +5,7 @@
 
 pub mod daemon;
 pub mod metrics;
+pub mod metrics_contract;
 pub mod mosquitto;
 pub mod mqtt_client;
 pub mod pki;
