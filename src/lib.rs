@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod certs;
 pub mod config;
 pub mod device;
 pub mod mqtt;
