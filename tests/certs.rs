@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::mqtt_client::{device_v4, is_puback_v4, observer_as, spawn_eventloop_v4, wait_connack_v4, MQTT_DEADLINE};
 use common::pki::{raw_serial, write_file, ClientCert};
-use common::proxy::{ProxyConfig, RunningProxy};
+use common::proxy::{Logs, ProxyConfig, RunningProxy};
 use common::{Mosquitto, Pki};
 use rumqttc::QoS;
 use rustls::pki_types::pem::PemObject;
@@ -647,6 +647,37 @@ fn a_pending_device_is_skipped_with_a_warning_and_its_signed_certificate_complet
 }
 
 #[test]
+fn an_entry_with_a_csr_but_no_key_is_still_a_configuration_error() {
+    let site = Site::new();
+    site.init_ca();
+    site.issue("boiler-7", &[]);
+    site.ok(&["certs", "csr", "meter-9"]);
+    std::fs::remove_file(site.device("meter-9").join("key.pem")).unwrap();
+    let config = site.config("");
+    let out = site.mqtls(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let missing = format!(
+        "{}: device \"meter-9\": the device's certificate is missing",
+        site.device("meter-9").join("cert.pem").display()
+    );
+    assert!(text(&out.stderr).contains(&missing), "{}", describe(&out));
+}
+
+#[test]
+fn a_config_whose_only_devices_are_pending_serves_nobody_and_says_why() {
+    let site = Site::new();
+    site.ok(&["certs", "csr", "meter-9"]);
+    let config = site.config("");
+    let out = site.mqtls(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("`device`: no device is ready: 1 device(s) in the device directory are pending"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
 fn csr_reuse_key_renews_without_touching_the_working_key() {
     let site = Site::new();
     site.init_ca();
@@ -946,14 +977,12 @@ async fn devices_made_by_certs_publish_through_mqtls_to_a_broker_that_trusts_the
     site.issue("sensor-rsa", &["--key-type", "rsa2048"]);
     site.ok(&["certs", "csr", "meter-csr"]);
     openssl_sign(&site, "ca/ca", "meter-csr", "90");
+    site.ok(&["certs", "csr", "meter-late"]);
     let observer_cert = issued_observer(&site);
     let listed = site.ok(&["certs", "list", "--dir", "devices"]);
-    assert_eq!(
-        text(&listed.stdout).lines().filter(|l| l.ends_with(" -")).count(),
-        4,
-        "{}",
-        describe(&listed)
-    );
+    let table = text(&listed.stdout);
+    assert_eq!(table.lines().filter(|l| l.ends_with(" -")).count(), 4, "{table}");
+    assert!(row(&table, "meter-late").ends_with("PENDING"), "{table}");
 
     // The broker's own certificate comes from another CA; it accepts client certificates from the
     // init-ca CA only.
@@ -964,7 +993,12 @@ async fn devices_made_by_certs_publish_through_mqtls_to_a_broker_that_trusts_the
 
     let mut config = ProxyConfig::new(&broker_pki, broker.addr());
     config.extra = format!("\n[device_dir]\npath = {:?}\n", site.path("devices"));
+    let (logs, _guard) = Logs::capture();
     let proxy = RunningProxy::start(&config, site.dir.path()).await;
+    // The pending entry is skipped, and said so in the log, rather than failing the configuration.
+    logs.wait_line(&["WARN", "device \"meter-late\" is pending"], GUARD)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 
     let names = ["meter-csr", "sensor-ec", "sensor-ed", "sensor-rsa"];
     for name in names {
