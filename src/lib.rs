@@ -9,12 +9,14 @@
 //!    prebuilt `rustls::ClientConfig` from [`tls`].
 //! 5. [`pipe`] copies bytes both ways, honouring half-close and the device's MQTT keep-alive.
 //!
-//! Around that path: [`config`] turns the TOML file into a validated [`config::Config`] and [`socket`]
-//! sets the options both sockets share. Refusals before the broker is reached are answered with a CONNACK
+//! Around that path: [`config`] turns the TOML file into a validated [`config::Config`], [`socket`]
+//! sets the options both sockets share, and [`certs`] makes and inspects the device identities on disk
+//! (`mqtls certs`). Refusals before the broker is reached are answered with a CONNACK
 //! in the device's own protocol version.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod certs;
 pub mod config;
 pub mod device;
 pub mod metrics;

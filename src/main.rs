@@ -15,6 +15,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+mod certs_cli;
+
 /// How long open connections may run on after SIGTERM/SIGINT before they are closed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -46,12 +48,18 @@ enum Command {
         #[arg(short, long, value_name = "FILE", default_value = "/etc/mqtls/mqtls.toml")]
         config: PathBuf,
     },
+    /// Make and inspect device identities: a private CA, device certificates, CSRs for another CA.
+    Certs {
+        #[command(subcommand)]
+        command: certs_cli::CertsCommand,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Certs { command } => certs_cli::run(command),
         Command::Run { config } => {
             init_logging();
             match run(&config) {
