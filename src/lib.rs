@@ -9,8 +9,9 @@
 //!    prebuilt `rustls::ClientConfig` from [`tls`].
 //! 5. [`pipe`] copies bytes both ways, honouring half-close and the device's MQTT keep-alive.
 //!
-//! Around that path: [`config`] turns the TOML file into a validated [`config::Config`] and [`socket`]
-//! sets the options both sockets share. Refusals before the broker is reached are answered with a CONNACK
+//! Around that path: [`config`] turns the TOML file into a validated [`config::Config`], [`socket`]
+//! sets the options both sockets share, and [`systemd`] tells the service manager how mqtls is doing and
+//! hands over the sockets it passed. Refusals before the broker is reached are answered with a CONNACK
 //! in the device's own protocol version.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -21,6 +22,7 @@ pub mod mqtt;
 pub mod pipe;
 pub mod proxy;
 pub mod socket;
+pub mod systemd;
 pub mod tls;
 pub mod upstream;
 

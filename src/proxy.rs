@@ -83,11 +83,24 @@ pub struct Proxy {
 impl Proxy {
     /// Binds every listen address of `config` (shared and dedicated).
     pub async fn bind(config: &Config, generation: Generation) -> io::Result<Proxy> {
+        Proxy::bind_adopting(config, generation, Vec::new()).await
+    }
+
+    /// Like [`Proxy::bind`], except that an address paired with a listener in `adopted` (bound and
+    /// listening already, e.g. passed in by systemd socket activation) is served on that listener.
+    pub async fn bind_adopting(
+        config: &Config,
+        generation: Generation,
+        mut adopted: Vec<(SocketAddr, std::net::TcpListener)>,
+    ) -> io::Result<Proxy> {
         let mut listeners = Vec::new();
         for addr in config.all_listen_addresses() {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            let l = match adopted.iter().position(|(a, _)| *a == addr) {
+                Some(i) => adopt(adopted.swap_remove(i).1, addr)?,
+                None => TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?,
+            };
             listeners.push((addr, l));
         }
         let shared = Shared {
@@ -126,18 +139,32 @@ impl Proxy {
             let _ = l.await;
         }
         tracker.close();
-        if !tracker.is_empty() {
-            info!(open = tracker.len(), grace = ?grace, "stopped accepting; waiting for open connections");
+        let open = tracker.len();
+        if open > 0 {
+            info!(open, grace = ?grace, "stopped accepting; waiting for open connections");
         }
+        let mut cut = 0;
         if timeout(grace, tracker.wait()).await.is_err() {
-            warn!(
-                open = tracker.len(),
-                "grace period over; closing the remaining connections"
-            );
+            cut = tracker.len();
+            warn!(open = cut, "grace period over; closing the remaining connections");
             hard_stop.cancel();
             tracker.wait().await;
         }
+        info!(
+            open_at_stop = open,
+            finished = open.saturating_sub(cut),
+            cut,
+            "all connections closed"
+        );
     }
+}
+
+fn adopt(listener: std::net::TcpListener, addr: SocketAddr) -> io::Result<TcpListener> {
+    info!(listen = %addr, "serving on the socket passed by systemd");
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot serve on the socket passed for {addr}: {e}")))
 }
 
 #[derive(Clone)]
