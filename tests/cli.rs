@@ -4,23 +4,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use common::daemon::{Daemon, BIN, GUARD};
 use common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
 use common::pki::write_file;
 use common::proxy::{DeviceEntry, ProxyConfig};
 use common::{observer, Mosquitto, Pki};
 use rumqttc::QoS;
-use tokio::time::Instant;
-
-const BIN: &str = env!("CARGO_BIN_EXE_mqtls");
-/// Upper bound for anything the daemon must do (start, relay, exit). Only a guard against hangs.
-const GUARD: Duration = Duration::from_secs(20);
 
 fn mqtls(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -207,149 +201,6 @@ fn check_missing_file_exits_1_naming_the_file() {
 
 // ---------------------------------------------------------------------------------------------------------
 // `mqtls run`
-
-/// `mqtls run` in the background, its stderr collected line by line (ANSI colours removed).
-struct Daemon {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    fn spawn(config: &Path) -> Daemon {
-        let mut child = Command::new(BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("MQTLS_LOG", "info")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn mqtls run");
-        let stderr = child.stderr.take().expect("stderr pipe");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(strip_ansi(&line));
-            }
-        });
-        Daemon { child, lines }
-    }
-
-    fn stderr(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
-    /// The first stderr line containing every needle, waiting up to [`GUARD`].
-    async fn wait_line(&self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + GUARD;
-        loop {
-            let found = self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-                .cloned();
-            if let Some(line) = found {
-                return line;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no stderr line with {needles:?} within {GUARD:?}; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Waits for "mqtls ready" and returns the first address on it.
-    async fn ready(&self) -> SocketAddr {
-        let line = self.wait_line(&["mqtls ready"]).await;
-        let list = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("listen="))
-            .unwrap_or_else(|| panic!("no listen= in {line:?}"));
-        let first = list.trim_matches('"').split(',').next().unwrap();
-        first
-            .parse()
-            .unwrap_or_else(|e| panic!("bad address {first:?} in {line:?}: {e}"))
-    }
-
-    /// Waits until the process catches SIGINT and SIGTERM (`SigCgt` in /proc/<pid>/status). mqtls installs
-    /// them before it logs "mqtls ready" (`sigterm_right_after_ready_exits_0` holds it to that); the other
-    /// tests wait anyway so that each stays about one behaviour.
-    async fn wait_signal_handlers(&self) {
-        const WANTED: u64 = (1 << (2 - 1)) | (1 << (15 - 1));
-        let status = format!("/proc/{}/status", self.child.id());
-        let deadline = Instant::now() + GUARD;
-        loop {
-            let text = std::fs::read_to_string(&status).unwrap_or_default();
-            let caught = text
-                .lines()
-                .find_map(|l| l.strip_prefix("SigCgt:"))
-                .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
-                .unwrap_or(0);
-            if caught & WANTED == WANTED {
-                return;
-            }
-            assert!(Instant::now() < deadline, "SIGINT/SIGTERM handlers never installed");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} failed");
-    }
-
-    /// The exit status, or `None` if the process is still running after `timeout`.
-    async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Removes ANSI escape sequences (`ESC [ ... letter`).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
 
 /// A config with no broker behind it (nothing connects in the tests that use it).
 fn idle_config(pki: &Pki) -> PathBuf {

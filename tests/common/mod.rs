@@ -3,6 +3,7 @@
 //! clients. Used from test files via `mod common;`.
 #![allow(dead_code, unused_imports)]
 
+pub mod daemon;
 pub mod mosquitto;
 pub mod mqtt_client;
 pub mod pki;
