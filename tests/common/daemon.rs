@@ -30,6 +30,14 @@ const INHERITED: [&str; 9] = [
     "MQTLS_LOG",
 ];
 
+/// Removes the [`INHERITED`] variables from `cmd` and sets the log level to info.
+pub fn scrub_env(cmd: &mut Command) {
+    for v in INHERITED {
+        cmd.env_remove(v);
+    }
+    cmd.env("MQTLS_LOG", "info");
+}
+
 /// `mqtls run` in the background, its stderr collected line by line (ANSI colours removed).
 pub struct Daemon {
     pub child: Child,
@@ -41,10 +49,7 @@ impl Daemon {
     pub fn command(config: &Path) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.arg("run").arg("--config").arg(config);
-        for v in INHERITED {
-            cmd.env_remove(v);
-        }
-        cmd.env("MQTLS_LOG", "info");
+        scrub_env(&mut cmd);
         cmd
     }
 
