@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Installs what mqtls's example and tests need on Debian: Mosquitto (the broker the tests run) and its
-# command-line clients. Does nothing when they are already there.
+# Installs what mqtls's example and tests need on Debian: Mosquitto (the broker the tests run), its
+# command-line clients, and systemd's tools for checking the unit files. Does nothing when they are there.
 set -euo pipefail
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# systemd-analyze checks the shipped unit (tests/systemd.rs); the package installs without systemd running.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   sudo=""

@@ -83,14 +83,18 @@ fn init_logging(format: LogFormat) {
     let journal = systemd::stderr_is_journal();
     let colour = !journal && std::io::stderr().is_terminal();
     let base = layer().with_writer(std::io::stderr).with_ansi(colour);
-    let json = || event_format().json().flatten_event(true).with_current_span(true).with_span_list(false);
+    let json = || {
+        event_format()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+    };
     let layer: Boxed = match (format, journal) {
         (LogFormat::Text, false) => Box::new(base),
         (LogFormat::Text, true) => Box::new(base.event_format(JournalPriority(event_format().without_time()))),
         (LogFormat::Json, false) => Box::new(base.event_format(json()).fmt_fields(JsonFields::new())),
-        (LogFormat::Json, true) => {
-            Box::new(base.event_format(JournalPriority(json())).fmt_fields(JsonFields::new()))
-        }
+        (LogFormat::Json, true) => Box::new(base.event_format(JournalPriority(json())).fmt_fields(JsonFields::new())),
     };
     tracing_subscriber::registry().with(layer).with(filter).init();
 }

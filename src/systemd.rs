@@ -286,6 +286,20 @@ pub fn stderr_is_journal() -> bool {
         .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
 }
 
+/// Whether `path` is one of the credentials systemd passed to this service (`LoadCredential=`), that is, lies
+/// in `$CREDENTIALS_DIRECTORY`. systemd makes those readable by the service's user alone, but where the file
+/// system supports ACLs it grants that with an ACL, whose mask shows in the group bits (mode 0440): the mode
+/// then overstates who can read the file. Both paths are resolved first, so `..` cannot lead out.
+pub fn is_credential(path: &Path) -> bool {
+    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) else {
+        return false;
+    };
+    match (std::fs::canonicalize(dir), std::fs::canonicalize(path)) {
+        (Ok(dir), Ok(path)) => path.starts_with(dir),
+        _ => false,
+    }
+}
+
 /// The sd-daemon(3) priority prefix for a log level (`<3>` error ... `<7>` debug), which journald reads
 /// from the start of each line of a service's output.
 pub fn journal_priority(level: tracing::Level) -> &'static str {

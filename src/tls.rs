@@ -97,11 +97,12 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsFileError> {
     })
 }
 
-/// Refuses a private key that group or others may read, unless the operator allowed it.
+/// Refuses a private key that group or others may read, unless the operator allowed it or systemd
+/// passed it as a credential (readable by the service alone, whatever the mode bits say).
 fn check_key_permissions(path: &Path, allow_readable: bool) -> Result<(), TlsFileError> {
     let meta = std::fs::metadata(path).map_err(|e| file_error("key", path, format!("cannot read: {e}")))?;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 && !allow_readable {
+    if mode & 0o077 != 0 && !allow_readable && !crate::systemd::is_credential(path) {
         return Err(file_error(
             "key",
             path,

@@ -69,7 +69,10 @@ async fn sigterm_refuses_new_connections_while_a_live_one_keeps_relaying_until_i
     );
 
     client.disconnect().await.unwrap();
-    let status = daemon.wait_exit(GUARD).await.expect("still running after the device left");
+    let status = daemon
+        .wait_exit(GUARD)
+        .await
+        .expect("still running after the device left");
     assert_eq!(status.code(), Some(0), "{status:?}; stderr:\n{}", daemon.stderr());
     let summary = daemon.wait_line(&["all connections closed"]).await;
     for field in ["open_at_stop=1", "finished=1", "cut=0"] {
@@ -95,7 +98,10 @@ async fn a_connection_that_outlives_the_grace_is_closed_at_its_end_and_mqtls_exi
 
     daemon.wait_signal_handlers().await;
     daemon.signal("TERM");
-    let status = daemon.wait_exit(GUARD).await.expect("still running long after the grace");
+    let status = daemon
+        .wait_exit(GUARD)
+        .await
+        .expect("still running long after the grace");
     assert_eq!(status.code(), Some(0), "{status:?}; stderr:\n{}", daemon.stderr());
     events
         .wait_error(GUARD)
@@ -107,7 +113,11 @@ async fn a_connection_that_outlives_the_grace_is_closed_at_its_end_and_mqtls_exi
     let over = position(&lines, "grace period over");
     let closed = position(&lines, "connection closed at shutdown");
     let summary = position(&lines, "all connections closed");
-    assert!(waiting < over && over < closed && closed < summary, "{}", lines.join("\n"));
+    assert!(
+        waiting < over && over < closed && closed < summary,
+        "{}",
+        lines.join("\n")
+    );
     assert!(lines[waiting].contains("open=1"), "{}", lines[waiting]);
     assert!(lines[closed].contains("drain-stays"), "{}", lines[closed]);
     for field in ["open_at_stop=1", "finished=0", "cut=1"] {
@@ -133,7 +143,10 @@ async fn a_second_signal_during_the_grace_stops_at_once_with_exit_0() {
     daemon.signal("TERM");
     daemon.wait_line(&["waiting for open connections", "open=1"]).await;
     daemon.signal("INT");
-    let status = daemon.wait_exit(GUARD).await.expect("still running after the second signal");
+    let status = daemon
+        .wait_exit(GUARD)
+        .await
+        .expect("still running after the second signal");
     assert_eq!(status.code(), Some(0), "{status:?}; stderr:\n{}", daemon.stderr());
     daemon.wait_line(&["second signal", "SIGINT"]).await;
     assert!(

@@ -55,7 +55,11 @@ impl NotifySocket {
     /// An abstract socket (`@name` in `NOTIFY_SOCKET`), unique to this test.
     fn abstract_name() -> NotifySocket {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("mqtls-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "mqtls-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract name");
         let std_socket = std::os::unix::net::UnixDatagram::bind_addr(&addr).expect("bind abstract socket");
         std_socket.set_nonblocking(true).unwrap();
@@ -172,7 +176,11 @@ async fn sigterm_sends_stopping_with_the_grace_then_exits_0_and_no_watchdog_with
     daemon.signal("TERM");
     let stopping = notify.wait_for("STOPPING=1").await;
     // The grace plus mqtls's margin of 5 s, in microseconds.
-    assert_eq!(field(&stopping, "EXTEND_TIMEOUT_USEC"), Some("12000000"), "{stopping:?}");
+    assert_eq!(
+        field(&stopping, "EXTEND_TIMEOUT_USEC"),
+        Some("12000000"),
+        "{stopping:?}"
+    );
     let status = daemon.wait_exit(GUARD).await.expect("still running after SIGTERM");
     assert_eq!(status.code(), Some(0), "{status:?}; stderr:\n{}", daemon.stderr());
     let all = notify.drain();
@@ -191,11 +199,7 @@ async fn watchdog_pings_follow_ready_when_watchdog_usec_is_set() {
     }
     let first_ready = notify.seen.iter().position(|m| m.starts_with("READY=1"));
     let first_ping = notify.seen.iter().position(|m| m == "WATCHDOG=1");
-    assert!(
-        first_ready.is_some() && first_ready < first_ping,
-        "{:?}",
-        notify.seen
-    );
+    assert!(first_ready.is_some() && first_ready < first_ping, "{:?}", notify.seen);
 }
 
 #[tokio::test]
@@ -438,7 +442,10 @@ async fn json_logs_are_one_object_per_line_with_level_message_and_the_connection
     let opened: serde_json::Value = serde_json::from_str(&opened_line).expect("JSON");
     assert_eq!(opened["level"], "INFO", "{opened}");
     assert_eq!(opened["message"], "connection opened", "{opened}");
-    assert!(opened["timestamp"].as_str().is_some_and(|t| t.starts_with("20")), "{opened}");
+    assert!(
+        opened["timestamp"].as_str().is_some_and(|t| t.starts_with("20")),
+        "{opened}"
+    );
     assert_eq!(opened["client_id"], "\"json-dev\"", "{opened}");
     assert_eq!(opened["span"]["device"], "json-dev", "{opened}");
     let peer: SocketAddr = opened["span"]["peer"].as_str().unwrap().parse().expect("peer address");
@@ -446,7 +453,10 @@ async fn json_logs_are_one_object_per_line_with_level_message_and_the_connection
     for line in daemon.lines() {
         let v: serde_json::Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("not one JSON object: {line:?}: {e}"));
-        assert!(v.is_object() && v["level"].is_string() && v["message"].is_string(), "{line}");
+        assert!(
+            v.is_object() && v["level"].is_string() && v["message"].is_string(),
+            "{line}"
+        );
     }
 }
 
@@ -533,4 +543,91 @@ async fn journal_stream_naming_another_file_is_ignored() {
         assert!(!l.starts_with('<'), "priority prefix outside the journal: {l:?}");
         assert!(has_timestamp(l), "no timestamp outside the journal: {l:?}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Credentials
+
+/// Where systemd puts `LoadCredential=` files, with a key of mode 0440 (what an ACL granting the service
+/// user read access looks like) and the configuration naming it relatively; and the same key outside.
+struct Credentials {
+    _pki: Pki,
+    dir: PathBuf,
+}
+
+impl Credentials {
+    fn new(key_path: &str) -> Credentials {
+        let pki = Pki::new();
+        let cert = pki.client("cred-1");
+        let dir = pki.dir().join("credentials");
+        std::fs::create_dir(&dir).unwrap();
+        for copy in [dir.join("cred-1.key"), pki.dir().join("outside.key")] {
+            std::fs::copy(&cert.key, &copy).unwrap();
+            std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o440)).unwrap();
+        }
+        let config = format!(
+            "[listen]\naddress = \"127.0.0.1:0\"\n\n[upstream]\naddress = \"broker.example.com:8883\"\nca_file = {:?}\n\n\
+             [[device]]\nname = \"cred-1\"\nclient_id = \"cred-1\"\ncert = {:?}\nkey = {key_path:?}\n",
+            pki.ca_pem_path(),
+            cert.cert
+        );
+        std::fs::write(dir.join("mqtls.toml"), config).unwrap();
+        Credentials { _pki: pki, dir }
+    }
+
+    fn check(&self, credentials_directory: Option<&Path>) -> std::process::Output {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("check").arg("--config").arg(self.dir.join("mqtls.toml"));
+        scrub_env(&mut cmd);
+        cmd.env_remove("CREDENTIALS_DIRECTORY");
+        if let Some(d) = credentials_directory {
+            cmd.env("CREDENTIALS_DIRECTORY", d);
+        }
+        cmd.output().expect("run mqtls check")
+    }
+}
+
+#[test]
+fn a_key_passed_as_a_systemd_credential_is_accepted_despite_its_acl_mode() {
+    let creds = Credentials::new("cred-1.key");
+    let out = creds.check(Some(&creds.dir));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn the_same_key_outside_the_credentials_directory_is_refused() {
+    let creds = Credentials::new("cred-1.key");
+    let out = creds.check(None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("readable by group or others (mode 0440)"), "{stderr}");
+
+    let escaping = Credentials::new("../outside.key");
+    let out = escaping.check(Some(&escaping.dir));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "`..` led out of the credentials directory:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("outside.key: private key is readable by group"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_sysusers_file_creates_the_mqtls_user_and_group() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("etc")).unwrap();
+    let out = Command::new("systemd-sysusers")
+        .arg(format!("--root={}", root.path().display()))
+        .arg(unit("mqtls.sysusers.conf"))
+        .output()
+        .expect("run systemd-sysusers (Debian package `systemd`)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    let group = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
+    assert!(passwd.lines().any(|l| l.starts_with("mqtls:")), "{passwd}");
+    assert!(group.lines().any(|l| l.starts_with("mqtls:")), "{group}");
 }
