@@ -181,6 +181,13 @@ pub enum ActivationError {
         /// What was wrong with it.
         source: io::Error,
     },
+    /// A passed socket is not listening: systemd's `Accept=yes` passes one connection per process, which
+    /// mqtls does not support.
+    #[error("socket activation: descriptor {fd} from systemd is not a listening socket (use Accept=no)")]
+    NotListening {
+        /// The descriptor number.
+        fd: i32,
+    },
     /// The address a passed socket is bound to could not be read.
     #[error("socket activation: cannot read the address of descriptor {fd} from systemd: {source}")]
     Address {
@@ -249,6 +256,9 @@ pub fn match_passed(
 ) -> Result<Vec<(SocketAddr, TcpListener)>, ActivationError> {
     let mut matched = Vec::with_capacity(passed.len());
     for p in passed {
+        if !socket2::SockRef::from(&p.listener).is_listener().unwrap_or(false) {
+            return Err(ActivationError::NotListening { fd: p.fd });
+        }
         let addr = p
             .listener
             .local_addr()
@@ -390,6 +400,19 @@ mod tests {
         assert!(text.starts_with("/etc/mqtls/mqtls.toml: socket activation"), "{text}");
         assert!(text.contains(&format!("listening on {addr}")), "{text}");
         assert!(text.contains("`listen.address`"), "{text}");
+    }
+
+    #[test]
+    fn a_passed_socket_that_is_not_listening_is_refused() {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        let passed = vec![Passed {
+            fd: 3,
+            listener: TcpListener::from(s),
+        }];
+        let e = match_passed(passed, &[], Path::new("/etc/mqtls/mqtls.toml")).unwrap_err();
+        assert!(matches!(e, ActivationError::NotListening { fd: 3 }), "{e}");
     }
 
     #[test]
