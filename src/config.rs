@@ -99,6 +99,30 @@ pub struct Config {
     pub devices: Vec<DeviceSpec>,
     /// Identity for connections that match no device; `None` (the default) refuses them.
     pub fallback: Option<IdentityFiles>,
+    /// The device directory (`device_dir.path`), if one is configured.
+    pub device_dir: Option<PathBuf>,
+    /// The Prometheus endpoint; `None` (no `[metrics]` table): not served.
+    pub metrics: Option<Metrics>,
+    /// When a changed file triggers a reload.
+    pub reload: Reload,
+}
+
+/// The `[metrics]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metrics {
+    /// Where `GET /metrics` is served.
+    pub address: SocketAddr,
+    /// Label per-device series with the device's name; `false`: one series for all devices.
+    pub device_labels: bool,
+}
+
+/// The `[reload]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reload {
+    /// Reload on its own when the config file or a file it names changes.
+    pub watch: bool,
+    /// How often those files are looked at.
+    pub watch_interval: Duration,
 }
 
 /// The `[listen]` table.
@@ -280,6 +304,22 @@ struct RawConfig {
     device: Vec<RawDevice>,
     device_dir: Option<RawDeviceDir>,
     fallback: Option<RawIdentity>,
+    metrics: Option<RawMetrics>,
+    reload: Option<RawReload>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    address: Option<String>,
+    device_labels: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    watch: Option<bool>,
+    watch_interval: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -370,6 +410,9 @@ const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 64;
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Loopback: the endpoint tells anyone who can reach it which devices exist.
+const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9883";
+const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 struct Validator {
     path: PathBuf,
@@ -407,17 +450,24 @@ impl Validator {
                 devices.push(spec);
             }
         }
-        if let Some(dir) = raw.device_dir {
+        let device_dir = raw.device_dir.map(|dir| {
+            let path = self.resolve(&dir.path);
             devices.extend(self.device_dir(dir));
-        }
+            path
+        });
         let fallback = raw
             .fallback
             .and_then(|f| self.identity("fallback", f.cert, f.key, None));
+        let metrics = raw.metrics.and_then(|m| self.metrics(m));
+        let reload = self.reload(raw.reload.unwrap_or_default());
 
         self.unique_names(&devices);
         if let Some(listen) = &listen {
             self.no_ambiguous_devices(&devices, &listen.addresses);
             self.listeners_can_bind(&devices, &listen.addresses);
+            if let Some(m) = &metrics {
+                self.metrics_apart(m.address, &devices, &listen.addresses);
+            }
         }
         if devices.is_empty() && fallback.is_none() {
             self.error(
@@ -433,6 +483,9 @@ impl Validator {
                 upstream,
                 devices,
                 fallback,
+                device_dir,
+                metrics,
+                reload,
             }),
             _ => Err(ConfigErrors(self.errors)),
         }
@@ -560,6 +613,32 @@ impl Validator {
             alpn: raw.alpn,
             allow_readable_keys: raw.allow_readable_keys,
         })
+    }
+
+    fn metrics(&mut self, raw: RawMetrics) -> Option<Metrics> {
+        let text = raw.address.unwrap_or_else(|| DEFAULT_METRICS_ADDRESS.into());
+        let Ok(address) = text.parse::<SocketAddr>() else {
+            self.error(
+                "metrics.address",
+                format!("`{text}` is not an IP:port address (e.g. {DEFAULT_METRICS_ADDRESS})"),
+            );
+            return None;
+        };
+        Some(Metrics {
+            address,
+            device_labels: raw.device_labels.unwrap_or(true),
+        })
+    }
+
+    fn reload(&mut self, raw: RawReload) -> Reload {
+        let watch_interval = self.duration("reload.watch_interval", raw.watch_interval, DEFAULT_WATCH_INTERVAL);
+        if watch_interval < Duration::from_millis(100) {
+            self.error("reload.watch_interval", "must be at least 100ms");
+        }
+        Reload {
+            watch: raw.watch.unwrap_or(true),
+            watch_interval,
+        }
     }
 
     /// A duration from text; on error the problem is recorded and the default stands in, so that the
@@ -856,6 +935,22 @@ impl Validator {
             }
         }
     }
+
+    /// The metrics endpoint cannot share a port with a device listener.
+    fn metrics_apart(&mut self, metrics: SocketAddr, devices: &[DeviceSpec], shared: &[SocketAddr]) {
+        let listeners = shared.iter().chain(devices.iter().filter_map(|d| d.listen.as_ref()));
+        let clash = listeners.into_iter().find(|l| {
+            l.port() == metrics.port()
+                && metrics.port() != 0
+                && (*l == &metrics || l.ip().is_unspecified() || metrics.ip().is_unspecified())
+        });
+        if let Some(l) = clash {
+            self.error(
+                "metrics.address",
+                format!("{metrics} overlaps the device listener {l}; give the metrics endpoint a port of its own"),
+            );
+        }
+    }
 }
 
 fn can_overlap(a: &DeviceSpec, b: &DeviceSpec, shared: &[SocketAddr]) -> bool {
@@ -969,6 +1064,19 @@ key = "devices/boiler-1/key.pem"
             c.devices[0].identity.cert,
             Path::new("/etc/mqtls/devices/boiler-1/cert.pem")
         );
+    }
+
+    #[test]
+    fn metrics_and_reload_defaults() {
+        let c = load(BASE).unwrap();
+        assert_eq!(c.metrics, None, "no [metrics] table: no endpoint");
+        assert!(c.reload.watch);
+        assert_eq!(c.reload.watch_interval, Duration::from_secs(2));
+        let c = load(&format!("{BASE}\n[metrics]\n[reload]\nwatch = false\n")).unwrap();
+        let m = c.metrics.unwrap();
+        assert_eq!(m.address, "127.0.0.1:9883".parse().unwrap());
+        assert!(m.device_labels);
+        assert!(!c.reload.watch);
     }
 
     #[test]

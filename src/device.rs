@@ -142,6 +142,11 @@ impl DeviceTable {
         &self.devices
     }
 
+    /// Every identity: the devices, then the fallback if there is one.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Device>> {
+        self.devices.iter().chain(&self.fallback)
+    }
+
     /// A human-readable table of devices, their rules and certificates, as printed by `mqtls check`.
     pub fn describe(&self, now: SystemTime) -> String {
         let rows: Vec<[String; 4]> = self

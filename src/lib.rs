@@ -18,9 +18,11 @@
 
 pub mod config;
 pub mod device;
+pub mod metrics;
 pub mod mqtt;
 pub mod pipe;
 pub mod proxy;
+pub mod reload;
 pub mod socket;
 pub mod systemd;
 pub mod tls;

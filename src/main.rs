@@ -8,8 +8,12 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use mqtls::proxy::ProxyHandle;
+use mqtls::reload::Reloader;
 use mqtls::systemd::{self, Notifier};
 use mqtls::{Config, Generation, Proxy};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -181,37 +185,66 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         let devices = generation.table.devices().len();
         let notifier = Notifier::from_env();
         // Handlers first: a signal that arrives once "ready" is logged must stop us cleanly.
-        let mut signals = Signals::install(notifier.clone(), grace).context("cannot install signal handlers")?;
+        let signals = Signals::install(notifier.clone(), grace).context("cannot install signal handlers")?;
         let proxy = Proxy::bind_adopting(&config, generation, adopted).await?;
         let shutdown = CancellationToken::new();
+        let (reload_requests, reload_queue) = mpsc::channel(1);
+        tokio::spawn(signals.dispatch(shutdown.clone(), reload_requests));
+        let metrics_stop = CancellationToken::new();
+        if let Some(m) = &config.metrics {
+            let listener = TcpListener::bind(m.address)
+                .await
+                .with_context(|| format!("{}: `metrics.address`: cannot listen on {}", path.display(), m.address))?;
+            let local = listener.local_addr()?;
+            info!(address = %local, "metrics endpoint: GET http://{local}/metrics");
+            tokio::spawn(mqtls::metrics::serve(listener, proxy.metrics(), metrics_stop.clone()));
+        }
+        let reloader = Reloader::new(path, config.clone(), proxy.handle())
+            .on_reload(systemd_reload_hook(notifier.clone(), proxy.handle()));
+        tokio::spawn(reloader.run(reload_queue, shutdown.clone()));
         if let Some(w) = descriptor_warning(config.listen.max_connections) {
             warn!("{w}");
         }
         let addrs: Vec<String> = proxy.local_addrs().iter().map(ToString::to_string).collect();
-        let addrs = addrs.join(",");
-        signals.status = format!("serving {devices} device(s) on {addrs}");
-        tokio::spawn(signals.stop_on_first(shutdown.clone()));
-        info!(listen = %addrs, devices, version = env!("CARGO_PKG_VERSION"), "mqtls ready");
-        notifier.ready(&format!("serving {devices} device(s) on {addrs}"));
+        info!(listen = %addrs.join(","), devices, version = env!("CARGO_PKG_VERSION"), "mqtls ready");
+        notifier.ready(&serving_status(&proxy.handle()));
         if let Some(interval) = systemd::watchdog_interval() {
             tokio::spawn(systemd::feed_watchdog(notifier.clone(), interval));
         }
         proxy.run(shutdown, grace).await;
+        metrics_stop.cancel();
         info!("stopped");
         Ok(())
     })
 }
 
+/// What `systemctl status` shows while mqtls serves.
+fn serving_status(proxy: &ProxyHandle) -> String {
+    let addrs: Vec<String> = proxy.local_addrs().iter().map(ToString::to_string).collect();
+    let devices = proxy.generation().table.devices().len();
+    format!("serving {devices} device(s) on {}", addrs.join(","))
+}
+
+/// RELOADING=1 when a reload starts (SIGHUP or a file change), READY=1 when it has ended, whatever the
+/// outcome: `systemctl reload` waits for that READY=1.
+fn systemd_reload_hook(notifier: Notifier, proxy: ProxyHandle) -> mqtls::reload::Notify {
+    Box::new(move |starting| {
+        if starting {
+            notifier.reloading();
+        } else {
+            notifier.ready(&serving_status(&proxy));
+        }
+    })
+}
+
 /// SIGTERM (systemd stop) and SIGINT (Ctrl-C) both mean: stop accepting, drain, exit 0. A second one
-/// means: stop now. SIGHUP must not kill the daemon (its default action would).
+/// means: stop now. SIGHUP (systemd reload) asks for a reload.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
     notifier: Notifier,
     grace: Duration,
-    /// What `READY=1` says once serving, again after each reload.
-    status: String,
 }
 
 impl Signals {
@@ -223,34 +256,28 @@ impl Signals {
             hup: signal(SignalKind::hangup())?,
             notifier,
             grace,
-            status: String::new(),
         })
     }
 
-    /// SIGHUP (systemd `ExecReload`). systemd waits between RELOADING=1 and READY=1, so READY=1 must
-    /// follow whatever the reload's outcome.
-    fn reload(&self) {
-        self.notifier.reloading();
-        warn!("SIGHUP: this version does not reload its configuration; restart mqtls to apply changes");
-        self.notifier.ready(&self.status);
-    }
-
-    async fn next_stop(&mut self) -> &'static str {
+    async fn next_stop(&mut self, reload: &mpsc::Sender<()>) -> &'static str {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return "SIGTERM",
                 _ = self.int.recv() => return "SIGINT",
-                _ = self.hup.recv() => self.reload(),
+                _ = self.hup.recv() => {
+                    // A reload already queued will read the files as they are now: one is enough.
+                    let _ = reload.try_send(());
+                }
             }
         }
     }
 
-    async fn stop_on_first(mut self, shutdown: CancellationToken) {
-        let name = self.next_stop().await;
+    async fn dispatch(mut self, shutdown: CancellationToken, reload: mpsc::Sender<()>) {
+        let name = self.next_stop(&reload).await;
         info!(signal = name, grace = ?self.grace, "shutting down: no new connections; open ones may finish");
         self.notifier.stopping(self.grace);
         shutdown.cancel();
-        let name = self.next_stop().await;
+        let name = self.next_stop(&reload).await;
         warn!(signal = name, "second signal: stopping now");
         std::process::exit(0);
     }

@@ -22,6 +22,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use crate::config::{Config, Listen};
 use crate::device::DeviceTable;
+use crate::metrics::{Metered, Metrics, Refused};
 use crate::mqtt::{self, Connect, ProtocolVersion, Refusal};
 use crate::pipe;
 use crate::socket;
@@ -63,21 +64,93 @@ impl Generation {
 struct Shared {
     generation: RwLock<Arc<Generation>>,
     connections: Arc<Semaphore>,
+    /// The `max_connections` the semaphore was last sized for.
+    max_connections: Mutex<usize>,
     busy_refusals: Arc<Semaphore>,
     /// Connections per source address that have not yet been identified (CONNECT not read or refused).
     unidentified: Mutex<HashMap<IpAddr, usize>>,
+    metrics: Arc<Metrics>,
+    /// Listeners being served, by configured address, each with the token that stops its accept loop.
+    listeners: Mutex<Vec<Served>>,
+    /// Listeners bound but not yet served (before [`Proxy::run`]).
+    unserved: Mutex<Vec<(SocketAddr, TcpListener)>>,
+    running: std::sync::atomic::AtomicBool,
+    accept_loops: TaskTracker,
+    connections_open: TaskTracker,
+    /// Cancelled when the proxy stops accepting (shutdown).
+    stop_accepting: CancellationToken,
+    /// Cancelled when the grace period is over: every connection still open is closed.
+    hard_stop: CancellationToken,
+}
+
+struct Served {
+    configured: SocketAddr,
+    local: SocketAddr,
+    stop: CancellationToken,
 }
 
 impl Shared {
     fn current(&self) -> Arc<Generation> {
         self.generation.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// Starts the accept loop of one listener.
+    fn serve(self: &Arc<Self>, configured: SocketAddr, listener: TcpListener) {
+        let local = listener.local_addr().unwrap_or(configured);
+        let stop = self.stop_accepting.child_token();
+        lock(&self.listeners).push(Served {
+            configured,
+            local,
+            stop: stop.clone(),
+        });
+        let ctx = AcceptContext {
+            configured,
+            shared: self.clone(),
+        };
+        self.accept_loops.spawn(accept_loop(listener, ctx, stop));
+    }
+
+    /// Sizes the connection limit to `max`. Lowering it takes effect as open connections close.
+    fn resize(&self, max: usize) {
+        let mut current = lock(&self.max_connections);
+        if max > *current {
+            self.connections.add_permits(max - *current);
+        } else if max < *current {
+            let excess = (*current - max) as u32;
+            let connections = self.connections.clone();
+            tokio::spawn(async move {
+                if let Ok(p) = connections.acquire_many_owned(excess).await {
+                    p.forget();
+                }
+            });
+        }
+        *current = max;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A bound proxy, ready to run.
 pub struct Proxy {
-    listeners: Vec<(SocketAddr, TcpListener)>,
     shared: Arc<Shared>,
+}
+
+/// Changes a running proxy's configuration: the handle [`crate::reload`] uses.
+#[derive(Clone)]
+pub struct ProxyHandle {
+    shared: Arc<Shared>,
+}
+
+/// Why a new configuration could not be put in force; the old one stays.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address}: {source}")]
+pub struct ReplaceError {
+    /// The listen address that could not be bound.
+    pub address: SocketAddr,
+    /// Why.
+    pub source: io::Error,
 }
 
 impl Proxy {
@@ -97,62 +170,83 @@ impl Proxy {
         for addr in config.all_listen_addresses() {
             let l = match adopted.iter().position(|(a, _)| *a == addr) {
                 Some(i) => adopt(adopted.swap_remove(i).1, addr)?,
-                None => TcpListener::bind(addr)
+                None => bind(addr)
                     .await
-                    .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?,
+                    .map_err(|e| io::Error::new(e.source.kind(), e.to_string()))?,
             };
             listeners.push((addr, l));
         }
+        let device_labels = config.metrics.as_ref().is_none_or(|m| m.device_labels);
+        let metrics = Arc::new(Metrics::new(device_labels));
+        metrics.install_devices(&generation.table);
+        metrics.mark_loaded();
         let shared = Shared {
             connections: Arc::new(Semaphore::new(generation.listen.max_connections)),
+            max_connections: Mutex::new(generation.listen.max_connections),
             busy_refusals: Arc::new(Semaphore::new(MAX_BUSY_REFUSALS)),
             unidentified: Mutex::new(HashMap::new()),
             generation: RwLock::new(Arc::new(generation)),
+            metrics,
+            listeners: Mutex::new(Vec::new()),
+            unserved: Mutex::new(listeners),
+            running: Default::default(),
+            accept_loops: TaskTracker::new(),
+            connections_open: TaskTracker::new(),
+            stop_accepting: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
         };
         Ok(Proxy {
-            listeners,
             shared: Arc::new(shared),
         })
     }
 
     /// The addresses actually bound, in configuration order (useful when a port was 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect()
+        self.handle().local_addrs()
+    }
+
+    /// The metrics this proxy updates, for the scrape endpoint.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// A handle that can put a new configuration generation in force while the proxy runs.
+    pub fn handle(&self) -> ProxyHandle {
+        ProxyHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Serves until `shutdown` is cancelled, then stops accepting, lets open connections finish for up to
     /// `grace`, and closes the rest.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
-        let tracker = TaskTracker::new();
-        let hard_stop = CancellationToken::new();
-        let mut accept_loops = Vec::new();
-        for (configured, listener) in self.listeners {
-            let ctx = AcceptContext {
-                configured,
-                shared: self.shared.clone(),
-                tracker: tracker.clone(),
-                hard_stop: hard_stop.clone(),
-            };
-            accept_loops.push(tokio::spawn(accept_loop(listener, ctx, shutdown.clone())));
+        let shared = self.shared;
+        shared.running.store(true, std::sync::atomic::Ordering::SeqCst);
+        let unserved = std::mem::take(&mut *lock(&shared.unserved));
+        for (configured, listener) in unserved {
+            shared.serve(configured, listener);
         }
-        for l in accept_loops {
-            let _ = l.await;
-        }
-        tracker.close();
-        let open = tracker.len();
-        if open > 0 {
-            info!(open, grace = ?grace, "stopped accepting; waiting for open connections");
+        shutdown.cancelled().await;
+        shared.stop_accepting.cancel();
+        shared.accept_loops.close();
+        shared.accept_loops.wait().await;
+        lock(&shared.listeners).clear();
+        let open = &shared.connections_open;
+        open.close();
+        let open_at_stop = open.len();
+        if open_at_stop > 0 {
+            info!(open = open_at_stop, grace = ?grace, "stopped accepting; waiting for open connections");
         }
         let mut cut = 0;
-        if timeout(grace, tracker.wait()).await.is_err() {
-            cut = tracker.len();
+        if timeout(grace, open.wait()).await.is_err() {
+            cut = open.len();
             warn!(open = cut, "grace period over; closing the remaining connections");
-            hard_stop.cancel();
-            tracker.wait().await;
+            shared.hard_stop.cancel();
+            open.wait().await;
         }
         info!(
-            open_at_stop = open,
-            finished = open.saturating_sub(cut),
+            open_at_stop,
+            finished = open_at_stop.saturating_sub(cut),
             cut,
             "all connections closed"
         );
@@ -167,19 +261,89 @@ fn adopt(listener: std::net::TcpListener, addr: SocketAddr) -> io::Result<TcpLis
         .map_err(|e| io::Error::new(e.kind(), format!("cannot serve on the socket passed for {addr}: {e}")))
 }
 
+impl ProxyHandle {
+    /// The addresses being listened on, in configuration order.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        let served = lock(&self.shared.listeners);
+        let unserved = lock(&self.shared.unserved);
+        served
+            .iter()
+            .map(|s| s.local)
+            .chain(unserved.iter().filter_map(|(_, l)| l.local_addr().ok()))
+            .collect()
+    }
+
+    /// The metrics the proxy updates.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// The generation new connections get.
+    pub fn generation(&self) -> Arc<Generation> {
+        self.shared.current()
+    }
+
+    /// Puts `generation` (loaded from `config`) in force for new connections. Listeners the new
+    /// configuration adds are bound first: if one cannot be, nothing changes. Then the generation is
+    /// swapped, the connection limit resized, and listeners it no longer names are closed. Open
+    /// connections keep the generation they started with.
+    pub async fn replace(&self, config: &Config, generation: Generation) -> Result<(), ReplaceError> {
+        let wanted = config.all_listen_addresses();
+        let held: Vec<SocketAddr> = {
+            let served = lock(&self.shared.listeners);
+            let unserved = lock(&self.shared.unserved);
+            served
+                .iter()
+                .map(|s| s.configured)
+                .chain(unserved.iter().map(|(a, _)| *a))
+                .collect()
+        };
+        let mut added = Vec::new();
+        for addr in wanted.iter().filter(|a| !held.contains(a)) {
+            added.push((*addr, bind(*addr).await?));
+        }
+        let max_connections = generation.listen.max_connections;
+        self.shared.metrics.install_devices(&generation.table);
+        *self.shared.generation.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(generation);
+        self.shared.resize(max_connections);
+        lock(&self.shared.listeners).retain(|s| {
+            let keep = wanted.contains(&s.configured);
+            if !keep {
+                info!(listener = %s.configured, "listener removed by the new configuration; closing it");
+                s.stop.cancel();
+            }
+            keep
+        });
+        lock(&self.shared.unserved).retain(|(a, _)| wanted.contains(a));
+        for (addr, listener) in added {
+            info!(listener = %addr, "listening (added by the new configuration)");
+            if self.shared.running.load(std::sync::atomic::Ordering::SeqCst) {
+                self.shared.serve(addr, listener);
+            } else {
+                lock(&self.shared.unserved).push((addr, listener));
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ReplaceError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ReplaceError { address: addr, source })
+}
+
 #[derive(Clone)]
 struct AcceptContext {
     configured: SocketAddr,
     shared: Arc<Shared>,
-    tracker: TaskTracker,
-    hard_stop: CancellationToken,
 }
 
-async fn accept_loop(listener: TcpListener, ctx: AcceptContext, shutdown: CancellationToken) {
+async fn accept_loop(listener: TcpListener, ctx: AcceptContext, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             a = listener.accept() => a,
         };
         match accepted {
@@ -191,7 +355,7 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptContext, shutdown: Cancel
                 // Out of descriptors or memory: wait instead of spinning, and keep serving.
                 error!(listener = %ctx.configured, error = %e, "accept failed; retrying in {backoff:?}");
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
@@ -202,8 +366,11 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptContext, shutdown: Cancel
 
 fn admit(stream: TcpStream, peer: SocketAddr, ctx: &AcceptContext) {
     let span = info_span!("conn", %peer, device = tracing::field::Empty);
-    let generation = ctx.shared.current();
-    let Some(slot) = UnidentifiedSlot::take(&ctx.shared, peer.ip(), generation.listen.max_pending_per_source) else {
+    let shared = &ctx.shared;
+    shared.metrics.accepted();
+    let generation = shared.current();
+    let Some(slot) = UnidentifiedSlot::take(shared, peer.ip(), generation.listen.max_pending_per_source) else {
+        shared.metrics.refused(Refused::SourceLimit);
         span.in_scope(|| {
             warn!(
                 reason = "source_limit",
@@ -212,32 +379,36 @@ fn admit(stream: TcpStream, peer: SocketAddr, ctx: &AcceptContext) {
         });
         return;
     };
-    let work = match ctx.shared.connections.clone().try_acquire_owned() {
+    let work = match shared.connections.clone().try_acquire_owned() {
         Ok(permit) => {
             let conn = Connection {
                 listener: ctx.configured,
                 peer,
                 generation,
+                metrics: shared.metrics.clone(),
                 slot: Some(slot),
                 _permit: permit,
             };
             tokio_util::either::Either::Left(conn.serve(stream))
         }
-        Err(_) => match ctx.shared.busy_refusals.clone().try_acquire_owned() {
-            Ok(permit) => tokio_util::either::Either::Right(refuse_busy(stream, generation, permit, slot)),
-            Err(_) => {
-                span.in_scope(|| {
-                    warn!(
-                        reason = "busy",
-                        "refused: connection limit reached; closed without answer"
-                    )
-                });
-                return;
+        Err(_) => {
+            shared.metrics.refused(Refused::Busy);
+            match shared.busy_refusals.clone().try_acquire_owned() {
+                Ok(permit) => tokio_util::either::Either::Right(refuse_busy(stream, generation, permit, slot)),
+                Err(_) => {
+                    span.in_scope(|| {
+                        warn!(
+                            reason = "busy",
+                            "refused: connection limit reached; closed without answer"
+                        )
+                    });
+                    return;
+                }
             }
-        },
+        }
     };
-    let hard_stop = ctx.hard_stop.clone();
-    ctx.tracker.spawn(
+    let hard_stop = shared.hard_stop.clone();
+    shared.connections_open.spawn(
         async move {
             tokio::select! {
                 _ = work => {}
@@ -290,11 +461,11 @@ async fn refuse_busy(
 ) {
     let limit = generation.listen.max_connections;
     match read_connect(&mut stream, &generation.listen).await {
-        Some((connect, _)) => {
+        Ok((connect, _)) => {
             warn!(reason = "busy", client_id = ?connect.client_id, limit, "refused: connection limit reached");
             refuse(stream, connect.version, Refusal::ServerBusy).await;
         }
-        None => debug!("over the connection limit and no valid CONNECT; closed"),
+        Err(_) => debug!("over the connection limit and no valid CONNECT; closed"),
     }
 }
 
@@ -303,6 +474,7 @@ struct Connection {
     listener: SocketAddr,
     peer: SocketAddr,
     generation: Arc<Generation>,
+    metrics: Arc<Metrics>,
     slot: Option<UnidentifiedSlot>,
     _permit: OwnedSemaphorePermit,
 }
@@ -320,10 +492,12 @@ impl Connection {
     /// of a long-lived connection should keep only what the copy needs.
     async fn serve(mut self, mut stream: TcpStream) {
         socket::tune(&stream);
-        let Some((connect, first_bytes)) = Box::pin(read_connect(&mut stream, &self.generation.listen)).await else {
-            return;
+        let (connect, first_bytes) = match Box::pin(read_connect(&mut stream, &self.generation.listen)).await {
+            Ok(read) => read,
+            Err(reason) => return self.metrics.refused(reason),
         };
         let Some(device) = self.identify(&connect) else {
+            self.metrics.refused(Refused::UnknownDevice);
             Box::pin(refuse(stream, connect.version, Refusal::IdentifierRejected)).await;
             return;
         };
@@ -334,11 +508,18 @@ impl Connection {
         {
             Ok(b) => b,
             Err(e) => {
+                for (failure, _) in &e.attempts {
+                    self.metrics.upstream_failure(*failure);
+                }
+                self.metrics.refused(Refused::BrokerUnreachable);
                 warn!(reason = e.reason(), error = %e, "refused: broker unreachable");
                 Box::pin(refuse(stream, connect.version, Refusal::ServerUnavailable)).await;
                 return;
             }
         };
+        self.metrics.upstream_reached(started.elapsed());
+        let stats = self.metrics.device(&device.name);
+        let _active = stats.open();
         info!(
             client_id = ?connect.client_id,
             mqtt = %connect.version,
@@ -349,12 +530,17 @@ impl Connection {
         let session = match Box::pin(self.start_session(&mut broker, &mut stream, &connect, first_bytes)).await {
             Ok(s) => s,
             Err(e) => {
+                self.metrics.connection_closed(started.elapsed());
                 info!(end = %e, "connection closed before the session started");
                 return;
             }
         };
         drop(connect);
-        let transfer = pipe::pipe(&mut stream, &mut broker, silence_limit(session.keep_alive)).await;
+        stats.add_to_broker(session.first_in);
+        stats.add_to_device(session.first_out);
+        let mut device_side = Metered::new(&mut stream, &stats);
+        let transfer = pipe::pipe(&mut device_side, &mut broker, silence_limit(session.keep_alive)).await;
+        self.metrics.connection_closed(started.elapsed());
         info!(
             bytes_in = transfer.device_to_broker + session.first_in,
             bytes_out = transfer.broker_to_device + session.first_out,
@@ -418,9 +604,9 @@ impl Connection {
     }
 }
 
-/// Reads the device's CONNECT under the configured limits. `None` (after logging why) means the
-/// connection should just be closed: nothing sensible can be answered to a non-CONNECT.
-async fn read_connect(stream: &mut TcpStream, limits: &Listen) -> Option<(Connect, Vec<u8>)> {
+/// Reads the device's CONNECT under the configured limits. An error (logged here) means the connection
+/// should just be closed: nothing sensible can be answered to a non-CONNECT.
+async fn read_connect(stream: &mut TcpStream, limits: &Listen) -> Result<(Connect, Vec<u8>), Refused> {
     let mut buf = Vec::new();
     match timeout(
         limits.connect_timeout,
@@ -428,14 +614,14 @@ async fn read_connect(stream: &mut TcpStream, limits: &Listen) -> Option<(Connec
     )
     .await
     {
-        Ok(Ok(connect)) => Some((connect, buf)),
+        Ok(Ok(connect)) => Ok((connect, buf)),
         Ok(Err(e)) => {
             warn!(reason = "bad_connect", error = %e, "closed: first packet is not a valid CONNECT");
-            None
+            Err(Refused::BadConnect)
         }
         Err(_) => {
             warn!(reason = "connect_timeout", received = buf.len(), limit = ?limits.connect_timeout, "closed: no complete CONNECT in time");
-            None
+            Err(Refused::ConnectTimeout)
         }
     }
 }

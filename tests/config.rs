@@ -339,6 +339,21 @@ rejected! {
     missing_device_dir_is_named:
         [Append("\n[device_dir]\npath = \"no-such-dir\"\n")]
         => ["{config}: `device_dir.path`: cannot read {dir}/no-such-dir"];
+    metrics_address_that_is_not_an_address_is_refused:
+        [Append("\n[metrics]\naddress = \"localhost:9883\"\n")]
+        => ["{config}: `metrics.address`: `localhost:9883` is not an IP:port address"];
+    metrics_address_on_a_device_port_is_refused:
+        [Append("\n[metrics]\naddress = \"0.0.0.0:1883\"\n")]
+        => ["{config}: `metrics.address`: 0.0.0.0:1883 overlaps the device listener 127.0.0.1:1883"];
+    unknown_key_in_metrics_is_named:
+        [Append("\n[metrics]\nadress = \"127.0.0.1:9883\"\n")]
+        => ["{config}: ", "unknown field `adress`", "`address`"];
+    reload_interval_too_short_is_refused:
+        [Append("\n[reload]\nwatch_interval = \"10ms\"\n")]
+        => ["{config}: `reload.watch_interval`: must be at least 100ms"];
+    reload_interval_that_is_not_a_duration_is_refused:
+        [Append("\n[reload]\nwatch_interval = \"often\"\n")]
+        => ["{config}: `reload.watch_interval`: `often` is not a duration"];
     device_dir_entry_without_key_names_the_missing_file:
         [Append("\n[device_dir]\npath = \"fleet-broken\"\n")]
         => [r#"{dir}/fleet-broken/meter-9/key.pem: device "meter-9": the device's private key is missing"#];

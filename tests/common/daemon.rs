@@ -1,7 +1,7 @@
-//! `mqtls run` as a child process, the way an operator or systemd runs it: stderr collected line by line,
-//! signals sent with kill(1), the exit awaited under a deadline. Readiness and the bound address come from
-//! the "mqtls ready" line.
+//! `mqtls run` as a subprocess, the way an operator runs it: stderr collected line by line, signals sent
+//! with `kill`, exit status awaited, and the addresses it logs when ready.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// The binary under test. Cargo names it to integration tests only; the demo, which shares these helpers
-/// and finds the binary itself, gets the bare name.
+/// The binary under test (Cargo names it for integration tests; the demo example finds its own).
 pub const BIN: &str = match option_env!("CARGO_BIN_EXE_mqtls") {
     Some(path) => path,
     None => "mqtls",
@@ -49,17 +48,26 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    pub fn spawn(config: &Path) -> Daemon {
+        Self::spawn_with(config, std::iter::empty::<(&str, &str)>())
+    }
+
+    /// Like [`Daemon::spawn`], with extra environment variables.
+    pub fn spawn_with<K: AsRef<OsStr>, V: AsRef<OsStr>>(
+        config: &Path,
+        env: impl IntoIterator<Item = (K, V)>,
+    ) -> Daemon {
+        let mut cmd = Daemon::command(config);
+        cmd.envs(env);
+        Daemon::start(cmd)
+    }
+
     /// `mqtls run --config <config>`, logging at info, with none of the [`INHERITED`] variables set.
     pub fn command(config: &Path) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.arg("run").arg("--config").arg(config);
         scrub_env(&mut cmd);
         cmd
-    }
-
-    /// Starts [`Daemon::command`] as it stands.
-    pub fn spawn(config: &Path) -> Daemon {
-        Daemon::start(Daemon::command(config))
     }
 
     /// Starts `cmd` with stderr captured.
@@ -81,17 +89,11 @@ impl Daemon {
         Daemon { child, lines }
     }
 
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Every stderr line so far.
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
     }
 
-    /// Every stderr line so far, as one text.
     pub fn stderr(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
@@ -154,7 +156,6 @@ impl Daemon {
         }
     }
 
-    /// Sends a signal by name (`TERM`, `INT`, `HUP`).
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .arg(format!("-{name}"))
@@ -204,4 +205,78 @@ pub fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+impl Daemon {
+    /// Waits for the metrics endpoint's log line and returns its address.
+    pub async fn metrics_addr(&self) -> SocketAddr {
+        let line = self.wait_line(&["metrics endpoint"]).await;
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("address="))
+            .unwrap_or_else(|| panic!("no address= in {line:?}"));
+        addr.trim_matches('"')
+            .parse()
+            .unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"))
+    }
+
+    /// How many stderr lines contain every needle.
+    pub fn count_lines(&self, needles: &[&str]) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+}
+
+/// Starts `mqtls run` with a metrics endpoint (no broker needed), takes one scrape of `/metrics` with a
+/// plain blocking client, and stops it: for tests that only need to know what mqtls exports.
+pub fn scrape_once() -> String {
+    use std::io::{Read, Write};
+    let pki = super::Pki::new();
+    let mut config = super::proxy::ProxyConfig::new(&pki, "127.0.0.1:1".parse().unwrap())
+        .device(super::proxy::DeviceEntry::new(&pki.client("boiler-1")));
+    config.extra.push_str("\n[metrics]\naddress = \"127.0.0.1:0\"\n");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config.write(pki.dir()))
+        .env("MQTLS_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mqtls run");
+    let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut seen = Vec::new();
+    let mut addr = None;
+    for line in stderr.lines().map_while(Result::ok) {
+        let line = strip_ansi(&line);
+        if line.contains("metrics endpoint") {
+            addr = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("address="))
+                .and_then(|a| a.trim_matches('"').parse::<SocketAddr>().ok());
+            break;
+        }
+        seen.push(line);
+    }
+    let addr = addr.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("no metrics endpoint line; stderr:\n{}", seen.join("\n"))
+    });
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    s.set_read_timeout(Some(GUARD)).expect("read timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: mqtls\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("response");
+    let _ = child.kill();
+    let _ = child.wait();
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
 }

@@ -4,6 +4,8 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod daemon;
+pub mod metrics;
+pub mod metrics_contract;
 pub mod mosquitto;
 pub mod mqtt_client;
 pub mod pki;

@@ -290,6 +290,11 @@ impl Mosquitto {
         &self.conf_path
     }
 
+    /// The broker log file in use.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
     /// This instance's working directory (config, ACL, logs).
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -25,6 +25,9 @@ pub enum EchoMode {
     /// TCP FIN) while reading on until the client's EOF. Everything read is
     /// recorded.
     SendThenRead { send: Vec<u8> },
+    /// Write back every chunk as soon as it arrives, until the client's EOF (an interactive peer for
+    /// tests where a connection must keep passing bytes while something else happens).
+    Echo,
 }
 
 /// How a client's byte stream ended.
@@ -261,6 +264,30 @@ async fn serve(
                 Ok(()) => tls.shutdown().await.err().map(|e| e.to_string()),
                 Err(e) => Some(e.to_string()),
             };
+            ConnRecord {
+                serial,
+                received,
+                ending,
+                write_error,
+            }
+        }
+        EchoMode::Echo => {
+            let mut chunk = vec![0u8; 16 * 1024];
+            let mut write_error = None;
+            let ending = loop {
+                match tls.read(&mut chunk).await {
+                    Ok(0) => break Ending::CloseNotify,
+                    Ok(n) => {
+                        received.extend_from_slice(&chunk[..n]);
+                        if let Err(e) = tls.write_all(&chunk[..n]).await {
+                            write_error = Some(e.to_string());
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ending::EofWithoutCloseNotify,
+                    Err(e) => break Ending::Error(e.to_string()),
+                }
+            };
+            let _ = tls.shutdown().await;
             ConnRecord {
                 serial,
                 received,

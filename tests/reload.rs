@@ -1,0 +1,299 @@
+//! Hot reload of `mqtls run`: certificates rotated with SIGHUP or just by replacing the files, an invalid
+//! configuration refused while the old one keeps serving, devices and listeners added and removed. The
+//! broker is a mutual-TLS echo server that records the serial of every client certificate presented, so
+//! a test can tell which certificate each connection used; open connections must keep passing bytes
+//! through every reload.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use common::daemon::{Daemon, GUARD};
+use common::metrics::Scrape;
+use common::proxy::{DeviceEntry, ProxyConfig};
+use common::raw::{self, Version};
+use common::{EchoMode, Pki, TlsEcho};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+
+const NO_WATCH: &str = "\n[reload]\nwatch = false\n\n[metrics]\naddress = \"127.0.0.1:0\"\n";
+const FAST_WATCH: &str = "\n[reload]\nwatch_interval = \"100ms\"\n\n[metrics]\naddress = \"127.0.0.1:0\"\n";
+
+/// A device connection through mqtls to the echo server: its CONNECT comes back as it was sent.
+struct Session(TcpStream);
+
+impl Session {
+    async fn open(addr: SocketAddr, client_id: &str) -> Session {
+        let mut s = raw::device(addr).await;
+        let connect = raw::connect(Version::V311, client_id, 0);
+        s.write_all(&connect).await.unwrap();
+        let mut back = vec![0u8; connect.len()];
+        timeout(GUARD, s.read_exact(&mut back))
+            .await
+            .expect("no echo of the CONNECT in time")
+            .unwrap_or_else(|e| panic!("{client_id}: connection ended before the echo: {e}"));
+        assert_eq!(back, connect);
+        Session(s)
+    }
+
+    /// Sends `text` and expects it back: the connection still carries bytes both ways.
+    async fn roundtrip(&mut self, text: &str) {
+        self.0.write_all(text.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; text.len()];
+        timeout(GUARD, self.0.read_exact(&mut back))
+            .await
+            .expect("no echo in time")
+            .expect("the connection was closed");
+        assert_eq!(back, text.as_bytes());
+    }
+}
+
+/// The config file, rewritten in place (a reload reads the same path again).
+fn write(path: &Path, config: &ProxyConfig) {
+    std::fs::write(path, config.toml()).unwrap();
+}
+
+fn echo_config(pki: &Pki, echo: &TlsEcho, extra: &str) -> ProxyConfig {
+    let mut c = ProxyConfig::new(pki, echo.addr());
+    c.extra.push_str(extra);
+    c
+}
+
+async fn reloads(daemon: &Daemon, result: &str) -> f64 {
+    let s = Scrape::take(daemon.metrics_addr().await).await;
+    s.get(&format!("mqtls_config_reloads_total{{result=\"{result}\"}}"))
+}
+
+/// Waits for the `n`th stderr line holding every needle.
+async fn wait_nth_line(daemon: &Daemon, needles: &[&str], n: usize) {
+    let deadline = Instant::now() + GUARD;
+    while daemon.count_lines(needles) < n {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} lines with {needles:?}; stderr:\n{}",
+            daemon.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn sighup_rotates_a_certificate_and_open_connections_keep_theirs() {
+    let pki = Pki::new();
+    let echo = TlsEcho::start(&pki, EchoMode::Echo).await;
+    let old = pki.client("rotor");
+    let config = echo_config(&pki, &echo, NO_WATCH).device(DeviceEntry::new(&old));
+    let daemon = Daemon::spawn(&config.write(pki.dir()));
+    let addr = daemon.ready().await;
+
+    let mut open = Session::open(addr, "rotor").await;
+    open.roundtrip("before").await;
+
+    let new = pki.client("rotor");
+    assert_ne!(new.serial, old.serial);
+    daemon.wait_signal_handlers().await;
+    daemon.signal("HUP");
+    let line = daemon.wait_line(&["configuration reloaded"]).await;
+    assert!(line.contains("renewed=rotor"), "{line}");
+
+    open.roundtrip("after the reload").await;
+    let mut fresh = Session::open(addr, "rotor").await;
+    fresh.roundtrip("new").await;
+    assert_eq!(
+        echo.serials(),
+        vec![old.serial.clone(), new.serial.clone()],
+        "the open connection kept the old certificate; the new one presented the new certificate"
+    );
+    assert_eq!(reloads(&daemon, "success").await, 1.0);
+    assert_eq!(reloads(&daemon, "failure").await, 0.0);
+}
+
+#[tokio::test]
+async fn an_invalid_configuration_is_refused_and_the_old_one_keeps_serving() {
+    let pki = Pki::new();
+    let echo = TlsEcho::start(&pki, EchoMode::Echo).await;
+    let device = pki.client("steady");
+    let config = echo_config(&pki, &echo, NO_WATCH).device(DeviceEntry::new(&device));
+    let path = config.write(pki.dir());
+    let daemon = Daemon::spawn(&path);
+    let addr = daemon.ready().await;
+    daemon.wait_signal_handlers().await;
+    let mut open = Session::open(addr, "steady").await;
+
+    // A key that does not belong to the certificate.
+    let stranger = pki.operator("stranger");
+    let good_key = std::fs::read(&device.key).unwrap();
+    common::pki::write_file(&device.key, &std::fs::read(&stranger.key).unwrap(), 0o600);
+    daemon.signal("HUP");
+    let problem = daemon.wait_line(&["does not match the certificate"]).await;
+    assert!(
+        problem.contains(&device.key.display().to_string()) && problem.contains("`key`"),
+        "the error names the file and the key: {problem}"
+    );
+    daemon.wait_line(&["configuration NOT reloaded"]).await;
+    assert_eq!(reloads(&daemon, "failure").await, 1.0);
+
+    // A typo in the configuration text.
+    common::pki::write_file(&device.key, &good_key, 0o600);
+    std::fs::write(&path, config.toml().replace("connect_timeout", "conect_timeout")).unwrap();
+    daemon.signal("HUP");
+    wait_nth_line(&daemon, &["configuration NOT reloaded"], 2).await;
+    let problem = daemon.wait_line(&["conect_timeout"]).await;
+    assert!(problem.contains(&path.display().to_string()), "{problem}");
+    assert_eq!(reloads(&daemon, "failure").await, 2.0);
+    assert_eq!(reloads(&daemon, "success").await, 0.0);
+
+    open.roundtrip("still here").await;
+    let mut fresh = Session::open(addr, "steady").await;
+    fresh.roundtrip("served by the old configuration").await;
+    assert_eq!(echo.serials(), vec![device.serial.clone(), device.serial.clone()]);
+}
+
+#[tokio::test]
+async fn a_replaced_certificate_is_picked_up_without_a_signal() {
+    let pki = Pki::new();
+    let echo = TlsEcho::start(&pki, EchoMode::Echo).await;
+    let old = pki.client("watched");
+    let config = echo_config(&pki, &echo, FAST_WATCH).device(DeviceEntry::new(&old));
+    let daemon = Daemon::spawn(&config.write(pki.dir()));
+    let addr = daemon.ready().await;
+    let mut open = Session::open(addr, "watched").await;
+
+    let new = pki.client("watched");
+    daemon.wait_line(&["a watched file changed"]).await;
+    daemon.wait_line(&["configuration reloaded", "renewed=watched"]).await;
+    let mut fresh = Session::open(addr, "watched").await;
+    fresh.roundtrip("x").await;
+    open.roundtrip("y").await;
+    assert_eq!(echo.serials().last(), Some(&new.serial));
+    assert_eq!(echo.serials()[0], old.serial);
+    assert!(reloads(&daemon, "success").await >= 1.0);
+}
+
+#[tokio::test]
+async fn a_device_directory_entry_added_later_is_served() {
+    let pki = Pki::new();
+    let echo = TlsEcho::start(&pki, EchoMode::Echo).await;
+    pki.client("dir-a");
+    let mut config = echo_config(&pki, &echo, FAST_WATCH);
+    config
+        .extra
+        .push_str(&format!("\n[device_dir]\npath = {:?}\n", pki.devices_dir()));
+    let daemon = Daemon::spawn(&config.write(pki.dir()));
+    let addr = daemon.ready().await;
+    Session::open(addr, "dir-a").await;
+
+    let mut refused = raw::device(addr).await;
+    refused
+        .write_all(&raw::connect(Version::V311, "dir-b", 0))
+        .await
+        .unwrap();
+    assert_eq!(raw::expect_connack(&mut refused, Version::V311, GUARD).await.code, 2);
+
+    let b = pki.client("dir-b");
+    daemon.wait_line(&["configuration reloaded", "added=dir-b"]).await;
+    Session::open(addr, "dir-b").await.roundtrip("hello").await;
+    assert_eq!(echo.serials().last(), Some(&b.serial));
+}
+
+#[tokio::test]
+async fn a_removed_device_is_refused_while_its_open_connection_goes_on() {
+    let pki = Pki::new();
+    let echo = TlsEcho::start(&pki, EchoMode::Echo).await;
+    let (leaving, staying) = (pki.client("leaving"), pki.client("staying"));
+    let config = echo_config(&pki, &echo, NO_WATCH)
+        .device(DeviceEntry::new(&leaving))
+        .device(DeviceEntry::new(&staying));
+    let path = config.write(pki.dir());
+    let daemon = Daemon::spawn(&path);
+    let addr = daemon.ready().await;
+    daemon.wait_signal_handlers().await;
+    let mut open = Session::open(addr, "leaving").await;
+
+    let mut smaller = config.clone();
+    smaller.devices.retain(|d| d.name != "leaving");
+    write(&path, &smaller);
+    daemon.signal("HUP");
+    daemon.wait_line(&["configuration reloaded", "removed=leaving"]).await;
+
+    open.roundtrip("the open connection is not dropped").await;
+    let mut again = raw::device(addr).await;
+    again
+        .write_all(&raw::connect(Version::V311, "leaving", 0))
+        .await
+        .unwrap();
+    assert_eq!(raw::expect_connack(&mut again, Version::V311, GUARD).await.code, 2);
+    Session::open(addr, "staying").await;
+    let s = Scrape::take(daemon.metrics_addr().await).await;
+    assert_eq!(
+        s.value("mqtls_device_cert_expiry_timestamp_seconds{device=\"leaving\"}"),
+        None
+    );
+    assert_eq!(s.get("mqtls_connections_active{device=\"leaving\"}"), 1.0, "still open");
+    assert_eq!(s.get("mqtls_devices"), 1.0);
+}
+
+#[tokio::test]
+async fn a_reload_opens_and_closes_dedicated_listeners() {
+    let pki = Pki::new();
+    let echo = TlsEcho::start(&pki, EchoMode::Echo).await;
+    let base = pki.client("base");
+    let meter = pki.client("meter");
+    let config = echo_config(&pki, &echo, NO_WATCH).device(DeviceEntry::new(&base));
+    let path = config.write(pki.dir());
+    let daemon = Daemon::spawn(&path);
+    daemon.ready().await;
+    daemon.wait_signal_handlers().await;
+
+    let port = common::mosquitto::free_port();
+    let dedicated: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let with_meter = config
+        .clone()
+        .device(DeviceEntry::new(&meter).client_id(None).listen(dedicated));
+    write(&path, &with_meter);
+    daemon.signal("HUP");
+    daemon.wait_line(&["configuration reloaded", "added=meter"]).await;
+    let mut s = Session::open(dedicated, "").await;
+    s.roundtrip("on its own port").await;
+
+    write(&path, &config);
+    daemon.signal("HUP");
+    daemon.wait_line(&["configuration reloaded", "removed=meter"]).await;
+    daemon.wait_line(&["listener removed", &dedicated.to_string()]).await;
+    let refused = TcpStream::connect(dedicated).await;
+    assert!(refused.is_err(), "the removed listener still accepts");
+    s.roundtrip("its open connection goes on").await;
+}
+
+#[tokio::test]
+async fn a_reload_resizes_the_connection_limit() {
+    let pki = Pki::new();
+    let echo = TlsEcho::start(&pki, EchoMode::Echo).await;
+    let device = pki.client("limited");
+    let mut config = echo_config(&pki, &echo, NO_WATCH).device(DeviceEntry::new(&device));
+    config.max_connections = 2;
+    let path = config.write(pki.dir());
+    let daemon = Daemon::spawn(&path);
+    let addr = daemon.ready().await;
+    daemon.wait_signal_handlers().await;
+    let _first = Session::open(addr, "limited").await;
+
+    config.max_connections = 1;
+    write(&path, &config);
+    daemon.signal("HUP");
+    wait_nth_line(&daemon, &["configuration reloaded"], 1).await;
+    let mut busy = raw::device(addr).await;
+    busy.write_all(&raw::connect(Version::V311, "limited", 0))
+        .await
+        .unwrap();
+    assert_eq!(raw::expect_connack(&mut busy, Version::V311, GUARD).await.code, 3);
+
+    config.max_connections = 3;
+    write(&path, &config);
+    daemon.signal("HUP");
+    wait_nth_line(&daemon, &["configuration reloaded"], 2).await;
+    Session::open(addr, "limited").await.roundtrip("room again").await;
+}
