@@ -167,6 +167,22 @@ async fn sighup_is_framed_by_reloading_with_monotonic_usec_then_ready() {
 }
 
 #[tokio::test]
+async fn a_reload_on_a_file_change_is_framed_by_reloading_and_ready_too() {
+    let pki = Pki::new();
+    let mut notify = NotifySocket::path();
+    let mut config =
+        ProxyConfig::new(&pki, "127.0.0.1:1".parse().unwrap()).device(DeviceEntry::new(&pki.client("watched-1")));
+    config.extra.push_str("\n[reload]\nwatch_interval = \"100ms\"\n");
+    let path = config.write(pki.dir());
+    let _daemon = Daemon::start(notified(&path, &notify));
+    notify.wait_for("READY=1").await;
+    let edited = std::fs::read_to_string(&path).unwrap() + "\n# edited\n";
+    std::fs::write(&path, edited).unwrap();
+    notify.wait_for("RELOADING=1").await;
+    notify.wait_for("READY=1").await;
+}
+
+#[tokio::test]
 async fn sigterm_sends_stopping_with_the_grace_then_exits_0_and_no_watchdog_without_watchdog_usec() {
     let pki = Pki::new();
     let mut notify = NotifySocket::path();
