@@ -200,7 +200,9 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             tokio::spawn(mqtls::metrics::serve(listener, proxy.metrics(), metrics_stop.clone()));
         }
         let reloader = Reloader::new(path, config.clone(), proxy.handle())
-            .on_reload(systemd_reload_hook(notifier.clone(), proxy.handle()));
+            .on_reload(systemd_reload_hook(notifier.clone(), proxy.handle()))
+            .watch_from_now()
+            .await;
         tokio::spawn(reloader.run(reload_queue, shutdown.clone()));
         if let Some(w) = descriptor_warning(config.listen.max_connections) {
             warn!("{w}");
