@@ -25,6 +25,9 @@ pub const DEVICE_DIR_CERT: &str = "cert.pem";
 pub const DEVICE_DIR_KEY: &str = "key.pem";
 /// Optional per-device settings inside a device directory entry.
 pub const DEVICE_DIR_SETTINGS: &str = "device.toml";
+/// A certificate signing request inside a device directory entry: with `key.pem` and no `cert.pem`, the
+/// entry is [pending](PendingDevice).
+pub const DEVICE_DIR_CSR: &str = "csr.pem";
 
 /// One problem with the configuration, located precisely enough for an operator to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +100,8 @@ pub struct Config {
     pub upstream: Upstream,
     /// Device entries from `[[device]]` and from the device directory, in that order.
     pub devices: Vec<DeviceSpec>,
+    /// Device directory entries still waiting for their certificate; not served.
+    pub pending: Vec<PendingDevice>,
     /// Identity for connections that match no device; `None` (the default) refuses them.
     pub fallback: Option<IdentityFiles>,
     /// The device directory (`device_dir.path`), if one is configured.
@@ -213,6 +218,33 @@ pub struct DeviceSpec {
     pub origin: PathBuf,
     /// How to name this entry's keys in messages: `device[3]` or a directory path.
     pub key_prefix: String,
+}
+
+/// A device directory entry with a private key and a CSR but no certificate yet (see `mqtls certs csr`).
+///
+/// It is skipped with a warning rather than failing the whole configuration: the CSR is out at a CA, and
+/// the device is served once the signed certificate is saved as `cert.pem` next to the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingDevice {
+    /// The entry's directory name.
+    pub name: String,
+    /// The entry's directory.
+    pub dir: PathBuf,
+    /// The private key waiting for its certificate.
+    pub key: PathBuf,
+}
+
+impl PendingDevice {
+    /// What an operator is told: why the device is not served and how to complete it.
+    pub fn warning(&self) -> String {
+        format!(
+            "device \"{}\" is pending: {} has {DEVICE_DIR_KEY} and {DEVICE_DIR_CSR} but no {DEVICE_DIR_CERT}; \
+             it is skipped until the signed certificate is saved as {}",
+            self.name,
+            self.dir.display(),
+            self.dir.join(DEVICE_DIR_CERT).display()
+        )
+    }
 }
 
 impl DeviceSpec {
@@ -418,6 +450,7 @@ struct Validator {
     path: PathBuf,
     base: PathBuf,
     errors: Vec<ConfigError>,
+    pending: Vec<PendingDevice>,
 }
 
 impl Validator {
@@ -427,6 +460,7 @@ impl Validator {
             path: path.to_path_buf(),
             base,
             errors: Vec::new(),
+            pending: Vec::new(),
         }
     }
 
@@ -469,10 +503,16 @@ impl Validator {
                 self.metrics_apart(m.address, &devices, &listen.addresses);
             }
         }
-        if devices.is_empty() && fallback.is_none() {
+        if devices.is_empty() && fallback.is_none() && self.pending.is_empty() {
             self.error(
                 "device",
                 "no devices are configured: add a [[device]], a [device_dir] or a [fallback]",
+            );
+        } else if devices.is_empty() && fallback.is_none() {
+            let n = self.pending.len();
+            self.error(
+                "device",
+                format!("no device is ready: {n} device(s) in the device directory are pending (a key and a CSR, no {DEVICE_DIR_CERT} yet)"),
             );
         }
 
@@ -482,6 +522,7 @@ impl Validator {
                 listen,
                 upstream,
                 devices,
+                pending: self.pending,
                 fallback,
                 device_dir,
                 metrics,
@@ -813,9 +854,11 @@ impl Validator {
         };
         let cert = entry.join(DEVICE_DIR_CERT);
         let key = entry.join(DEVICE_DIR_KEY);
+        // A key and a CSR without a certificate: the CSR is out at a CA. Skipped, not an error.
+        let pending = !cert.exists() && key.is_file() && entry.join(DEVICE_DIR_CSR).is_file();
         let mut ok = true;
         for (file, what) in [(&cert, "certificate"), (&key, "private key")] {
-            if !file.is_file() {
+            if !pending && !file.is_file() {
                 self.errors
                     .push(ConfigError::new(file, "", format!("the device's {what} is missing")).for_device(&name));
                 ok = false;
@@ -829,6 +872,11 @@ impl Validator {
         };
         let listen = self.device_listen(&name, settings.listen);
         self.path = saved;
+        if pending {
+            let dir = entry.to_path_buf();
+            self.pending.push(PendingDevice { name, dir, key });
+            return None;
+        }
         if !ok {
             return None;
         }

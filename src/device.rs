@@ -5,14 +5,14 @@
 //! already proved that no two entries can match the same connection, so the first match is the only one.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use ipnet::IpNet;
 
-use crate::config::{Config, ConfigError, ConfigErrors, DeviceSpec, IdentityFiles};
+use crate::certs::{self, IdentityRow};
+use crate::config::{Config, ConfigError, ConfigErrors, DeviceSpec, IdentityFiles, PendingDevice};
 use crate::tls::{self, Identity, TlsFileError, TlsSettings};
 
 /// One device, ready to serve.
@@ -63,6 +63,7 @@ pub struct DeviceTable {
     by_client_id: HashMap<String, Vec<usize>>,
     without_client_id: Vec<usize>,
     fallback: Option<Arc<Device>>,
+    pending: Vec<PendingDevice>,
 }
 
 /// Why an identity could not be chosen for a connection.
@@ -116,11 +117,15 @@ impl DeviceTable {
                 None => without_client_id.push(i),
             }
         }
+        for p in &config.pending {
+            tracing::warn!("{}", p.warning());
+        }
         Ok(DeviceTable {
             devices,
             by_client_id,
             without_client_id,
             fallback,
+            pending: config.pending.clone(),
         })
     }
 
@@ -147,36 +152,20 @@ impl DeviceTable {
         self.devices.iter().chain(&self.fallback)
     }
 
-    /// A human-readable table of devices, their rules and certificates, as printed by `mqtls check`.
+    /// A human-readable table of devices, their certificates, flags and rules, as printed by `mqtls check`
+    /// (the same rows as `mqtls certs list`, see [`certs::IdentityRow`]).
     pub fn describe(&self, now: SystemTime) -> String {
-        let rows: Vec<[String; 4]> = self
-            .devices
-            .iter()
-            .chain(&self.fallback)
-            .map(|d| {
-                let s = &d.identity.summary;
-                [
-                    d.name.to_string(),
-                    expiry(s.not_after, now),
-                    s.subject.clone(),
-                    d.rules(),
-                ]
-            })
-            .collect();
-        let header = ["NAME", "EXPIRES", "SUBJECT", "MATCH"].map(String::from);
-        let width = |i: usize| {
-            rows.iter()
-                .chain([&header])
-                .map(|r| r[i].chars().count())
-                .max()
-                .unwrap_or(0)
-        };
-        let (w0, w1, w2) = (width(0), width(1), width(2));
-        let mut out = String::new();
-        for r in [&header].into_iter().chain(&rows) {
-            let _ = writeln!(out, "{:w0$}  {:w1$}  {:w2$}  {}", r[0], r[1], r[2], r[3]);
-        }
-        out
+        certs::render_table(&self.rows(now), certs::CHECK_COLUMNS)
+    }
+
+    /// One row per identity: the devices, the fallback, then the pending device directory entries.
+    pub fn rows(&self, now: SystemTime) -> Vec<IdentityRow> {
+        let soon = certs::DEFAULT_EXPIRY_WARNING_DAYS;
+        let loaded = self.all().map(|d| {
+            let id = &d.identity;
+            IdentityRow::new(&d.name, id.summary.clone(), Some(id.key_mode), now, soon).with_rules(d.rules())
+        });
+        loaded.chain(self.pending.iter().map(IdentityRow::pending)).collect()
     }
 
     /// Warnings about entries that are valid but weak (e.g. matched by client id alone).
@@ -197,6 +186,30 @@ impl DeviceTable {
                 ));
             }
         }
+        for row in self.rows(now) {
+            if row.flags.contains(&certs::Flag::ExpiresSoon) {
+                let date = row
+                    .summary
+                    .as_ref()
+                    .map(|s| expiry(s.not_after, now))
+                    .unwrap_or_default();
+                w.push(format!("device \"{}\": certificate expires soon ({date})", row.name));
+            }
+            if row.flags.contains(&certs::Flag::KeyReadableByOthers) {
+                let allowed = match row.flags.contains(&certs::Flag::Pending) {
+                    true => {
+                        "it will be refused once the certificate arrives unless upstream.allow_readable_keys is set"
+                    }
+                    false => "allowed by upstream.allow_readable_keys",
+                };
+                w.push(format!(
+                    "device \"{}\": its private key is readable by group or others (mode {:04o}; {allowed})",
+                    row.name,
+                    row.key_mode.unwrap_or_default()
+                ));
+            }
+        }
+        w.extend(self.pending.iter().map(PendingDevice::warning));
         w
     }
 }

@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+mod certs_cli;
+
 /// Gives each legacy plain-MQTT device its own mutual-TLS identity at the broker.
 ///
 /// Devices connect to mqtls with plain MQTT (usually on port 1883). mqtls reads the CONNECT packet, picks
@@ -49,12 +51,18 @@ enum Command {
         #[arg(short, long, value_name = "FILE", default_value = "/etc/mqtls/mqtls.toml")]
         config: PathBuf,
     },
+    /// Make and inspect device identities: a private CA, device certificates, CSRs for another CA.
+    Certs {
+        #[command(subcommand)]
+        command: certs_cli::CertsCommand,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Certs { command } => certs_cli::run(command),
         Command::Run { config, log_format } => {
             init_logging(log_format);
             match run(&config) {

@@ -97,12 +97,13 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsFileError> {
     })
 }
 
-/// Refuses a private key that group or others may read, unless the operator allowed it or systemd
-/// passed it as a credential (readable by the service alone, whatever the mode bits say).
-fn check_key_permissions(path: &Path, allow_readable: bool) -> Result<(), TlsFileError> {
+/// Refuses a private key that group or others may read, unless the operator allowed it or systemd passed it
+/// as a credential (readable by the service alone, whatever the mode bits say); returns the file's
+/// permission bits.
+fn check_key_permissions(path: &Path, allow_readable: bool) -> Result<u32, TlsFileError> {
     let meta = std::fs::metadata(path).map_err(|e| file_error("key", path, format!("cannot read: {e}")))?;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 && !allow_readable && !crate::systemd::is_credential(path) {
+    if key_mode_is_open(mode) && !allow_readable && !crate::systemd::is_credential(path) {
         return Err(file_error(
             "key",
             path,
@@ -112,7 +113,12 @@ fn check_key_permissions(path: &Path, allow_readable: bool) -> Result<(), TlsFil
             ),
         ));
     }
-    Ok(())
+    Ok(mode)
+}
+
+/// Whether permission bits let group or others read (or write) a private key.
+pub fn key_mode_is_open(mode: u32) -> bool {
+    mode & 0o077 != 0
 }
 
 /// What an operator needs to know about a certificate.
@@ -160,6 +166,9 @@ pub struct Identity {
     pub client_config: Arc<ClientConfig>,
     /// The leaf certificate's details.
     pub summary: CertSummary,
+    /// Permission bits of the private key file (e.g. `0o600`); others may read it only when
+    /// `upstream.allow_readable_keys` allowed that.
+    pub key_mode: u32,
 }
 
 impl fmt::Debug for Identity {
@@ -187,7 +196,7 @@ pub fn load_identity(cert: &Path, key: &Path, settings: &TlsSettings) -> Result<
     let chain = read_certs("cert", cert)?;
     let summary = CertSummary::parse(&chain[0]).map_err(|e| file_error("cert", cert, e))?;
     let key_der = read_key(key)?;
-    check_key_permissions(key, settings.allow_readable_keys)?;
+    let key_mode = check_key_permissions(key, settings.allow_readable_keys)?;
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| file_error("cert", cert, e.to_string()))?
@@ -205,5 +214,6 @@ pub fn load_identity(cert: &Path, key: &Path, settings: &TlsSettings) -> Result<
     Ok(Identity {
         client_config: Arc::new(config),
         summary,
+        key_mode,
     })
 }

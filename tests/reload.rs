@@ -200,6 +200,33 @@ async fn a_device_directory_entry_added_later_is_served() {
 }
 
 #[tokio::test]
+async fn a_pending_device_is_served_once_its_signed_certificate_is_dropped_in() {
+    let pki = Pki::new();
+    let echo = TlsEcho::start(&pki, EchoMode::Echo).await;
+    pki.client("ready-1");
+    let out = std::process::Command::new(common::daemon::BIN)
+        .args(["certs", "csr", "late-2", "--out"])
+        .arg(pki.devices_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut config = echo_config(&pki, &echo, FAST_WATCH);
+    config
+        .extra
+        .push_str(&format!("\n[device_dir]\npath = {:?}\n", pki.devices_dir()));
+    let daemon = Daemon::spawn(&config.write(pki.dir()));
+    let addr = daemon.ready().await;
+    daemon.wait_line(&["late-2", "pending"]).await;
+
+    let csr = std::fs::read_to_string(pki.device_dir("late-2").join("csr.pem")).unwrap();
+    let (cert, serial) = pki.sign_csr(&csr);
+    std::fs::write(pki.device_dir("late-2").join("cert.pem"), cert).unwrap();
+    daemon.wait_line(&["configuration reloaded", "added=late-2"]).await;
+    Session::open(addr, "late-2").await.roundtrip("signed at last").await;
+    assert_eq!(echo.serials().last(), Some(&serial));
+}
+
+#[tokio::test]
 async fn a_removed_device_is_refused_while_its_open_connection_goes_on() {
     let pki = Pki::new();
     let echo = TlsEcho::start(&pki, EchoMode::Echo).await;

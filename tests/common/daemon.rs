@@ -250,10 +250,10 @@ pub fn scrape_once() -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn mqtls run");
-    let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
     let mut seen = Vec::new();
     let mut addr = None;
-    for line in stderr.lines().map_while(Result::ok) {
+    for line in stderr.by_ref().map_while(Result::ok) {
         let line = strip_ansi(&line);
         if line.contains("metrics endpoint") {
             addr = line
@@ -264,6 +264,8 @@ pub fn scrape_once() -> String {
         }
         seen.push(line);
     }
+    // Keep reading: a daemon whose stderr pipe is closed fails at its next log line.
+    std::thread::spawn(move || stderr.for_each(drop));
     let addr = addr.unwrap_or_else(|| {
         let _ = child.kill();
         panic!("no metrics endpoint line; stderr:\n{}", seen.join("\n"))

@@ -172,6 +172,16 @@ impl Mosquitto {
 
     /// Start from an arbitrary recipe and ACL text (same rewriting rules).
     pub async fn start_custom(pki: &Pki, server_cert: &ServerCert, conf: &str, acl: &str) -> Mosquitto {
+        Self::start_full(pki, server_cert, pki.ca_pem_path(), conf, acl).await
+    }
+
+    /// Start with the shipped recipe, presenting `server_cert`, and accepting only client certificates
+    /// that chain to the CA in `client_ca` (the recipe's `cafile`), e.g. a CA made by `mqtls certs init-ca`.
+    pub async fn start_with_client_ca(pki: &Pki, server_cert: &ServerCert, client_ca: &Path) -> Mosquitto {
+        Self::start_full(pki, server_cert, client_ca, &deploy_conf(), &deploy_acl()).await
+    }
+
+    async fn start_full(pki: &Pki, server_cert: &ServerCert, client_ca: &Path, conf: &str, acl: &str) -> Mosquitto {
         let bin = mosquitto_binary();
         let n = INSTANCE.fetch_add(1, Ordering::Relaxed);
         let dir = pki.dir().join(format!("mosquitto-{n}"));
@@ -185,7 +195,7 @@ impl Mosquitto {
             let log_path = dir.join(format!("mosquitto-{attempt}.log"));
             let stderr_path = dir.join(format!("stderr-{attempt}.txt"));
             let conf_path = dir.join(format!("mosquitto-{attempt}.conf"));
-            let text = rewrite_conf(conf, port, pki.ca_pem_path(), server_cert, &acl_path, &log_path);
+            let text = rewrite_conf(conf, port, client_ca, server_cert, &acl_path, &log_path);
             fs::write(&conf_path, text).expect("write mosquitto.conf");
             let child = Command::new(&bin)
                 .arg("-c")

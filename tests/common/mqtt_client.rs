@@ -68,8 +68,13 @@ pub struct Observer {
 /// so it is not mistaken for a device), subscribe to `topic_filter` with
 /// QoS 1 and return once the SUBACK has granted it.
 pub async fn observer(pki: &Pki, broker: &Mosquitto, topic_filter: &str) -> Observer {
-    let cert = pki.operator(OBSERVER_CN);
-    let (client, mut el) = mtls_client_v4(pki, broker, &cert, &unique_client_id("observer"));
+    observer_as(pki, broker, &pki.operator(OBSERVER_CN), topic_filter).await
+}
+
+/// Like [`observer`], presenting `cert` (its CN must be `observer` for the shipped ACL) and trusting
+/// `trust`'s CA for the broker's certificate.
+pub async fn observer_as(trust: &Pki, broker: &Mosquitto, cert: &ClientCert, topic_filter: &str) -> Observer {
+    let (client, mut el) = mtls_client_v4(trust, broker, cert, &unique_client_id("observer"));
     if let Err(e) = wait_connack_v4(&mut el).await {
         panic!("observer: connect to broker failed: {e:?}\n{}", broker.diagnostics());
     }

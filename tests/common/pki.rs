@@ -189,6 +189,18 @@ impl Pki {
         }
     }
 
+    /// Signs a PKCS#10 request (PEM) as a device certificate, the way an outside CA answers a CSR; returns
+    /// the certificate (PEM) and its serial.
+    pub fn sign_csr(&self, csr_pem: &str) -> (String, Vec<u8>) {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).expect("parse CSR");
+        let serial = random_serial();
+        csr.params.serial_number = Some(SerialNumber::from_slice(&serial));
+        csr.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        csr.params.use_authority_key_identifier_extension = true;
+        let cert = csr.signed_by(&self.ca_cert, &self.ca_key).expect("sign CSR");
+        (cert.pem(), serial)
+    }
+
     /// `<tmp>/devices/<cn>/` (may not exist yet).
     pub fn device_dir(&self, cn: &str) -> PathBuf {
         self.dir().join("devices").join(cn)
