@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what mqtls's example and tests need on Debian: Mosquitto (the broker the tests run) and its
 # command-line clients, Prometheus for its promtool (tests/recipes.rs checks and unit-tests the alert rules
-# in deploy/prometheus/), and the system's CA certificates (the AWS and Azure recipes use their roots).
-# Does nothing when they are already there.
+# in deploy/prometheus/), the system's CA certificates (the AWS and Azure recipes use their roots), and
+# systemd's tools (tests/systemd.rs checks the unit files). Does nothing when they are already there.
 set -euo pipefail
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
@@ -10,6 +10,8 @@ command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 [ -f /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
+# systemd-analyze and systemd-sysusers; the package installs without systemd running.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   sudo=""

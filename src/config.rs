@@ -143,6 +143,8 @@ pub struct Listen {
     pub max_connect_size: usize,
     /// Connections from one address that may be unidentified (CONNECT not yet read) at once.
     pub max_pending_per_source: usize,
+    /// How long open connections may run on after SIGTERM/SIGINT before they are closed.
+    pub shutdown_grace: Duration,
 }
 
 /// The `[upstream]` table.
@@ -360,6 +362,7 @@ struct RawListen {
     max_connections: Option<i64>,
     max_connect_size: Option<i64>,
     max_pending_per_source: Option<i64>,
+    shutdown_grace: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -436,6 +439,7 @@ const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 const DEFAULT_MAX_CONNECT_SIZE: usize = 16 * 1024;
 const MAX_CONNECT_SIZE_RANGE: (i64, i64) = (64, 1024 * 1024);
 const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 64;
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Loopback: the endpoint tells anyone who can reach it which devices exist.
@@ -570,12 +574,14 @@ impl Validator {
             DEFAULT_MAX_PENDING_PER_SOURCE,
             (1, 1_000_000),
         );
+        let shutdown_grace = self.duration("listen.shutdown_grace", raw.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
         Some(Listen {
             addresses,
             connect_timeout,
             max_connections,
             max_connect_size,
             max_pending_per_source,
+            shutdown_grace,
         })
     }
 
@@ -1100,6 +1106,7 @@ key = "devices/boiler-1/key.pem"
         let c = load(BASE).unwrap();
         assert_eq!(c.listen.addresses, vec!["0.0.0.0:1883".parse().unwrap()]);
         assert_eq!(c.listen.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.listen.shutdown_grace, Duration::from_secs(10));
         assert_eq!(c.upstream.addresses[0].host, "broker.example.com");
         assert_eq!(
             c.devices[0].identity.cert,

@@ -10,8 +10,9 @@
 //! 5. [`pipe`] copies bytes both ways, honouring half-close and the device's MQTT keep-alive.
 //!
 //! Around that path: [`config`] turns the TOML file into a validated [`config::Config`], [`socket`]
-//! sets the options both sockets share, and [`certs`] makes and inspects the device identities on disk
-//! (`mqtls certs`). Refusals before the broker is reached are answered with a CONNACK
+//! sets the options both sockets share, [`certs`] makes and inspects the device identities on disk
+//! (`mqtls certs`), and [`systemd`] tells the service manager how mqtls is doing and hands over the sockets
+//! it passed. Refusals before the broker is reached are answered with a CONNACK
 //! in the device's own protocol version.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -25,6 +26,7 @@ pub mod pipe;
 pub mod proxy;
 pub mod reload;
 pub mod socket;
+pub mod systemd;
 pub mod tls;
 pub mod upstream;
 

@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use mqtls::proxy::ProxyHandle;
 use mqtls::reload::Reloader;
+use mqtls::systemd::{self, Notifier};
 use mqtls::{Config, Generation, Proxy};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -16,9 +18,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 mod certs_cli;
-
-/// How long open connections may run on after SIGTERM/SIGINT before they are closed.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Gives each legacy plain-MQTT device its own mutual-TLS identity at the broker.
 ///
@@ -39,6 +38,10 @@ enum Command {
         /// Configuration file (TOML).
         #[arg(short, long, value_name = "FILE", default_value = "/etc/mqtls/mqtls.toml")]
         config: PathBuf,
+        /// Log line format on stderr: text for people and journald, json (one object per line) for log
+        /// shippers.
+        #[arg(long, value_enum, env = "MQTLS_LOG_FORMAT", default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Validate the configuration, load every certificate and key, and print the device table.
     ///
@@ -60,8 +63,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Certs { command } => certs_cli::run(command),
-        Command::Run { config } => {
-            init_logging();
+        Command::Run { config, log_format } => {
+            init_logging(log_format);
             match run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -73,18 +76,58 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Text or JSON lines on stderr. When stderr is the journal, each line starts with its sd-daemon priority
+/// (`<4>` for a warning...), which journald turns into the entry's priority, and text lines carry no
+/// timestamp (journald stamps every entry). JSON keeps its `timestamp` field: it is data for the shipper.
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::fmt::format::JsonFields;
+    use tracing_subscriber::fmt::{format as event_format, layer};
+    use tracing_subscriber::prelude::*;
+    type Boxed = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
     let filter = tracing_subscriber::EnvFilter::try_from_env("MQTLS_LOG").unwrap_or_else(|_| "info".into());
-    let colour = std::io::stderr().is_terminal();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour);
-    // journald stamps every line itself.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().init();
-    } else {
-        builder.init();
+    let journal = systemd::stderr_is_journal();
+    let colour = !journal && std::io::stderr().is_terminal();
+    let base = layer().with_writer(std::io::stderr).with_ansi(colour);
+    let json = || {
+        event_format()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+    };
+    let layer: Boxed = match (format, journal) {
+        (LogFormat::Text, false) => Box::new(base),
+        (LogFormat::Text, true) => Box::new(base.event_format(JournalPriority(event_format().without_time()))),
+        (LogFormat::Json, false) => Box::new(base.event_format(json()).fmt_fields(JsonFields::new())),
+        (LogFormat::Json, true) => Box::new(base.event_format(JournalPriority(json())).fmt_fields(JsonFields::new())),
+    };
+    tracing_subscriber::registry().with(layer).with(filter).init();
+}
+
+/// Puts the journald priority prefix in front of another event format.
+struct JournalPriority<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalPriority<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        writer.write_str(systemd::journal_priority(*event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
     }
 }
 
@@ -138,15 +181,20 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             );
         }
     };
+    // Before any thread starts: taking the passed sockets clears LISTEN_FDS from the environment.
+    let passed = systemd::take_passed_listeners()?;
+    let adopted = systemd::match_passed(passed, &config.all_listen_addresses(), &config.path)?;
+    let grace = config.listen.shutdown_grace;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let devices = generation.table.devices().len();
+        let notifier = Notifier::from_env();
         // Handlers first: a signal that arrives once "ready" is logged must stop us cleanly.
-        let signals = Signals::install().context("cannot install signal handlers")?;
-        let proxy = Proxy::bind(&config, generation).await?;
+        let signals = Signals::install(notifier.clone(), grace).context("cannot install signal handlers")?;
+        let proxy = Proxy::bind_adopting(&config, generation, adopted).await?;
         let shutdown = CancellationToken::new();
         let (reload_requests, reload_queue) = mpsc::channel(1);
         tokio::spawn(signals.dispatch(shutdown.clone(), reload_requests));
@@ -159,17 +207,43 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             info!(address = %local, "metrics endpoint: GET http://{local}/metrics");
             tokio::spawn(mqtls::metrics::serve(listener, proxy.metrics(), metrics_stop.clone()));
         }
-        let reloader = Reloader::new(path, config.clone(), proxy.handle());
+        let reloader = Reloader::new(path, config.clone(), proxy.handle())
+            .on_reload(systemd_reload_hook(notifier.clone(), proxy.handle()))
+            .watch_from_now()
+            .await;
         tokio::spawn(reloader.run(reload_queue, shutdown.clone()));
         if let Some(w) = descriptor_warning(config.listen.max_connections) {
             warn!("{w}");
         }
         let addrs: Vec<String> = proxy.local_addrs().iter().map(ToString::to_string).collect();
         info!(listen = %addrs.join(","), devices, version = env!("CARGO_PKG_VERSION"), "mqtls ready");
-        proxy.run(shutdown, SHUTDOWN_GRACE).await;
+        notifier.ready(&serving_status(&proxy.handle()));
+        if let Some(interval) = systemd::watchdog_interval() {
+            tokio::spawn(systemd::feed_watchdog(notifier.clone(), interval));
+        }
+        proxy.run(shutdown, grace).await;
         metrics_stop.cancel();
         info!("stopped");
         Ok(())
+    })
+}
+
+/// What `systemctl status` shows while mqtls serves.
+fn serving_status(proxy: &ProxyHandle) -> String {
+    let addrs: Vec<String> = proxy.local_addrs().iter().map(ToString::to_string).collect();
+    let devices = proxy.generation().table.devices().len();
+    format!("serving {devices} device(s) on {}", addrs.join(","))
+}
+
+/// RELOADING=1 when a reload starts (SIGHUP or a file change), READY=1 when it has ended, whatever the
+/// outcome: `systemctl reload` waits for that READY=1.
+fn systemd_reload_hook(notifier: Notifier, proxy: ProxyHandle) -> mqtls::reload::Notify {
+    Box::new(move |starting| {
+        if starting {
+            notifier.reloading();
+        } else {
+            notifier.ready(&serving_status(&proxy));
+        }
     })
 }
 
@@ -179,15 +253,19 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    notifier: Notifier,
+    grace: Duration,
 }
 
 impl Signals {
-    fn install() -> std::io::Result<Signals> {
+    fn install(notifier: Notifier, grace: Duration) -> std::io::Result<Signals> {
         use tokio::signal::unix::{signal, SignalKind};
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            notifier,
+            grace,
         })
     }
 
@@ -206,7 +284,8 @@ impl Signals {
 
     async fn dispatch(mut self, shutdown: CancellationToken, reload: mpsc::Sender<()>) {
         let name = self.next_stop(&reload).await;
-        info!(signal = name, "shutting down: no new connections; open ones may finish");
+        info!(signal = name, grace = ?self.grace, "shutting down: no new connections; open ones may finish");
+        self.notifier.stopping(self.grace);
         shutdown.cancel();
         let name = self.next_stop(&reload).await;
         warn!(signal = name, "second signal: stopping now");

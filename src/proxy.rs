@@ -156,11 +156,24 @@ pub struct ReplaceError {
 impl Proxy {
     /// Binds every listen address of `config` (shared and dedicated).
     pub async fn bind(config: &Config, generation: Generation) -> io::Result<Proxy> {
+        Proxy::bind_adopting(config, generation, Vec::new()).await
+    }
+
+    /// Like [`Proxy::bind`], except that an address paired with a listener in `adopted` (bound and
+    /// listening already, e.g. passed in by systemd socket activation) is served on that listener.
+    pub async fn bind_adopting(
+        config: &Config,
+        generation: Generation,
+        mut adopted: Vec<(SocketAddr, std::net::TcpListener)>,
+    ) -> io::Result<Proxy> {
         let mut listeners = Vec::new();
         for addr in config.all_listen_addresses() {
-            let l = bind(addr)
-                .await
-                .map_err(|e| io::Error::new(e.source.kind(), e.to_string()))?;
+            let l = match adopted.iter().position(|(a, _)| *a == addr) {
+                Some(i) => adopt(adopted.swap_remove(i).1, addr)?,
+                None => bind(addr)
+                    .await
+                    .map_err(|e| io::Error::new(e.source.kind(), e.to_string()))?,
+            };
             listeners.push((addr, l));
         }
         let device_labels = config.metrics.as_ref().is_none_or(|m| m.device_labels);
@@ -220,18 +233,32 @@ impl Proxy {
         lock(&shared.listeners).clear();
         let open = &shared.connections_open;
         open.close();
-        if !open.is_empty() {
-            info!(open = open.len(), grace = ?grace, "stopped accepting; waiting for open connections");
+        let open_at_stop = open.len();
+        if open_at_stop > 0 {
+            info!(open = open_at_stop, grace = ?grace, "stopped accepting; waiting for open connections");
         }
+        let mut cut = 0;
         if timeout(grace, open.wait()).await.is_err() {
-            warn!(
-                open = open.len(),
-                "grace period over; closing the remaining connections"
-            );
+            cut = open.len();
+            warn!(open = cut, "grace period over; closing the remaining connections");
             shared.hard_stop.cancel();
             open.wait().await;
         }
+        info!(
+            open_at_stop,
+            finished = open_at_stop.saturating_sub(cut),
+            cut,
+            "all connections closed"
+        );
     }
+}
+
+fn adopt(listener: std::net::TcpListener, addr: SocketAddr) -> io::Result<TcpListener> {
+    info!(listen = %addr, "serving on the socket passed by systemd");
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot serve on the socket passed for {addr}: {e}")))
 }
 
 impl ProxyHandle {

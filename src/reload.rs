@@ -76,6 +76,8 @@ pub struct Reloader {
     config: Config,
     proxy: ProxyHandle,
     notify: Notify,
+    /// The watched files' state taken by [`Reloader::watch_from_now`], if it was called.
+    watch: Option<Watch>,
 }
 
 impl Reloader {
@@ -86,7 +88,15 @@ impl Reloader {
             config,
             proxy,
             notify: Box::new(|_| {}),
+            watch: None,
         }
+    }
+
+    /// Takes the watched files' present state as the baseline now rather than when [`Reloader::run`]
+    /// first runs, so that a file changed once mqtls has reported ready is sure to be noticed.
+    pub async fn watch_from_now(mut self) -> Reloader {
+        self.watch = Some(Watch::new(&self.config).await);
+        self
     }
 
     /// Sets the hook called around every reload.
@@ -159,12 +169,18 @@ impl Reloader {
         if new.metrics != self.config.metrics {
             warn!("[metrics] changed: the metrics endpoint keeps its settings until mqtls restarts");
         }
+        if new.listen.shutdown_grace != self.config.listen.shutdown_grace {
+            warn!("listen.shutdown_grace changed: the grace read at start applies until mqtls restarts");
+        }
     }
 
     /// Reloads on every message from `signals` and, if the configuration asks for it, when a watched
     /// file changes; returns when `shutdown` is cancelled.
     pub async fn run(mut self, mut signals: mpsc::Receiver<()>, shutdown: CancellationToken) {
-        let mut watch = Watch::new(&self.config).await;
+        let mut watch = match self.watch.take() {
+            Some(w) => w,
+            None => Watch::new(&self.config).await,
+        };
         loop {
             let interval = self.config.reload.watch_interval;
             let trigger = tokio::select! {

@@ -97,12 +97,13 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsFileError> {
     })
 }
 
-/// Refuses a private key that group or others may read, unless the operator allowed it; returns the file's
+/// Refuses a private key that group or others may read, unless the operator allowed it or systemd passed it
+/// as a credential (readable by the service alone, whatever the mode bits say); returns the file's
 /// permission bits.
 fn check_key_permissions(path: &Path, allow_readable: bool) -> Result<u32, TlsFileError> {
     let meta = std::fs::metadata(path).map_err(|e| file_error("key", path, format!("cannot read: {e}")))?;
     let mode = meta.permissions().mode() & 0o777;
-    if key_mode_is_open(mode) && !allow_readable {
+    if key_mode_is_open(mode) && !allow_readable && !crate::systemd::is_credential(path) {
         return Err(file_error(
             "key",
             path,

@@ -254,6 +254,12 @@ rejected! {
     zero_duration_is_refused:
         [Set(r#"connect_timeout = "10s""#, r#"connect_timeout = "0s""#)]
         => ["{config}: `listen.connect_timeout`: must be longer than zero"];
+    unparsable_shutdown_grace_names_its_key:
+        [InsertAfter("[listen]", r#"shutdown_grace = "a while""#)]
+        => ["{config}: `listen.shutdown_grace`: `a while` is not a duration", r#"e.g. "10s""#];
+    zero_shutdown_grace_is_refused:
+        [InsertAfter("[listen]", r#"shutdown_grace = "0s""#)]
+        => ["{config}: `listen.shutdown_grace`: must be longer than zero"];
     missing_upstream_table_is_refused:
         [RemoveTable("[upstream]")]
         => ["{config}: `upstream`: the [upstream] table is required"];
@@ -359,6 +365,12 @@ fn baseline_loads_with_every_identity() {
     let names: Vec<&str> = generation.table.devices().iter().map(|d| &*d.name).collect();
     assert_eq!(names, ["boiler-1", "boiler-2", "meter-3"]);
     assert_eq!(config.devices.len(), 3);
+}
+
+#[test]
+fn shutdown_grace_is_read_from_listen() {
+    let (config, _) = assert_accepted(&[InsertAfter("[listen]", r#"shutdown_grace = "90s""#)]);
+    assert_eq!(config.listen.shutdown_grace, std::time::Duration::from_secs(90));
 }
 
 #[test]

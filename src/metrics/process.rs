@@ -81,8 +81,17 @@ fn stat_times() -> Option<(f64, Option<f64>)> {
 }
 
 fn boot_time() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()
+    let stat = std::fs::read_to_string("/proc/stat").ok();
+    let btime = stat.and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok());
+    // The systemd unit's ProcSubset=pid hides /proc/stat: the boot time is then now minus CLOCK_BOOTTIME, the
+    // clock /proc/<pid>/stat counts start times on.
+    btime.or_else(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        let up = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        Some(now.as_secs_f64() - (up.tv_sec as f64 + up.tv_nsec as f64 / 1e9))
+    })
 }
 
 #[cfg(test)]

@@ -19,6 +19,28 @@ pub const BIN: &str = match option_env!("CARGO_BIN_EXE_mqtls") {
 /// Upper bound for anything the daemon must do (start, relay, exit). Only a guard against hangs.
 pub const GUARD: Duration = Duration::from_secs(20);
 
+/// Variables through which systemd (or a user's shell) would change how mqtls runs; a test sets the
+/// ones it is about.
+const INHERITED: [&str; 9] = [
+    "JOURNAL_STREAM",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "MQTLS_LOG_FORMAT",
+    "MQTLS_LOG",
+];
+
+/// Removes the [`INHERITED`] variables from `cmd` and sets the log level to info.
+pub fn scrub_env(cmd: &mut Command) {
+    for v in INHERITED {
+        cmd.env_remove(v);
+    }
+    cmd.env("MQTLS_LOG", "info");
+}
+
 /// `mqtls run` in the background, its stderr collected line by line (ANSI colours removed).
 pub struct Daemon {
     pub child: Child,
@@ -35,13 +57,22 @@ impl Daemon {
         config: &Path,
         env: impl IntoIterator<Item = (K, V)>,
     ) -> Daemon {
-        let mut child = Command::new(BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("MQTLS_LOG", "info")
-            .envs(env)
-            .env_remove("JOURNAL_STREAM")
+        let mut cmd = Daemon::command(config);
+        cmd.envs(env);
+        Daemon::start(cmd)
+    }
+
+    /// `mqtls run --config <config>`, logging at info, with none of the [`INHERITED`] variables set.
+    pub fn command(config: &Path) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run").arg("--config").arg(config);
+        scrub_env(&mut cmd);
+        cmd
+    }
+
+    /// Starts `cmd` with stderr captured.
+    pub fn start(mut cmd: Command) -> Daemon {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -56,6 +87,11 @@ impl Daemon {
             }
         });
         Daemon { child, lines }
+    }
+
+    /// Every stderr line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
     }
 
     pub fn stderr(&self) -> String {

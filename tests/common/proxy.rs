@@ -81,6 +81,7 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     pub max_connect_size: usize,
     pub max_pending_per_source: Option<usize>,
+    pub shutdown_grace: Option<String>,
     pub devices: Vec<DeviceEntry>,
     pub extra: String,
 }
@@ -98,9 +99,16 @@ impl ProxyConfig {
             max_connections: 100,
             max_connect_size: 65536,
             max_pending_per_source: None,
+            shutdown_grace: None,
             devices: Vec::new(),
             extra: String::new(),
         }
+    }
+
+    /// `listen.shutdown_grace`, e.g. `"60s"`.
+    pub fn shutdown_grace(mut self, grace: &str) -> Self {
+        self.shutdown_grace = Some(grace.to_string());
+        self
     }
 
     pub fn device(mut self, d: DeviceEntry) -> Self {
@@ -123,6 +131,9 @@ impl ProxyConfig {
         );
         if let Some(n) = self.max_pending_per_source {
             s = s.replacen("[upstream]", &format!("max_pending_per_source = {n}\n\n[upstream]"), 1);
+        }
+        if let Some(g) = &self.shutdown_grace {
+            s = s.replacen("[upstream]", &format!("shutdown_grace = {g:?}\n\n[upstream]"), 1);
         }
         if let Some(n) = &self.server_name {
             let _ = writeln!(s, "server_name = {n:?}");
