@@ -94,7 +94,12 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MQTLS_LOG").unwrap_or_else(|_| "info".into());
     let journal = systemd::stderr_is_journal();
     let colour = !journal && std::io::stderr().is_terminal();
-    let base = layer().with_writer(std::io::stderr).with_ansi(colour);
+    // A log write that fails (journald restarted, the pipe closed) must cost the line, not the daemon:
+    // reporting it would go to the same broken stderr with eprintln!, which panics.
+    let base = layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
+        .log_internal_errors(false);
     let json = || {
         event_format()
             .json()

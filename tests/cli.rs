@@ -359,3 +359,41 @@ async fn run_on_a_taken_port_exits_1_naming_the_address() {
     daemon.wait_line(&[&format!("cannot listen on {addr}")]).await;
     drop(taken);
 }
+
+#[tokio::test]
+async fn a_closed_stderr_does_not_stop_the_daemon() {
+    use tokio::io::AsyncWriteExt;
+
+    let pki = Pki::new();
+    let port = common::mosquitto::free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let text = std::fs::read_to_string(idle_config(&pki)).unwrap();
+    let config = pki.dir().join("closed-stderr.toml");
+    std::fs::write(&config, text.replace("127.0.0.1:0", &addr.to_string())).unwrap();
+    let mut child = Daemon::command(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nobody reads the logs (journald restarted, the pipe's reader died): every log line mqtls writes
+    // from its first one on fails.
+    drop(child.stderr.take());
+    let deadline = tokio::time::Instant::now() + GUARD;
+    let mut dev = loop {
+        if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
+            break s;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "mqtls exited: {:?}", child.wait());
+        assert!(tokio::time::Instant::now() < deadline, "mqtls never listened on {addr}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    dev.write_all(&common::raw::connect(common::raw::Version::V311, "nobody", 0))
+        .await
+        .unwrap();
+    let connack = common::raw::expect_connack(&mut dev, common::raw::Version::V311, GUARD).await;
+    assert_eq!(connack.code, 2, "the refusal is logged (into the void), then answered");
+    assert!(child.try_wait().unwrap().is_none(), "mqtls died when its stderr closed");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -239,12 +239,7 @@ pub fn scrape_once() -> String {
     let mut config = super::proxy::ProxyConfig::new(&pki, "127.0.0.1:1".parse().unwrap())
         .device(super::proxy::DeviceEntry::new(&pki.client("boiler-1")));
     config.extra.push_str("\n[metrics]\naddress = \"127.0.0.1:0\"\n");
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(config.write(pki.dir()))
-        .env("MQTLS_LOG", "info")
-        .env("NO_COLOR", "1")
-        .env_remove("JOURNAL_STREAM")
+    let mut child = Daemon::command(&config.write(pki.dir()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
