@@ -10,10 +10,12 @@
 //! 5. [`pipe`] copies bytes both ways, honouring half-close and the device's MQTT keep-alive.
 //!
 //! Around that path: [`config`] turns the TOML file into a validated [`config::Config`], [`socket`]
-//! sets the options both sockets share, [`certs`] makes and inspects the device identities on disk
-//! (`mqtls certs`), and [`systemd`] tells the service manager how mqtls is doing and hands over the sockets
-//! it passed. Refusals before the broker is reached are answered with a CONNACK
-//! in the device's own protocol version.
+//! sets the options both sockets share, [`metrics`] counts what happens on it (and serves `/metrics`),
+//! [`reload`] builds a whole new configuration generation on SIGHUP or when a file changes and swaps it in
+//! for new connections, [`certs`] makes and inspects the device identities on disk (`mqtls certs`), and
+//! [`systemd`] tells the service manager how mqtls is doing and hands over the sockets it passed.
+//! Refusals before the broker is reached are answered with a CONNACK in the device's own protocol
+//! version.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
