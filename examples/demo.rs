@@ -1,7 +1,8 @@
 //! A working mqtls setup on this machine, from nothing: a private CA and certificates (rcgen), a real
 //! Mosquitto 2 with mutual TLS and one ACL per device identity (the recipe in `deploy/mosquitto/`), the
 //! `mqtls` binary in front of it, and devices that speak plain MQTT to mqtls. An observer subscribed at
-//! the broker prints what arrives, and under which identity.
+//! the broker prints what arrives, and under which identity. Part-way through, one device's certificate
+//! is rotated on disk while it is connected, and the metrics endpoint is scraped at the end.
 //!
 //! Run it with `./scripts/demo.sh` (which installs Mosquitto if needed and builds mqtls). Ctrl-C stops
 //! everything. `--seconds N` stops after N seconds and exits non-zero if something did not happen as
@@ -13,8 +14,10 @@ mod common;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::metrics::Scrape;
 use common::mqtt_client::{device_v4, device_v5, observer, wait_connack_v4, wait_connack_v5};
 use common::{Mosquitto, Pki};
 use rumqttc::QoS;
@@ -26,10 +29,19 @@ const READING_EVERY: Duration = Duration::from_secs(2);
 
 struct Outcome {
     readings: [usize; 2],
+    /// boiler-2's readings that arrived after its certificate was rotated.
+    readings_after_rotation: usize,
     spoofs_delivered: usize,
     denied_in_broker_log: usize,
     intruder_refused: bool,
+    /// mqtls logged a reload that renewed boiler-2.
+    rotation_reloaded: bool,
+    /// From the metrics endpoint: refusals of unknown devices, and bytes boiler-1 sent.
+    scraped: Option<(f64, f64)>,
 }
+
+/// When boiler-2's certificate is replaced on disk while it is connected.
+const ROTATE_AFTER: Duration = Duration::from_millis(1500);
 
 #[tokio::main]
 async fn main() {
@@ -87,7 +99,7 @@ async fn run(seconds: Option<u64>) -> Result<bool, String> {
         broker.addr(),
         config_path.display()
     );
-    let mut mqtls = start_mqtls(&config_path).await?;
+    let (mut mqtls, log, metrics) = start_mqtls(&config_path).await?;
 
     println!("[4/4] devices speak plain MQTT to mqtls; an observer subscribed at the broker shows what arrives");
     let mut watch = observer(&pki, &broker, "sensors/#").await;
@@ -99,10 +111,16 @@ async fn run(seconds: Option<u64>) -> Result<bool, String> {
 
     let mut outcome = Outcome {
         readings: [0, 0],
+        readings_after_rotation: 0,
         spoofs_delivered: 0,
         denied_in_broker_log: 0,
         intruder_refused,
+        rotation_reloaded: false,
+        scraped: None,
     };
+    let rotate = tokio::time::sleep(ROTATE_AFTER);
+    tokio::pin!(rotate);
+    let mut rotated = false;
     let stop = async {
         match seconds {
             Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
@@ -112,6 +130,7 @@ async fn run(seconds: Option<u64>) -> Result<bool, String> {
                     listen.ip(),
                     listen.port()
                 );
+                println!("      and watch it:    curl -s http://{metrics}/metrics | grep ^mqtls_");
                 println!("      (Ctrl-C stops the demo)");
                 let _ = tokio::signal::ctrl_c().await;
             }
@@ -122,6 +141,11 @@ async fn run(seconds: Option<u64>) -> Result<bool, String> {
     loop {
         tokio::select! {
             _ = &mut stop => break,
+            _ = &mut rotate, if !rotated => {
+                rotated = true;
+                pki.client("boiler-2");
+                println!("[ops] boiler-2's certificate and key replaced on disk (a rotation): mqtls notices, reloads, and boiler-2 stays connected");
+            }
             Some(line) = rx.recv() => println!("{line}"),
             Some((topic, payload)) = watch.next_message(Duration::from_secs(3600)) => {
                 let text = String::from_utf8_lossy(&payload);
@@ -129,7 +153,10 @@ async fn run(seconds: Option<u64>) -> Result<bool, String> {
                 match topic.as_str() {
                     t if t.starts_with("sensors/boiler-1/") => outcome.readings[0] += 1,
                     t if t.starts_with("sensors/boiler-2/") && text.starts_with("spoof") => outcome.spoofs_delivered += 1,
-                    t if t.starts_with("sensors/boiler-2/") => outcome.readings[1] += 1,
+                    t if t.starts_with("sensors/boiler-2/") => {
+                        outcome.readings[1] += 1;
+                        outcome.readings_after_rotation += usize::from(rotated);
+                    }
                     _ => {}
                 }
                 let identities = broker.connected_usernames();
@@ -147,6 +174,15 @@ async fn run(seconds: Option<u64>) -> Result<bool, String> {
     boiler2.abort();
     let _ = tokio::join!(boiler1, boiler2);
     outcome.denied_in_broker_log = broker.count_in_log("Denied PUBLISH from boiler-1");
+    outcome.rotation_reloaded = log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("configuration reloaded") && l.contains("renewed=boiler-2"));
+    let scrape = Scrape::take(metrics).await;
+    outcome.scraped = scrape
+        .value(r#"mqtls_connections_refused_total{reason="unknown_device"}"#)
+        .zip(scrape.value(r#"mqtls_bytes_total{device="boiler-1",direction="to_broker"}"#));
     println!("stopping: SIGTERM to mqtls, then the broker");
     let status = stop_mqtls(&mut mqtls).await?;
     drop(broker);
@@ -189,6 +225,22 @@ fn report(o: &Outcome, mqtls_exit_ok: bool) -> bool {
             o.intruder_refused,
             "an unknown device was refused with CONNACK 'identifier rejected'".to_string(),
         ),
+        (
+            o.rotation_reloaded && o.readings_after_rotation > 0,
+            format!(
+                "boiler-2's certificate was rotated on disk: mqtls reloaded on its own, boiler-2 kept publishing ({} readings after)",
+                o.readings_after_rotation
+            ),
+        ),
+        (
+            o.scraped.is_some_and(|(refused, bytes)| refused >= 1.0 && bytes > 0.0),
+            match o.scraped {
+                Some((refused, bytes)) => format!(
+                    "metrics endpoint: refused unknown devices {refused}, bytes boiler-1 sent to the broker {bytes}"
+                ),
+                None => "metrics endpoint: series missing".to_string(),
+            },
+        ),
         (mqtls_exit_ok, "mqtls stopped cleanly (exit 0)".to_string()),
     ];
     println!("== summary ==");
@@ -211,7 +263,8 @@ fn pick_listen_address() -> SocketAddr {
 fn write_config(pki: &Pki, broker: &Mosquitto, listen: SocketAddr, devices: &[common::ClientCert]) -> PathBuf {
     let mut text = format!(
         "# Written by the mqtls demo.\n[listen]\naddress = \"{listen}\"\nconnect_timeout = \"10s\"\nmax_connections = 1000\n\n\
-         [upstream]\naddress = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\nca_file = {:?}\n",
+         [upstream]\naddress = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\nca_file = {:?}\n\n\
+         [metrics]\naddress = \"127.0.0.1:0\"\n\n[reload]\nwatch_interval = \"500ms\"\n",
         broker.port(),
         pki.ca_pem_path()
     );
@@ -238,7 +291,12 @@ fn mqtls_binary() -> PathBuf {
         .expect("binary path")
 }
 
-async fn start_mqtls(config: &std::path::Path) -> Result<Child, String> {
+/// Everything mqtls logged so far.
+type Log = Arc<Mutex<Vec<String>>>;
+
+/// Starts `mqtls run`, echoes its log, and waits until it is ready; returns the process, its log and the
+/// metrics endpoint's address.
+async fn start_mqtls(config: &std::path::Path) -> Result<(Child, Log, SocketAddr), String> {
     let bin = mqtls_binary();
     let mut child = Command::new(&bin)
         .args(["run", "--config"])
@@ -254,22 +312,33 @@ async fn start_mqtls(config: &std::path::Path) -> Result<Child, String> {
         })?;
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let log: Log = Arc::default();
+    let keep = log.clone();
     tokio::spawn(async move {
         let mut ready_tx = Some(ready_tx);
+        let mut metrics = None;
         while let Ok(Some(line)) = lines.next_line().await {
             println!("   mqtls | {line}");
-            if line.contains("mqtls ready") {
-                if let Some(tx) = ready_tx.take() {
-                    let _ = tx.send(());
+            let plain = common::daemon::strip_ansi(&line);
+            if plain.contains("metrics endpoint") {
+                metrics = plain
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("address="))
+                    .and_then(|a| a.parse::<SocketAddr>().ok());
+            }
+            if plain.contains("mqtls ready") {
+                if let (Some(tx), Some(addr)) = (ready_tx.take(), metrics) {
+                    let _ = tx.send(addr);
                 }
             }
+            keep.lock().unwrap().push(plain);
         }
     });
-    tokio::time::timeout(Duration::from_secs(15), ready_rx)
+    let metrics = tokio::time::timeout(Duration::from_secs(15), ready_rx)
         .await
         .map_err(|_| "mqtls did not become ready within 15 s".to_string())?
         .map_err(|_| "mqtls exited during start-up (see its log above)".to_string())?;
-    Ok(child)
+    Ok((child, log, metrics))
 }
 
 async fn stop_mqtls(child: &mut Child) -> Result<std::process::ExitStatus, String> {
