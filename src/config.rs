@@ -23,6 +23,8 @@ pub const DEFAULT_UPSTREAM_PORT: u16 = 8883;
 pub const DEVICE_DIR_CERT: &str = "cert.pem";
 /// Name of the private key file inside a device directory entry.
 pub const DEVICE_DIR_KEY: &str = "key.pem";
+/// The name the `[fallback]` identity goes by in logs and metrics.
+pub const FALLBACK_NAME: &str = "fallback";
 /// Optional per-device settings inside a device directory entry.
 pub const DEVICE_DIR_SETTINGS: &str = "device.toml";
 /// A certificate signing request inside a device directory entry: with `key.pem` and no `cert.pem`, the
@@ -496,6 +498,14 @@ impl Validator {
         let reload = self.reload(raw.reload.unwrap_or_default());
 
         self.unique_names(&devices);
+        if fallback.is_some() {
+            for d in devices.iter().filter(|d| d.name == FALLBACK_NAME) {
+                let reason =
+                    format!("`{FALLBACK_NAME}` names the [fallback] identity in logs and metrics; choose another name");
+                self.errors
+                    .push(ConfigError::new(&d.origin, "name", reason).for_device(&d.name));
+            }
+        }
         if let Some(listen) = &listen {
             self.no_ambiguous_devices(&devices, &listen.addresses);
             self.listeners_can_bind(&devices, &listen.addresses);

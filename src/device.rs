@@ -227,7 +227,7 @@ fn device(spec: &DeviceSpec, identity: Identity, shared: &[SocketAddr]) -> Devic
 fn load_fallback(files: &IdentityFiles, settings: &TlsSettings, shared: &[SocketAddr]) -> Result<Device, TlsFileError> {
     let identity = tls::load_identity(&files.cert, &files.key, settings)?;
     Ok(Device {
-        name: "fallback".into(),
+        name: crate::config::FALLBACK_NAME.into(),
         client_id: None,
         sources: Vec::new(),
         listeners: shared.to_vec(),

@@ -173,7 +173,11 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
-    let (config, generation) = match load(path) {
+    let mqtls::reload::Loaded {
+        config,
+        generation,
+        baseline,
+    } = match mqtls::reload::load(path) {
         Ok(loaded) => loaded,
         Err(errors) => {
             for e in &errors.0 {
@@ -212,10 +216,11 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             info!(address = %local, "metrics endpoint: GET http://{local}/metrics");
             tokio::spawn(mqtls::metrics::serve(listener, proxy.metrics(), metrics_stop.clone()));
         }
-        let reloader = Reloader::new(path, config.clone(), proxy.handle())
-            .on_reload(systemd_reload_hook(notifier.clone(), proxy.handle()))
-            .watch_from_now()
-            .await;
+        let reloader = Reloader::new(path, config.clone(), baseline, proxy.handle()).on_reload(systemd_reload_hook(
+            notifier.clone(),
+            proxy.handle(),
+            shutdown.clone(),
+        ));
         tokio::spawn(reloader.run(reload_queue, shutdown.clone()));
         if let Some(w) = descriptor_warning(config.listen.max_connections) {
             warn!("{w}");
@@ -241,9 +246,12 @@ fn serving_status(proxy: &ProxyHandle) -> String {
 }
 
 /// RELOADING=1 when a reload starts (SIGHUP or a file change), READY=1 when it has ended, whatever the
-/// outcome: `systemctl reload` waits for that READY=1.
-fn systemd_reload_hook(notifier: Notifier, proxy: ProxyHandle) -> mqtls::reload::Notify {
+/// outcome. Once stopping, a reload that ends must not say READY=1 again after STOPPING=1.
+fn systemd_reload_hook(notifier: Notifier, proxy: ProxyHandle, shutdown: CancellationToken) -> mqtls::reload::Notify {
     Box::new(move |starting| {
+        if shutdown.is_cancelled() {
+            return;
+        }
         if starting {
             notifier.reloading();
         } else {
@@ -301,14 +309,7 @@ impl Signals {
 /// Each proxied connection holds two file descriptors; warn when the process limit cannot cover
 /// `max_connections` (the accept loop would then fail with EMFILE instead of answering "busy").
 fn descriptor_warning(max_connections: usize) -> Option<String> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let soft: usize = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))?
-        .split_whitespace()
-        .nth(3)?
-        .parse()
-        .ok()?;
+    let soft = mqtls::metrics::process::open_files_limit()? as usize;
     let needed = 2 * max_connections + 64;
     (soft < needed).then(|| {
         format!(

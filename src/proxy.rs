@@ -200,7 +200,8 @@ impl Proxy {
         })
     }
 
-    /// The addresses actually bound, in configuration order (useful when a port was 0).
+    /// The addresses actually bound, in configuration order (useful when a port was 0); see
+    /// [`ProxyHandle::local_addrs`] once reloads have changed them.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.handle().local_addrs()
     }
@@ -262,7 +263,8 @@ fn adopt(listener: std::net::TcpListener, addr: SocketAddr) -> io::Result<TcpLis
 }
 
 impl ProxyHandle {
-    /// The addresses being listened on, in configuration order.
+    /// The addresses being listened on: those of the start-up configuration in its order, then those
+    /// that reloads added.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         let served = lock(&self.shared.listeners);
         let unserved = lock(&self.shared.unserved);

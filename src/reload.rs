@@ -5,9 +5,14 @@
 //! change to the configuration file or to any file it names (CA bundle, device certificates and keys,
 //! the device directory and everything in it). Files are polled rather than watched with inotify: a
 //! poll sees renames, replaced symlinks (the `..data` swap of secret mounts) and editors that write in
-//! place alike, and costs one `stat` per file per interval. A change is acted on once it has held still
+//! place alike, and costs one `stat` per file per interval. For very large fleets the interval stretches
+//! so that polling never takes more than about 1% of a core. A change is acted on once it has held still
 //! for one interval, so a certificate and its key copied one after the other give one reload, not a
 //! failed one in between.
+//!
+//! The state of the watched files is taken *before* a configuration is read, never after: a file that
+//! changes while thousands of identities load is then still different from that baseline at the next
+//! poll, and is reloaded, instead of being taken for already in force.
 //!
 //! Whatever is wrong with a new generation is logged (file, key, device) and counted in
 //! `mqtls_config_reloads_total{result="failure"}`; the old generation keeps serving. Open connections
@@ -16,7 +21,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -70,33 +75,94 @@ pub struct Changes {
 /// systemd's RELOADING=1 / READY=1.
 pub type Notify = Box<dyn Fn(bool) + Send + Sync>;
 
+/// The watched paths and their state, taken just before the files were read.
+#[derive(Debug, Clone)]
+pub struct Baseline {
+    paths: Vec<PathBuf>,
+    stamps: Fingerprint,
+    /// How long taking the stamps took: what one poll costs.
+    cost: Duration,
+}
+
+impl Baseline {
+    fn take(paths: Vec<PathBuf>) -> Baseline {
+        let started = Instant::now();
+        let stamps = fingerprint(&paths);
+        Baseline {
+            paths,
+            stamps,
+            cost: started.elapsed(),
+        }
+    }
+}
+
+/// A configuration read from disk with every identity it names, and the state its files were in just
+/// before they were read.
+pub struct Loaded {
+    /// The configuration.
+    pub config: Config,
+    /// Its identities, ready to serve.
+    pub generation: Generation,
+    /// What the file watcher compares against.
+    pub baseline: Baseline,
+}
+
+/// Loads the configuration at `path` as `mqtls run` does at start-up, noting the watched files' state
+/// first (blocking: call it before the runtime starts, or from a blocking thread).
+pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
+    let (baseline, loaded) = load_watched(path, &[]);
+    loaded.map(|(config, generation)| Loaded {
+        config,
+        generation,
+        baseline,
+    })
+}
+
+/// Notes the state of every file the configuration at `path` names, then reads them all. If the
+/// configuration cannot be parsed, `fallback` (the paths watched so far) and `path` are watched.
+fn load_watched(path: &Path, fallback: &[PathBuf]) -> (Baseline, Result<(Config, Generation), ConfigErrors>) {
+    with_baseline(
+        || match Config::load(path) {
+            Ok(c) => watched_paths(&c),
+            Err(_) => std::iter::once(path.to_path_buf())
+                .chain(fallback.iter().cloned())
+                .collect(),
+        },
+        || {
+            let config = Config::load(path)?;
+            let generation = Generation::load(&config)?;
+            Ok((config, generation))
+        },
+    )
+}
+
+/// Stamps the paths `watched` names, then runs `load`: whatever `load` reads is at least as new as the
+/// stamps, so a change made during the load shows at the next poll.
+fn with_baseline<T>(watched: impl FnOnce() -> Vec<PathBuf>, load: impl FnOnce() -> T) -> (Baseline, T) {
+    let baseline = Baseline::take(watched());
+    (baseline, load())
+}
+
 /// Reloads the configuration of one running proxy.
 pub struct Reloader {
     path: PathBuf,
     config: Config,
     proxy: ProxyHandle,
     notify: Notify,
-    /// The watched files' state taken by [`Reloader::watch_from_now`], if it was called.
-    watch: Option<Watch>,
+    /// The state the files of the configuration in force (or of the last one tried) were in when read.
+    baseline: Baseline,
 }
 
 impl Reloader {
-    /// A reloader for the proxy serving `config`, read from `path`.
-    pub fn new(path: &Path, config: Config, proxy: ProxyHandle) -> Reloader {
+    /// A reloader for the proxy serving `config`, read from `path` when its files were as `baseline` says.
+    pub fn new(path: &Path, config: Config, baseline: Baseline, proxy: ProxyHandle) -> Reloader {
         Reloader {
             path: path.to_path_buf(),
             config,
             proxy,
             notify: Box::new(|_| {}),
-            watch: None,
+            baseline,
         }
-    }
-
-    /// Takes the watched files' present state as the baseline now rather than when [`Reloader::run`]
-    /// first runs, so that a file changed once mqtls has reported ready is sure to be noticed.
-    pub async fn watch_from_now(mut self) -> Reloader {
-        self.watch = Some(Watch::new(&self.config).await);
-        self
     }
 
     /// Sets the hook called around every reload.
@@ -148,14 +214,14 @@ impl Reloader {
 
     async fn try_reload(&mut self) -> Result<Changes, ReloadError> {
         let path = self.path.clone();
+        let watched = self.baseline.paths.clone();
         // Reading thousands of certificates and keys is blocking work.
-        let loaded = tokio::task::spawn_blocking(move || {
-            let config = Config::load(&path)?;
-            let generation = Generation::load(&config)?;
-            Ok::<_, ConfigErrors>((config, generation))
-        })
-        .await
-        .expect("loading a configuration does not panic");
+        let (baseline, loaded) = tokio::task::spawn_blocking(move || load_watched(&path, &watched))
+            .await
+            .expect("loading a configuration does not panic");
+        // Whatever the outcome: a failed configuration's files are watched too, so that the file it
+        // missed is noticed when it arrives.
+        self.baseline = baseline;
         let (config, generation) = loaded.map_err(ReloadError::Invalid)?;
         self.warn_fixed_settings(&config);
         let changes = changes(&self.proxy.generation(), &generation);
@@ -177,12 +243,19 @@ impl Reloader {
     /// Reloads on every message from `signals` and, if the configuration asks for it, when a watched
     /// file changes; returns when `shutdown` is cancelled.
     pub async fn run(mut self, mut signals: mpsc::Receiver<()>, shutdown: CancellationToken) {
-        let mut watch = match self.watch.take() {
-            Some(w) => w,
-            None => Watch::new(&self.config).await,
-        };
+        let mut watch = Watch::new(self.baseline.clone());
+        let mut stretched = Duration::ZERO;
         loop {
-            let interval = self.config.reload.watch_interval;
+            let interval = watch.interval(self.config.reload.watch_interval);
+            if interval > self.config.reload.watch_interval && interval > stretched * 2 {
+                info!(
+                    files = watch.baseline.stamps.len(),
+                    poll_ms = watch.baseline.cost.as_millis() as u64,
+                    interval = ?interval,
+                    "watching this many files: polling less often, to stay under 1% of a core"
+                );
+                stretched = interval;
+            }
             let trigger = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 s = signals.recv() => match s {
@@ -199,16 +272,8 @@ impl Reloader {
             if trigger == Trigger::FileChange {
                 info!("a watched file changed; reloading");
             }
-            let result = self.reload(trigger).await;
-            // After a failure, watch what the rejected configuration names too, so that adding the file it
-            // missed is noticed.
-            let named = match &result {
-                Ok(_) => watched_paths(&self.config),
-                Err(_) => Config::load(&self.path)
-                    .map(|c| watched_paths(&c))
-                    .unwrap_or_else(|_| watched_paths(&self.config)),
-            };
-            watch.rebase(named).await;
+            let _ = self.reload(trigger).await;
+            watch = Watch::new(self.baseline.clone());
         }
     }
 }
@@ -251,17 +316,19 @@ struct Stamp {
 type Fingerprint = Vec<(PathBuf, Option<Stamp>)>;
 
 /// Every path whose change should trigger a reload: the file itself, the files it names, and the
-/// device directory with each entry and the files in it.
+/// device directory (whose walk covers the files of its entries).
 fn watched_paths(config: &Config) -> Vec<PathBuf> {
+    let in_device_dir = |p: &Path| config.device_dir.as_deref().is_some_and(|d| p.starts_with(d));
     let mut paths = vec![config.path.clone()];
     paths.extend(config.upstream.ca_file.clone());
-    for d in &config.devices {
-        paths.push(d.identity.cert.clone());
-        paths.push(d.identity.key.clone());
-    }
-    if let Some(f) = &config.fallback {
-        paths.push(f.cert.clone());
-        paths.push(f.key.clone());
+    let identities = config.devices.iter().map(|d| &d.identity).chain(&config.fallback);
+    for files in identities {
+        paths.extend(
+            [&files.cert, &files.key]
+                .into_iter()
+                .filter(|p| !in_device_dir(p))
+                .cloned(),
+        );
     }
     paths.extend(config.device_dir.clone());
     paths
@@ -305,48 +372,44 @@ fn stamp(m: &std::fs::Metadata) -> Stamp {
 
 /// Polls the watched paths and reports a change once it has held still for one poll.
 struct Watch {
-    paths: Vec<PathBuf>,
-    in_force: Fingerprint,
+    baseline: Baseline,
     candidate: Option<Fingerprint>,
 }
 
+/// Polling may take this share of the time at most: the interval stretches beyond
+/// `reload.watch_interval` when one poll takes longer than 1/100 of it.
+const MAX_POLL_SHARE: u32 = 100;
+
 impl Watch {
-    async fn new(config: &Config) -> Watch {
-        let paths = watched_paths(config);
-        let in_force = take(paths.clone()).await;
+    fn new(baseline: Baseline) -> Watch {
         Watch {
-            paths,
-            in_force,
+            baseline,
             candidate: None,
         }
     }
 
-    /// True when the files differ from the last reload and have not changed since the previous poll.
+    /// The configured interval, or longer if a poll is costly.
+    fn interval(&self, configured: Duration) -> Duration {
+        configured.max(self.baseline.cost * MAX_POLL_SHARE)
+    }
+
+    /// True when the files differ from the baseline and have not changed since the previous poll.
     async fn settled_change(&mut self) -> bool {
-        let now = take(self.paths.clone()).await;
-        if now == self.in_force {
+        let paths = self.baseline.paths.clone();
+        let now = tokio::task::spawn_blocking(move || Baseline::take(paths))
+            .await
+            .expect("stat does not panic");
+        self.baseline.cost = now.cost;
+        if now.stamps == self.baseline.stamps {
             self.candidate = None;
             return false;
         }
-        if self.candidate.as_ref() == Some(&now) {
+        if self.candidate.as_ref() == Some(&now.stamps) {
             return true;
         }
-        self.candidate = Some(now);
+        self.candidate = Some(now.stamps);
         false
     }
-
-    /// After a reload (either way): watch `paths` and take their present state as the baseline.
-    async fn rebase(&mut self, paths: Vec<PathBuf>) {
-        self.in_force = take(paths.clone()).await;
-        self.paths = paths;
-        self.candidate = None;
-    }
-}
-
-async fn take(paths: Vec<PathBuf>) -> Fingerprint {
-    tokio::task::spawn_blocking(move || fingerprint(&paths))
-        .await
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -371,6 +434,58 @@ mod tests {
         std::fs::write(devices.join("b/key.pem"), "k").unwrap();
         let added = fingerprint(&paths);
         assert!(added.iter().any(|(p, _)| p.ends_with("b/key.pem")));
+    }
+
+    #[tokio::test]
+    async fn a_change_made_while_loading_is_seen_at_the_next_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        std::fs::write(&cert, "old").unwrap();
+        // The load reads the file, then the file changes before the load ends.
+        let (baseline, read) = with_baseline(
+            || vec![cert.clone()],
+            || {
+                let read = std::fs::read_to_string(&cert).unwrap();
+                std::fs::write(&cert, "new, written during the load").unwrap();
+                read
+            },
+        );
+        assert_eq!(read, "old");
+        let mut watch = Watch::new(baseline);
+        assert!(
+            !watch.settled_change().await,
+            "first poll: a candidate, not yet settled"
+        );
+        assert!(
+            watch.settled_change().await,
+            "the change made during the load is reloaded"
+        );
+    }
+
+    #[test]
+    fn a_costly_poll_stretches_the_interval() {
+        let mut b = Baseline::take(Vec::new());
+        b.cost = Duration::from_millis(50);
+        let w = Watch::new(b);
+        assert_eq!(w.interval(Duration::from_secs(2)), Duration::from_secs(5));
+        assert_eq!(w.interval(Duration::from_secs(10)), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn device_directory_files_are_walked_not_listed_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let devices = dir.path().join("devices.d");
+        std::fs::create_dir_all(devices.join("a")).unwrap();
+        let text = format!(
+            "[upstream]\naddress = \"b.example:8883\"\n[device_dir]\npath = {:?}\n",
+            devices
+        );
+        for f in ["cert.pem", "key.pem"] {
+            std::fs::write(devices.join("a").join(f), "x").unwrap();
+        }
+        let config = Config::from_toml(&text, &dir.path().join("mqtls.toml")).unwrap();
+        let paths = watched_paths(&config);
+        assert_eq!(paths, vec![dir.path().join("mqtls.toml"), devices]);
     }
 
     #[test]

@@ -339,6 +339,12 @@ rejected! {
     missing_device_dir_is_named:
         [Append("\n[device_dir]\npath = \"no-such-dir\"\n")]
         => ["{config}: `device_dir.path`: cannot read {dir}/no-such-dir"];
+    a_device_named_fallback_beside_a_fallback_identity_is_refused:
+        [
+            Set(r#"name = "boiler-2""#, r#"name = "fallback""#),
+            Append("\n[fallback]\ncert = \"devices/meter-3/cert.pem\"\nkey = \"devices/meter-3/key.pem\"\n"),
+        ]
+        => [r#"{config}: device "fallback": `name`: `fallback` names the [fallback] identity"#];
     metrics_address_that_is_not_an_address_is_refused:
         [Append("\n[metrics]\naddress = \"localhost:9883\"\n")]
         => ["{config}: `metrics.address`: `localhost:9883` is not an IP:port address"];

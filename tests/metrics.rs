@@ -225,3 +225,85 @@ async fn a_metrics_address_on_a_device_port_is_a_config_error() {
         "{stderr}"
     );
 }
+
+/// A device socket from another loopback address (Linux routes all of 127.0.0.0/8 to lo).
+async fn device_from(source: &str, addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+#[tokio::test]
+async fn limits_are_counted_under_their_own_reasons() {
+    let pki = Pki::new();
+    let mut config =
+        ProxyConfig::new(&pki, "127.0.0.1:1".parse().unwrap()).device(DeviceEntry::new(&pki.client("limited")));
+    config.max_connections = 1;
+    config.max_pending_per_source = Some(1);
+    config.connect_timeout = "2s".into();
+    config.extra.push_str(METRICS);
+    let daemon = Daemon::spawn(&config.write(pki.dir()));
+    let addr = daemon.ready().await;
+    let metrics = daemon.metrics_addr().await;
+
+    // A sends nothing: it holds the only connection slot and 127.0.0.1's only unidentified slot.
+    let _silent = raw::device(addr).await;
+    scrape_until(metrics, "the first connection accepted", |s| {
+        s.value("mqtls_connections_accepted_total") == Some(1.0)
+    })
+    .await;
+    // Another from 127.0.0.1 is over the per-source limit.
+    let _crowd = raw::device(addr).await;
+    // One from elsewhere is over the connection limit, and told so.
+    let mut busy = device_from("127.0.0.2", addr).await;
+    busy.write_all(&raw::connect(Version::V311, "limited", 60))
+        .await
+        .unwrap();
+    assert_eq!(raw::expect_connack(&mut busy, Version::V311, GUARD).await.code, 3);
+    // The silent one runs out of time.
+    let s = scrape_until(metrics, "each limit counted", |s| {
+        s.value("mqtls_connections_refused_total{reason=\"connect_timeout\"}") == Some(1.0)
+    })
+    .await;
+    assert_eq!(s.get("mqtls_connections_refused_total{reason=\"source_limit\"}"), 1.0);
+    assert_eq!(s.get("mqtls_connections_refused_total{reason=\"busy\"}"), 1.0);
+    assert_eq!(s.get("mqtls_connections_refused_total{reason=\"bad_connect\"}"), 0.0);
+    assert_eq!(s.get("mqtls_connections_accepted_total"), 3.0);
+}
+
+#[tokio::test]
+async fn the_endpoint_outlasts_idle_and_oversized_clients() {
+    use tokio::io::AsyncReadExt;
+
+    let pki = Pki::new();
+    let mut config = ProxyConfig::new(&pki, "127.0.0.1:1".parse().unwrap()).device(DeviceEntry::new(&pki.client("e")));
+    config.extra.push_str(METRICS);
+    let daemon = Daemon::spawn(&config.write(pki.dir()));
+    daemon.ready().await;
+    let metrics = daemon.metrics_addr().await;
+
+    // More idle clients than the endpoint serves at once: they are dropped after a short wait.
+    let mut idle = Vec::new();
+    for _ in 0..12 {
+        idle.push(tokio::net::TcpStream::connect(metrics).await.unwrap());
+    }
+    let scrape = tokio::time::timeout(GUARD, Scrape::take(metrics))
+        .await
+        .expect("a scrape behind idle clients");
+    assert!(scrape.value("mqtls_devices").is_some());
+
+    // A request head that never ends is cut off once it is too large.
+    let mut big = tokio::net::TcpStream::connect(metrics).await.unwrap();
+    let mut header = b"GET /metrics HTTP/1.1\r\n".to_vec();
+    header.extend(std::iter::repeat_n(b'x', 16 * 1024));
+    let _ = big.write_all(&header).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(GUARD, big.read_to_end(&mut rest))
+        .await
+        .expect("the server closes it");
+    assert!(
+        read.is_err() || rest.is_empty(),
+        "an answer to an oversized head: {rest:?}"
+    );
+    assert!(Scrape::take(metrics).await.value("mqtls_devices").is_some());
+}

@@ -21,7 +21,10 @@ use super::Metrics;
 const MAX_CLIENTS: usize = 8;
 /// Longest request head accepted.
 const MAX_REQUEST: usize = 8 * 1024;
-/// Time a client has to send its request and take the answer.
+/// Time a client has to send its request head: a scraper sends it at once, and idle clients must not
+/// hold the few slots for long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a client has, in all, to send its request and take the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often histogram samples are folded into buckets when nobody scrapes.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -60,10 +63,19 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
     }
 }
 
-async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let head = read_head(&mut stream).await?;
+async fn answer(mut stream: TcpStream, metrics: &Arc<Metrics>) -> std::io::Result<()> {
+    let head = timeout(REQUEST_TIMEOUT, read_head(&mut stream))
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no request in time")))?;
     let (status, content_type, body) = match route(&head) {
-        Route::Metrics => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
+        Route::Metrics => {
+            // Thousands of devices make a page of megabytes: render it off the threads that serve devices.
+            let metrics = metrics.clone();
+            let page = tokio::task::spawn_blocking(move || metrics.render())
+                .await
+                .map_err(std::io::Error::other)?;
+            ("200 OK", "text/plain; version=0.0.4; charset=utf-8", page)
+        }
         Route::Health => ("200 OK", "text/plain; charset=utf-8", "ok\n".to_string()),
         Route::NotFound => (
             "404 Not Found",
@@ -137,7 +149,7 @@ fn route(head: &[u8]) -> Route {
     let path = target.split(|b| *b == b'?').next().unwrap_or_default();
     match path {
         b"/metrics" => Route::Metrics,
-        b"/health" | b"/healthz" => Route::Health,
+        b"/health" => Route::Health,
         _ => Route::NotFound,
     }
 }

@@ -13,7 +13,7 @@
 
 mod endpoint;
 mod metered;
-mod process;
+pub mod process;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -323,7 +323,7 @@ impl Metrics {
         for (name, _) in series.current.clone() {
             series.stats.entry(name).or_default();
         }
-        self.devices_configured.set(series.current.len() as f64);
+        self.devices_configured.set(table.devices().len() as f64);
     }
 
     /// The live counters a connection of device `name` updates.
@@ -393,7 +393,13 @@ impl Metrics {
         }
         // Configured devices in order, then removed ones that still have connections open.
         let mut names: Vec<&Arc<str>> = series.current.iter().map(|(n, _)| n).collect();
-        let mut retired: Vec<&Arc<str>> = series.stats.keys().filter(|n| !names.contains(n)).collect();
+        let configured: std::collections::HashSet<&Arc<str>> = names.iter().copied().collect();
+        let mut retired: Vec<&Arc<str>> = series
+            .stats
+            .iter()
+            .filter(|(n, s)| s.is_active() && !configured.contains(n))
+            .map(|(n, _)| n)
+            .collect();
         retired.sort();
         names.extend(retired);
         let stats = |n: &Arc<str>| series.stats.get(n).cloned().unwrap_or_default();

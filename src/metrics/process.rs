@@ -18,15 +18,17 @@ pub(super) fn render(out: &mut String) {
         );
     }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        // Less the descriptor that lists the directory.
+        let open = fds.count().saturating_sub(1);
+        gauge(out, "process_open_fds", "Number of open file descriptors.", open as f64);
+    }
+    if let Some(max) = open_files_limit() {
         gauge(
             out,
-            "process_open_fds",
-            "Number of open file descriptors.",
-            fds.count() as f64,
+            "process_max_fds",
+            "Maximum number of open file descriptors.",
+            max as f64,
         );
-    }
-    if let Some(max) = max_fds() {
-        gauge(out, "process_max_fds", "Maximum number of open file descriptors.", max);
     }
     if let Some((cpu, start)) = stat_times() {
         let _ = writeln!(
@@ -60,10 +62,11 @@ fn status_kib(status: &str, field: &str) -> Option<u64> {
         .ok()
 }
 
-fn max_fds() -> Option<f64> {
+/// The soft limit on open files (`ulimit -n`, systemd's `LimitNOFILE=`).
+pub fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse::<f64>().ok()
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// CPU seconds used, and the start time as a Unix timestamp (when the boot time is known).

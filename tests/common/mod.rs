@@ -40,6 +40,24 @@ pub async fn wait_until(timeout: std::time::Duration, mut cond: impl FnMut() -> 
     }
 }
 
+/// Like [`wait_until`], for a condition that must itself wait (connect, scrape).
+pub async fn wait_until_async<F, Fut>(timeout: std::time::Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// The rustls error somewhere in `err`'s source chain (rumqttc wraps TLS
 /// failures several layers deep, e.g. a handshake alert received while
 /// reading CONNACK arrives as
