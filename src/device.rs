@@ -13,6 +13,7 @@ use ipnet::IpNet;
 
 use crate::certs::{self, IdentityRow};
 use crate::config::{Config, ConfigError, ConfigErrors, DeviceSpec, IdentityFiles, PendingDevice};
+use crate::stamp::Stamp;
 use crate::tls::{self, Identity, TlsFileError, TlsSettings};
 
 /// One device, ready to serve.
@@ -64,6 +65,31 @@ pub struct DeviceTable {
     without_client_id: Vec<usize>,
     fallback: Option<Arc<Device>>,
     pending: Vec<PendingDevice>,
+    /// What every identity of this table was built with.
+    tls: TlsInputs,
+}
+
+/// The settings and CA file every identity's `ClientConfig` depends on. Identities can be kept from one
+/// generation to the next only while these are the same.
+#[derive(Debug, Clone)]
+struct TlsInputs {
+    ca_file: Option<std::path::PathBuf>,
+    ca_stamp: Option<Stamp>,
+    alpn: Vec<String>,
+    allow_readable_keys: bool,
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl TlsInputs {
+    /// Whether identities built with `self` serve for `next`. The system's roots carry no stamp, so
+    /// with them nothing is kept: a reload then picks up an updated ca-certificates.
+    fn same_as(&self, next: &TlsInputs) -> bool {
+        self.ca_file.is_some()
+            && self.ca_file == next.ca_file
+            && self.ca_stamp == next.ca_stamp
+            && self.alpn == next.alpn
+            && self.allow_readable_keys == next.allow_readable_keys
+    }
 }
 
 /// Why an identity could not be chosen for a connection.
@@ -73,31 +99,64 @@ pub struct UnknownDevice;
 impl DeviceTable {
     /// Loads every identity the configuration names. Every problem is reported, not just the first.
     pub fn build(config: &Config) -> Result<DeviceTable, ConfigErrors> {
+        DeviceTable::build_after(config, None)
+    }
+
+    /// Like [`DeviceTable::build`], keeping the identities of `previous` whose certificate and key files
+    /// (and CA file and TLS settings) have not changed since they were read: a reload after one device's
+    /// certificate was renewed builds one identity, not thousands.
+    pub fn build_after(config: &Config, previous: Option<&DeviceTable>) -> Result<DeviceTable, ConfigErrors> {
         let mut errors = Vec::new();
-        // A bad CA file is reported, and the identities are still checked so that every problem shows.
-        let roots = tls::load_roots(config.upstream.ca_file.as_deref()).unwrap_or_else(|e| {
-            errors.push(ConfigError {
-                file: config.path.clone(),
-                key: e.key.into(),
-                device: None,
-                reason: e.to_string(),
-            });
-            Arc::new(rustls::RootCertStore::empty())
-        });
+        let ca_stamp = config.upstream.ca_file.as_deref().and_then(Stamp::of);
+        let mut inputs = TlsInputs {
+            ca_file: config.upstream.ca_file.clone(),
+            ca_stamp,
+            alpn: config.upstream.alpn.clone(),
+            allow_readable_keys: config.upstream.allow_readable_keys,
+            roots: Arc::new(rustls::RootCertStore::empty()),
+        };
+        let previous = previous.filter(|p| p.tls.same_as(&inputs));
+        inputs.roots = match previous {
+            Some(p) => p.tls.roots.clone(),
+            // A bad CA file is reported, and the identities are still checked so that every problem shows.
+            None => tls::load_roots(config.upstream.ca_file.as_deref()).unwrap_or_else(|e| {
+                errors.push(ConfigError {
+                    file: config.path.clone(),
+                    key: e.key.into(),
+                    device: None,
+                    reason: e.to_string(),
+                });
+                Arc::new(rustls::RootCertStore::empty())
+            }),
+        };
         let settings = TlsSettings {
-            roots,
+            roots: inputs.roots.clone(),
             alpn: config.upstream.alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
             allow_readable_keys: config.upstream.allow_readable_keys,
         };
+        let kept: HashMap<(&std::path::Path, &std::path::Path), &Identity> = previous
+            .into_iter()
+            .flat_map(DeviceTable::all)
+            .map(|d| {
+                (
+                    (d.identity.files.cert.as_path(), d.identity.files.key.as_path()),
+                    &d.identity,
+                )
+            })
+            .collect();
+        let load = |files: &IdentityFiles| match kept.get(&(files.cert.as_path(), files.key.as_path())) {
+            Some(identity) if identity.files.unchanged(&files.cert, &files.key) => Ok((*identity).clone()),
+            _ => tls::load_identity(&files.cert, &files.key, &settings),
+        };
         let mut devices = Vec::with_capacity(config.devices.len());
         for spec in &config.devices {
-            match tls::load_identity(&spec.identity.cert, &spec.identity.key, &settings) {
+            match load(&spec.identity) {
                 Ok(identity) => devices.push(Arc::new(device(spec, identity, &config.listen.addresses))),
                 Err(e) => errors.push(identity_error(&spec.origin, Some(&spec.name), e)),
             }
         }
         let fallback = match &config.fallback {
-            Some(files) => match load_fallback(files, &settings, &config.listen.addresses) {
+            Some(files) => match load(files).map(|identity| fallback_device(identity, &config.listen.addresses)) {
                 Ok(d) => Some(Arc::new(d)),
                 Err(e) => {
                     errors.push(identity_error(&config.path, None, e));
@@ -126,6 +185,7 @@ impl DeviceTable {
             without_client_id,
             fallback,
             pending: config.pending.clone(),
+            tls: inputs,
         })
     }
 
@@ -224,15 +284,14 @@ fn device(spec: &DeviceSpec, identity: Identity, shared: &[SocketAddr]) -> Devic
     }
 }
 
-fn load_fallback(files: &IdentityFiles, settings: &TlsSettings, shared: &[SocketAddr]) -> Result<Device, TlsFileError> {
-    let identity = tls::load_identity(&files.cert, &files.key, settings)?;
-    Ok(Device {
+fn fallback_device(identity: Identity, shared: &[SocketAddr]) -> Device {
+    Device {
         name: crate::config::FALLBACK_NAME.into(),
         client_id: None,
         sources: Vec::new(),
         listeners: shared.to_vec(),
         identity,
-    })
+    }
 }
 
 fn identity_error(origin: &std::path::Path, device: Option<&str>, e: TlsFileError) -> ConfigError {

@@ -28,6 +28,7 @@ pub mod pipe;
 pub mod proxy;
 pub mod reload;
 pub mod socket;
+pub mod stamp;
 pub mod systemd;
 pub mod tls;
 pub mod upstream;

@@ -53,8 +53,16 @@ pub struct Generation {
 impl Generation {
     /// Loads every identity the configuration names and prepares the connector.
     pub fn load(config: &Config) -> Result<Generation, crate::config::ConfigErrors> {
+        Generation::load_after(config, None)
+    }
+
+    /// Like [`Generation::load`], keeping the identities of `previous` whose files have not changed.
+    pub fn load_after(
+        config: &Config,
+        previous: Option<&Generation>,
+    ) -> Result<Generation, crate::config::ConfigErrors> {
         Ok(Generation {
-            table: DeviceTable::build(config)?,
+            table: DeviceTable::build_after(config, previous.map(|g| &g.table))?,
             connector: Connector::new(&config.upstream),
             listen: config.listen.clone(),
         })

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,7 @@ use tracing::{error, info, warn};
 use crate::config::{Config, ConfigErrors};
 use crate::device::Device;
 use crate::proxy::{Generation, ProxyHandle};
+use crate::stamp::Stamp;
 
 /// What started a reload, for the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +111,7 @@ pub struct Loaded {
 /// Loads the configuration at `path` as `mqtls run` does at start-up, noting the watched files' state
 /// first (blocking: call it before the runtime starts, or from a blocking thread).
 pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
-    let (baseline, loaded) = load_watched(path, &[]);
+    let (baseline, loaded) = load_watched(path, &[], None);
     loaded.map(|(config, generation)| Loaded {
         config,
         generation,
@@ -118,9 +119,14 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
     })
 }
 
-/// Notes the state of every file the configuration at `path` names, then reads them all. If the
-/// configuration cannot be parsed, `fallback` (the paths watched so far) and `path` are watched.
-fn load_watched(path: &Path, fallback: &[PathBuf]) -> (Baseline, Result<(Config, Generation), ConfigErrors>) {
+/// Notes the state of every file the configuration at `path` names, then reads them all, keeping the
+/// identities of `previous` whose files have not changed. If the configuration cannot be parsed,
+/// `fallback` (the paths watched so far) and `path` are watched.
+fn load_watched(
+    path: &Path,
+    fallback: &[PathBuf],
+    previous: Option<&Generation>,
+) -> (Baseline, Result<(Config, Generation), ConfigErrors>) {
     with_baseline(
         || match Config::load(path) {
             Ok(c) => watched_paths(&c),
@@ -130,7 +136,7 @@ fn load_watched(path: &Path, fallback: &[PathBuf]) -> (Baseline, Result<(Config,
         },
         || {
             let config = Config::load(path)?;
-            let generation = Generation::load(&config)?;
+            let generation = Generation::load_after(&config, previous)?;
             Ok((config, generation))
         },
     )
@@ -215,8 +221,9 @@ impl Reloader {
     async fn try_reload(&mut self) -> Result<Changes, ReloadError> {
         let path = self.path.clone();
         let watched = self.baseline.paths.clone();
+        let in_force = self.proxy.generation();
         // Reading thousands of certificates and keys is blocking work.
-        let (baseline, loaded) = tokio::task::spawn_blocking(move || load_watched(&path, &watched))
+        let (baseline, loaded) = tokio::task::spawn_blocking(move || load_watched(&path, &watched, Some(&in_force)))
             .await
             .expect("loading a configuration does not panic");
         // Whatever the outcome: a failed configuration's files are watched too, so that the file it
@@ -303,16 +310,6 @@ fn changes(old: &Generation, new: &Generation) -> Changes {
     c
 }
 
-/// The state of one watched path: enough to see a rewrite, a rename over it, or a replaced symlink.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp {
-    len: u64,
-    modified: Option<SystemTime>,
-    inode: u64,
-    changed: i64,
-    changed_ns: i64,
-}
-
 type Fingerprint = Vec<(PathBuf, Option<Stamp>)>;
 
 /// Every path whose change should trigger a reload: the file itself, the files it names, and the
@@ -347,7 +344,7 @@ fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
 fn stamp_tree(path: &Path, depth: u8, out: &mut Fingerprint) {
     let meta = std::fs::metadata(path).ok();
     let is_dir = meta.as_ref().is_some_and(|m| m.is_dir());
-    out.push((path.to_path_buf(), meta.as_ref().map(stamp)));
+    out.push((path.to_path_buf(), meta.as_ref().map(Stamp::from)));
     if !is_dir || depth == 0 {
         return;
     }
@@ -356,17 +353,6 @@ fn stamp_tree(path: &Path, depth: u8, out: &mut Fingerprint) {
     children.sort();
     for c in children {
         stamp_tree(&c, depth - 1, out);
-    }
-}
-
-fn stamp(m: &std::fs::Metadata) -> Stamp {
-    use std::os::unix::fs::MetadataExt;
-    Stamp {
-        len: m.len(),
-        modified: m.modified().ok(),
-        inode: m.ino(),
-        changed: m.ctime(),
-        changed_ns: m.ctime_nsec(),
     }
 }
 

@@ -16,6 +16,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 
+use crate::stamp::Stamp;
+
 /// The crypto provider used for every TLS connection mqtls makes.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -169,6 +171,34 @@ pub struct Identity {
     /// Permission bits of the private key file (e.g. `0o600`); others may read it only when
     /// `upstream.allow_readable_keys` allowed that.
     pub key_mode: u32,
+    /// The certificate and key files as they were just before they were read: while both still look
+    /// the same, a reload can keep this identity instead of building it again.
+    pub files: SourceFiles,
+}
+
+/// Where an identity was read from, and what those files looked like then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFiles {
+    /// The certificate chain file.
+    pub cert: PathBuf,
+    /// The private key file.
+    pub key: PathBuf,
+    stamps: (Option<Stamp>, Option<Stamp>),
+}
+
+impl SourceFiles {
+    fn stamp(cert: &Path, key: &Path) -> SourceFiles {
+        SourceFiles {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            stamps: (Stamp::of(cert), Stamp::of(key)),
+        }
+    }
+
+    /// True while `cert` and `key` are these files, unchanged since they were read.
+    pub fn unchanged(&self, cert: &Path, key: &Path) -> bool {
+        self.cert == cert && self.key == key && self.stamps == (Stamp::of(cert), Stamp::of(key))
+    }
 }
 
 impl fmt::Debug for Identity {
@@ -193,6 +223,8 @@ pub struct TlsSettings {
 
 /// Loads a certificate chain and private key and builds the client config that presents them.
 pub fn load_identity(cert: &Path, key: &Path, settings: &TlsSettings) -> Result<Identity, TlsFileError> {
+    // Stamped first: a file that changes while it is read then looks changed at the next reload.
+    let files = SourceFiles::stamp(cert, key);
     let chain = read_certs("cert", cert)?;
     let summary = CertSummary::parse(&chain[0]).map_err(|e| file_error("cert", cert, e))?;
     let key_der = read_key(key)?;
@@ -215,5 +247,6 @@ pub fn load_identity(cert: &Path, key: &Path, settings: &TlsSettings) -> Result<
         client_config: Arc::new(config),
         summary,
         key_mode,
+        files,
     })
 }

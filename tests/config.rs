@@ -510,3 +510,67 @@ fn dedicated_wildcard_listener_on_a_shared_port_is_refused() {
         &[r#"{config}: device "meter-3": `listen`"#],
     );
 }
+
+/// The `ClientConfig` a device of `g` presents.
+fn client_config(g: &Generation, name: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    let d = g
+        .table
+        .all()
+        .find(|d| &*d.name == name)
+        .unwrap_or_else(|| panic!("no device {name}"));
+    d.identity.client_config.clone()
+}
+
+#[test]
+fn a_reload_keeps_unchanged_identities_and_rebuilds_changed_ones() {
+    use std::sync::Arc;
+    let fx = Fixture::new();
+    let (path, first) = fx.load(BASELINE);
+    let (config, before) = first.expect("baseline loads");
+
+    fx.pki.client("boiler-2");
+    let after = Generation::load_after(&config, Some(&before)).expect("reload");
+    assert!(Arc::ptr_eq(
+        &client_config(&before, "boiler-1"),
+        &client_config(&after, "boiler-1")
+    ));
+    assert!(Arc::ptr_eq(
+        &client_config(&before, "meter-3"),
+        &client_config(&after, "meter-3")
+    ));
+    assert!(
+        !Arc::ptr_eq(&client_config(&before, "boiler-2"), &client_config(&after, "boiler-2")),
+        "the renewed device is built again"
+    );
+    let renewed = |g: &Generation| {
+        g.table
+            .all()
+            .find(|d| &*d.name == "boiler-2")
+            .unwrap()
+            .identity
+            .summary
+            .serial
+            .clone()
+    };
+    assert_ne!(renewed(&before), renewed(&after));
+
+    // A CA file written again (same content, new file) rebuilds every identity.
+    let ca = fx.dir().join("ca.pem");
+    let text = std::fs::read(&ca).unwrap();
+    std::fs::remove_file(&ca).unwrap();
+    std::fs::write(&ca, text).unwrap();
+    let config = Config::load(&path).unwrap();
+    let rebuilt = Generation::load_after(&config, Some(&after)).expect("reload");
+    for name in ["boiler-1", "boiler-2", "meter-3"] {
+        assert!(
+            !Arc::ptr_eq(&client_config(&after, name), &client_config(&rebuilt, name)),
+            "{name}"
+        );
+    }
+
+    // A key made readable is not kept: the permission check runs again.
+    let key = fx.dir().join("devices/boiler-1/key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = Generation::load_after(&config, Some(&rebuilt)).expect_err("a readable key");
+    assert!(refused.to_string().contains("readable by group or others"), "{refused}");
+}
