@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
@@ -194,10 +195,10 @@ fn admit(stream: TcpStream, peer: SocketAddr, ctx: &AcceptContext) {
                 slot: Some(slot),
                 _permit: permit,
             };
-            tokio_util::either::Either::Left(conn.serve(stream))
+            Work::Serve(conn, stream)
         }
         Err(_) => match ctx.shared.busy_refusals.clone().try_acquire_owned() {
-            Ok(permit) => tokio_util::either::Either::Right(refuse_busy(stream, generation, permit, slot)),
+            Ok(permit) => Work::RefuseBusy(stream, generation, permit, slot),
             Err(_) => {
                 span.in_scope(|| {
                     warn!(
@@ -212,13 +213,30 @@ fn admit(stream: TcpStream, peer: SocketAddr, ctx: &AcceptContext) {
     let hard_stop = ctx.hard_stop.clone();
     ctx.tracker.spawn(
         async move {
+            // The work's future is made inside the select: made outside, the task would hold it twice
+            // (once captured, once moved into the select), doubling every idle connection's task.
             tokio::select! {
-                _ = work => {}
+                _ = work.run() => {}
                 _ = hard_stop.cancelled() => info!(reason = "shutdown", "connection closed at shutdown"),
             }
         }
         .instrument(span),
     );
+}
+
+/// What an accepted connection's task does.
+enum Work {
+    Serve(Connection, TcpStream),
+    RefuseBusy(TcpStream, Arc<Generation>, OwnedSemaphorePermit, UnidentifiedSlot),
+}
+
+impl Work {
+    async fn run(self) {
+        match self {
+            Work::Serve(conn, stream) => conn.serve(stream).await,
+            Work::RefuseBusy(stream, generation, permit, slot) => refuse_busy(stream, generation, permit, slot).await,
+        }
+    }
 }
 
 /// Counts a connection against its source address until it is identified, so that one host on the LAN
@@ -280,6 +298,14 @@ struct Connection {
     _permit: OwnedSemaphorePermit,
 }
 
+/// A connection ready for the copy: both sockets and what set-up learnt.
+struct Open {
+    device: TcpStream,
+    broker: TlsStream<TcpStream>,
+    session: Session,
+    started: Instant,
+}
+
 /// Bytes mqtls passed on itself before the copy loop started: the device's first bytes and the broker's
 /// CONNACK.
 struct Session {
@@ -289,27 +315,47 @@ struct Session {
 }
 
 impl Connection {
-    /// The set-up steps run boxed: their futures (the TLS handshake's above all) are large, and the task
-    /// of a long-lived connection should keep only what the copy needs.
-    async fn serve(mut self, mut stream: TcpStream) {
-        socket::tune(&stream);
-        let Some((connect, first_bytes)) = Box::pin(read_connect(&mut stream, &self.generation.listen)).await else {
+    /// The set-up runs boxed, and its future is freed before the copy starts: set-up futures (the TLS
+    /// handshake's above all) are large, and the task of a long-lived connection should keep only what the
+    /// copy needs.
+    async fn serve(mut self, stream: TcpStream) {
+        let Some(mut open) = Box::pin(self.open(stream)).await else {
             return;
         };
+        let limit = silence_limit(open.session.keep_alive);
+        let transfer = pipe::pipe(&mut open.device, &mut open.broker, limit).await;
+        info!(
+            bytes_in = transfer.device_to_broker + open.session.first_in,
+            bytes_out = transfer.broker_to_device + open.session.first_out,
+            duration_s = open.started.elapsed().as_secs_f64(),
+            end = %transfer.end,
+            "connection closed"
+        );
+    }
+
+    /// Reads the CONNECT, picks the device, reaches the broker as that device and starts the session.
+    /// `None` when the connection ended (refused, or closed) before that.
+    async fn open(&mut self, mut stream: TcpStream) -> Option<Open> {
+        socket::tune(&stream);
+        let (connect, first_bytes) = read_connect(&mut stream, &self.generation.listen).await?;
         let Some(device) = self.identify(&connect) else {
-            Box::pin(refuse(stream, connect.version, Refusal::IdentifierRejected)).await;
-            return;
+            refuse(stream, connect.version, Refusal::IdentifierRejected).await;
+            return None;
         };
         self.slot = None;
         Span::current().record("device", &*device.name);
         let started = Instant::now();
-        let mut broker = match Box::pin(self.generation.connector.connect(device.identity.client_config.clone())).await
+        let mut broker = match self
+            .generation
+            .connector
+            .connect(device.identity.client_config.clone())
+            .await
         {
             Ok(b) => b,
             Err(e) => {
                 warn!(reason = e.reason(), error = %e, "refused: broker unreachable");
-                Box::pin(refuse(stream, connect.version, Refusal::ServerUnavailable)).await;
-                return;
+                refuse(stream, connect.version, Refusal::ServerUnavailable).await;
+                return None;
             }
         };
         info!(
@@ -319,22 +365,21 @@ impl Connection {
             setup_ms = started.elapsed().as_millis() as u64,
             "connection opened"
         );
-        let session = match Box::pin(self.start_session(&mut broker, &mut stream, &connect, first_bytes)).await {
-            Ok(s) => s,
+        match self
+            .start_session(&mut broker, &mut stream, &connect, first_bytes)
+            .await
+        {
+            Ok(session) => Some(Open {
+                device: stream,
+                broker,
+                session,
+                started,
+            }),
             Err(e) => {
                 info!(end = %e, "connection closed before the session started");
-                return;
+                None
             }
-        };
-        drop(connect);
-        let transfer = pipe::pipe(&mut stream, &mut broker, silence_limit(session.keep_alive)).await;
-        info!(
-            bytes_in = transfer.device_to_broker + session.first_in,
-            bytes_out = transfer.broker_to_device + session.first_out,
-            duration_s = started.elapsed().as_secs_f64(),
-            end = %transfer.end,
-            "connection closed"
-        );
+        }
     }
 
     fn identify(&self, connect: &Connect) -> Option<Arc<crate::device::Device>> {

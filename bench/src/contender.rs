@@ -85,7 +85,7 @@ pub async fn start(kind: Kind, upstream: SocketAddr, s: &Setup, tag: &str) -> Re
         Kind::Direct => anyhow::bail!("direct has no process"),
     };
     let mut proc = Proc::spawn(kind.name(), cmd, &dir)?;
-    proc.wait_listening(listen, Duration::from_secs(15)).await?;
+    proc.wait_listening(listen, Duration::from_secs(60)).await?;
     Ok(Running { proc, listen })
 }
 
@@ -120,7 +120,18 @@ key = "{key}"
     );
     let path = dir.join("mqtls.toml");
     write(&path, &conf)?;
-    let mut cmd = Command::new(&s.mqtls_bin);
+    // MQTLS_BENCH_WRAP runs mqtls under a profiler, e.g. "heaptrack -o /tmp/mqtls" or
+    // "valgrind --tool=callgrind": for diagnosis only, since the figures then include the profiler.
+    let wrap = std::env::var("MQTLS_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(tool) => {
+            let mut c = Command::new(tool);
+            c.args(words).arg(&s.mqtls_bin);
+            c
+        }
+        None => Command::new(&s.mqtls_bin),
+    };
     cmd.arg("run").arg("--config").arg(&path);
     // One line per connection opened and closed at info; the peers are configured not to log per
     // connection either.

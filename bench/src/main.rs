@@ -105,6 +105,7 @@ struct Args {
 
 const USAGE: &str = "usage: mqtls-bench [--mode full|smoke] [--only mqtls,stunnel,haproxy,socat,direct]
                    [--skip memory,latency,setup,storm,throughput,cpu] [--json PATH] [--markdown PATH|-] [--broker-as-shipped]
+                   [--memory-n 1000,9000]
                    [--from-json PATH]   (no measuring: the report of an earlier run's JSON)";
 
 fn parse_args() -> Result<Args> {
@@ -119,6 +120,7 @@ fn parse_args() -> Result<Args> {
     let mut markdown = None;
     let mut broker_as_shipped = false;
     let mut from_json = None;
+    let mut memory_n: Option<Vec<usize>> = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value\n{USAGE}"));
@@ -135,6 +137,18 @@ fn parse_args() -> Result<Args> {
             "--markdown" => markdown = Some(value()?),
             "--broker-as-shipped" => broker_as_shipped = true,
             "--from-json" => from_json = Some(PathBuf::from(value()?)),
+            "--memory-n" => {
+                memory_n = Some(
+                    value()?
+                        .split(',')
+                        .map(|s| {
+                            s.trim()
+                                .parse()
+                                .with_context(|| format!("--memory-n: {s:?} is not a count"))
+                        })
+                        .collect::<Result<_>>()?,
+                )
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -147,11 +161,14 @@ fn parse_args() -> Result<Args> {
             bail!("unknown measurement {s:?} (one of {MEASUREMENTS:?})");
         }
     }
-    let plan = match mode.as_str() {
+    let mut plan = match mode.as_str() {
         "full" => Plan::full(),
         "smoke" => Plan::smoke(),
         m => bail!("unknown mode {m:?}\n{USAGE}"),
     };
+    if let Some(ns) = memory_n {
+        plan.mem_ns = ns;
+    }
     let smoke = plan.mode == "smoke";
     let json = json_path.unwrap_or_else(|| {
         if smoke {
