@@ -275,6 +275,9 @@ rejected! {
     zero_max_connections_is_refused:
         [Set("max_connections = 100", "max_connections = 0")]
         => ["{config}: `listen.max_connections`: 0 is out of range"];
+    zero_max_connecting_is_refused:
+        [InsertAfter("[upstream]", "max_connecting = 0")]
+        => ["{config}: `upstream.max_connecting`: 0 is out of range (1 to 1000000)"];
     device_without_name_is_refused:
         [Remove(r#"name = "boiler-2""#)]
         => ["{config}: `name (in the 2nd [[device]])`: every device needs a non-empty name"];
@@ -344,6 +347,14 @@ fn baseline_loads_with_every_identity() {
     let names: Vec<&str> = generation.table.devices().iter().map(|d| &*d.name).collect();
     assert_eq!(names, ["boiler-1", "boiler-2", "meter-3"]);
     assert_eq!(config.devices.len(), 3);
+}
+
+#[test]
+fn upstream_connects_are_paced_by_default_and_as_configured() {
+    let (config, _) = assert_accepted(&[]);
+    assert_eq!(config.upstream.max_connecting, 64);
+    let (config, _) = assert_accepted(&[InsertAfter("[upstream]", "max_connecting = 500")]);
+    assert_eq!(config.upstream.max_connecting, 500);
 }
 
 #[test]
