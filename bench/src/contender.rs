@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 
 use crate::process::{find_binary, free_port, Proc};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
     Mqtls,
     Stunnel,
@@ -106,6 +106,7 @@ max_pending_per_source = 100000
 address = "{upstream}"
 server_name = "localhost"
 ca_file = "{ca}"
+{extra}
 
 [[device]]
 name = "bench"
@@ -114,6 +115,8 @@ cert = "{cert}"
 key = "{key}"
 "#,
         max = s.max_connections,
+        // For trying settings: MQTLS_BENCH_UPSTREAM="max_connecting = 32" adds lines to [upstream].
+        extra = std::env::var("MQTLS_BENCH_UPSTREAM").unwrap_or_default(),
         ca = s.ca.display(),
         cert = s.cert.display(),
         key = s.key.display(),

@@ -83,7 +83,7 @@ impl Drop for Proc {
         if self.name == "mqtls" && std::env::var_os("MQTLS_BENCH_WRAP").is_some() {
             let pgid = self.child.id() as i32;
             for pid in crate::procfs::group(pgid) {
-                if fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "mqtls") {
+                if fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim().starts_with("mqtls")) {
                     // SAFETY: kill(2) signals a process of our own child's group.
                     unsafe {
                         libc::kill(pid, libc::SIGTERM);
