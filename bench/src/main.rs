@@ -415,7 +415,7 @@ async fn paired_phase(args: &Args, env: &Env, results: &mut BTreeMap<Kind, Map<S
 struct Lineup {
     _broker: Broker,
     running: Vec<(Kind, Running)>,
-    targets: Vec<(String, Target)>,
+    targets: Vec<measure::Entrant>,
     /// Contenders that could not start, and why.
     failed: Vec<(Kind, String)>,
 }
@@ -458,10 +458,14 @@ impl Lineup {
             };
             match checked {
                 Ok(r) => {
+                    lineup.targets.push(measure::Entrant {
+                        name: kind.name().to_owned(),
+                        target,
+                        pgid: r.as_ref().map(|r| r.proc.pgid()),
+                    });
                     if let Some(r) = r {
                         lineup.running.push((kind, r));
                     }
-                    lineup.targets.push((kind.name().to_owned(), target));
                 }
                 Err(e) => {
                     let msg = format!("could not start: {e:#}");
@@ -518,7 +522,7 @@ async fn throughput_phase(
     let mut targets = Vec::new();
     for &kind in &args.only {
         if !kind.is_proxy() {
-            targets.push(measure::BulkTarget {
+            targets.push(measure::Entrant {
                 name: kind.name().into(),
                 target: Target::Tls {
                     addr: sinks.tls,
@@ -530,7 +534,7 @@ async fn throughput_phase(
         }
         match contender::start(kind, sinks.tls, &env.setup, "sink").await {
             Ok(r) => {
-                targets.push(measure::BulkTarget {
+                targets.push(measure::Entrant {
                     name: kind.name().into(),
                     target: Target::Plain(r.listen),
                     pgid: Some(r.proc.pgid()),
@@ -552,7 +556,7 @@ async fn throughput_phase(
     for t in &targets {
         resumption.insert(t.name.clone(), measure::resumption(&t.target, sinks, 8).await);
     }
-    targets.push(measure::BulkTarget {
+    targets.push(measure::Entrant {
         name: "plain".into(),
         target: Target::Plain(sinks.plain),
         pgid: None,

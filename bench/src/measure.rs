@@ -18,6 +18,14 @@ use crate::net::{self, Conn, Target};
 use crate::procfs;
 use crate::sink::Sinks;
 
+/// One contender in a measurement that rotates over several: its name, where its devices connect, and
+/// the process group whose CPU time is counted (none for direct TLS and plain TCP).
+pub struct Entrant {
+    pub name: String,
+    pub target: Target,
+    pub pgid: Option<i32>,
+}
+
 /// CN of the one client certificate every contender presents; the broker's ACL lets it publish below
 /// `sensors/<CN>/`.
 pub const DEVICE_CN: &str = "bench-device";
@@ -149,17 +157,17 @@ fn summary_us(h: &Histogram<u64>) -> Value {
 /// (a p99 measured minutes apart on a shared machine compares the machine's moods, not the contenders).
 /// With a `direct` target among them, each other target's added latency is its percentile minus direct's.
 pub async fn latency(
-    targets: &[(String, Target)],
+    targets: &[Entrant],
     sizes: &[usize],
     warmup: usize,
     count: usize,
     block: usize,
 ) -> BTreeMap<String, Result<Value>> {
     let mut conns: Vec<(String, Result<Conn>)> = Vec::new();
-    for (name, t) in targets {
+    for e in targets {
         conns.push((
-            name.clone(),
-            Conn::mqtt(t, KEEP_ALIVE, STEP).await.map_err(anyhow::Error::from),
+            e.name.clone(),
+            Conn::mqtt(&e.target, KEEP_ALIVE, STEP).await.map_err(anyhow::Error::from),
         ));
     }
     let mut out: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
@@ -266,13 +274,14 @@ struct SetupTally {
     resumed: u64,
     errors: BTreeMap<String, usize>,
     times: Option<Histogram<u64>>,
+    cpu_s: f64,
 }
 
 /// Measurement 3: completed connections per second: TCP, (the contender's mutual-TLS handshake upstream),
 /// CONNECT/CONNACK, DISCONNECT and close, with `in_flight` devices at a time. Windows of `window` rotate
 /// over the targets, `rounds` times, so that all of them see the same moments of the machine.
 pub async fn setup_rate(
-    targets: &[(String, Target)],
+    targets: &[Entrant],
     in_flight: usize,
     window: Duration,
     rounds: usize,
@@ -281,11 +290,16 @@ pub async fn setup_rate(
     for round in 0..rounds {
         for k in 0..targets.len() {
             let i = (k + round) % targets.len();
-            setup_window(&targets[i].1, in_flight, window, &mut tallies[i]).await;
+            let e = &targets[i];
+            let c0 = e.pgid.map(procfs::group_cpu_secs);
+            setup_window(&e.target, in_flight, window, &mut tallies[i]).await;
+            if let (Some(pgid), Some(c0)) = (e.pgid, c0) {
+                tallies[i].cpu_s += procfs::group_cpu_secs(pgid) - c0;
+            }
         }
     }
     let mut out = BTreeMap::new();
-    for ((name, _), t) in targets.iter().zip(tallies) {
+    for (e, t) in targets.iter().zip(tallies) {
         let r = if t.completed == 0 {
             Err(anyhow!("no connection completed: {:?}", t.errors))
         } else {
@@ -302,9 +316,12 @@ pub async fn setup_rate(
                 v["device_tls_resumed"] = json!(t.resumed);
                 v["device_tls_handshakes"] = json!(t.tls);
             }
+            if e.pgid.is_some() {
+                v["cpu_ms_per_setup"] = json!(t.cpu_s * 1e3 / t.completed as f64);
+            }
             Ok(v)
         };
-        out.insert(name.clone(), r);
+        out.insert(e.name.clone(), r);
     }
     out
 }
@@ -457,19 +474,11 @@ pub async fn resumption(target: &Target, sinks: &Sinks, n: usize) -> Result<Valu
     }))
 }
 
-/// A throughput target: where the device connects, and the process group whose CPU time is counted
-/// (none for direct TLS and plain TCP).
-pub struct BulkTarget {
-    pub name: String,
-    pub target: Target,
-    pub pgid: Option<i32>,
-}
-
 /// Measurement 5: bulk bytes from a device through each target to a sink; MB/s (10^6 bytes) and the
 /// contender's CPU seconds per GB, median of `runs`. Runs rotate over the targets (one run through each,
 /// then the next round), after one uncounted round that warms every path up.
 pub async fn throughput(
-    targets: &[BulkTarget],
+    targets: &[Entrant],
     sinks: &Sinks,
     bytes: u64,
     runs: usize,

@@ -115,6 +115,15 @@ fn rows(all: &Value) -> Vec<Row> {
             better: Better::Lower,
             get: Box::new(move |all, k| num(all, k, key, |v| Some(v["setup_time"]["p50_us"].as_f64()? / 1000.0))),
         });
+        rows.push(Row {
+            label: "  proxy CPU per connection set up".into(),
+            unit: "ms",
+            better: Better::Lower,
+            get: Box::new(move |all, k| match k {
+                Kind::Direct => Cell::NotApplicable,
+                _ => num(all, k, key, |v| v["cpu_ms_per_setup"].as_f64()),
+            }),
+        });
         if key == "setup" {
             rows.push(Row {
                 label: "  resumes TLS sessions upstream".into(),
