@@ -167,7 +167,9 @@ pub async fn latency(
     for e in targets {
         conns.push((
             e.name.clone(),
-            Conn::mqtt(&e.target, KEEP_ALIVE, STEP).await.map_err(anyhow::Error::from),
+            Conn::mqtt(&e.target, KEEP_ALIVE, STEP)
+                .await
+                .map_err(anyhow::Error::from),
         ));
     }
     let mut out: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
