@@ -162,6 +162,8 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// Limit for the TLS handshake.
     pub handshake_timeout: Duration,
+    /// Connections to the broker being opened (TCP connect and TLS handshake) at once; more wait their turn.
+    pub max_connecting: usize,
     /// ALPN protocols to offer (e.g. `x-amzn-mqtt-ca` for AWS IoT Core on 443).
     pub alpn: Vec<String>,
     /// Accept private keys that group or others can read.
@@ -375,6 +377,7 @@ struct RawUpstream {
     ca_file: Option<String>,
     connect_timeout: Option<String>,
     handshake_timeout: Option<String>,
+    max_connecting: Option<i64>,
     #[serde(default)]
     alpn: Vec<String>,
     #[serde(default)]
@@ -447,6 +450,9 @@ const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Loopback: the endpoint tells anyone who can reach it which devices exist.
 const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9883";
 const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(2);
+/// Below Mosquitto's listen backlog (100): a reconnect storm then queues in mqtls instead of overflowing the
+/// broker's accept queue, whose dropped SYNs are retried only after 1 s, 3 s, 7 s.
+const DEFAULT_MAX_CONNECTING: usize = 64;
 
 struct Validator {
     path: PathBuf,
@@ -650,6 +656,12 @@ impl Validator {
             raw.handshake_timeout,
             DEFAULT_HANDSHAKE_TIMEOUT,
         );
+        let max_connecting = self.count(
+            "upstream.max_connecting",
+            raw.max_connecting,
+            DEFAULT_MAX_CONNECTING,
+            (1, 1_000_000),
+        );
         for p in &raw.alpn {
             if p.is_empty() || p.len() > 255 {
                 self.error("upstream.alpn", format!("`{p}` must be 1 to 255 bytes long"));
@@ -661,6 +673,7 @@ impl Validator {
             ca_file,
             connect_timeout,
             handshake_timeout,
+            max_connecting,
             alpn: raw.alpn,
             allow_readable_keys: raw.allow_readable_keys,
         })

@@ -2,7 +2,10 @@
 //!
 //! This is the path every byte takes after the CONNECT, so it is built for idle fleets: a direction holds
 //! a copy buffer only while it has bytes in flight, and gives it back as soon as its reader has nothing
-//! more (most sensors are silent almost all the time). Half-close is honoured: end-of-stream on one side
+//! more (most sensors are silent almost all the time). A direction whose reads keep filling its buffer
+//! (a bulk transfer) gets a larger one, so that rustls encrypts several records per write and each system
+//! call carries more bytes; a process-wide cap on those larger buffers bounds what a crowd of senders
+//! can claim. Half-close is honoured: end-of-stream on one side
 //! becomes a write shutdown (for TLS, a close_notify) on the other, and the opposite direction keeps
 //! flowing until it ends too. The device's silence is bounded by its MQTT keep-alive. The copy knows
 //! nothing about TLS or MQTT: it moves bytes between two streams.
@@ -10,7 +13,9 @@
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::io;
+use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -19,6 +24,86 @@ use tokio::time::{Instant, Sleep};
 
 /// Size of a copy buffer while bytes are in flight: one full TLS record of plaintext.
 pub const COPY_BUFFER_SIZE: usize = 16 * 1024;
+/// Size a copy buffer grows to once a read has filled it: four TLS records, written to the socket at once.
+pub const BULK_BUFFER_SIZE: usize = 64 * 1024;
+/// Bulk buffers that may exist at once in the process (64 MiB in all); beyond it, bursts keep
+/// [`COPY_BUFFER_SIZE`] buffers.
+pub const MAX_BULK_BUFFERS: usize = 1024;
+
+/// A count of bulk buffers in use, with a ceiling.
+struct BulkBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl BulkBudget {
+    const fn new(max: usize) -> BulkBudget {
+        BulkBudget {
+            used: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    fn take(&self) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1))
+            .is_ok()
+    }
+
+    fn give_back(&self) {
+        self.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+static BULK_BUDGET: BulkBudget = BulkBudget::new(MAX_BULK_BUFFERS);
+
+/// A heap copy buffer; a bulk one counts against its budget while it lives.
+struct Buffer {
+    bytes: Box<[u8]>,
+    budget: Option<&'static BulkBudget>,
+}
+
+impl Buffer {
+    fn copy() -> Buffer {
+        Buffer {
+            bytes: vec![0; COPY_BUFFER_SIZE].into_boxed_slice(),
+            budget: None,
+        }
+    }
+
+    /// A bulk buffer, unless `budget` is spent.
+    fn bulk(budget: &'static BulkBudget) -> Option<Buffer> {
+        budget.take().then(|| Buffer {
+            bytes: vec![0; BULK_BUFFER_SIZE].into_boxed_slice(),
+            budget: Some(budget),
+        })
+    }
+
+    fn is_bulk(&self) -> bool {
+        self.budget.is_some()
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if let Some(b) = self.budget {
+            b.give_back();
+        }
+    }
+}
+
+impl Deref for Buffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes
+    }
+}
 
 /// Which end of the proxied connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,9 +170,11 @@ pub struct Transfer {
 #[derive(Default)]
 struct Half {
     /// Bytes read but not yet written, at `buf[start..end]`; also the read buffer during bursts.
-    buf: Option<Box<[u8]>>,
+    buf: Option<Buffer>,
     start: usize,
     end: usize,
+    /// The last read filled the whole heap buffer: the next read gets a bulk buffer if it can.
+    filled: bool,
     read_done: bool,
     done: bool,
     bytes: u64,
@@ -144,12 +231,18 @@ impl Half {
                 self.buf = None;
                 return Poll::Ready(Ok(()));
             }
+            if self.filled && self.buf.as_ref().is_some_and(|b| !b.is_bulk()) {
+                if let Some(bulk) = Buffer::bulk(&BULK_BUDGET) {
+                    self.buf = Some(bulk);
+                }
+            }
             let polled = match self.buf.as_deref_mut() {
                 Some(buf) => {
                     let mut rb = ReadBuf::new(buf);
                     match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
                         Poll::Ready(Ok(())) => {
                             let n = rb.filled().len();
+                            self.filled = n == rb.capacity();
                             (self.start, self.end) = (0, n);
                             Poll::Ready(Ok(n))
                         }
@@ -173,6 +266,7 @@ impl Half {
                 Poll::Pending => {
                     if !read_something {
                         self.buf = None;
+                        self.filled = false;
                     }
                     ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(Failed::Writer)?;
                     return Poll::Pending;
@@ -204,7 +298,7 @@ impl Half {
         if n == SMALL_READ {
             // A burst, or a packet larger than the stack buffer: gather what else is waiting so that it
             // goes out in one write (one TLS record) rather than split at the stack buffer's edge.
-            let mut buf = vec![0; COPY_BUFFER_SIZE].into_boxed_slice();
+            let mut buf = Buffer::copy();
             buf[..n].copy_from_slice(&small);
             let mut rest = ReadBuf::new(&mut buf[n..]);
             let more = match Pin::new(&mut *reader).poll_read(cx, &mut rest) {
@@ -212,7 +306,10 @@ impl Half {
                     self.read_done = true;
                     0
                 }
-                Poll::Ready(Ok(())) => rest.filled().len(),
+                Poll::Ready(Ok(())) => {
+                    self.filled = rest.remaining() == 0;
+                    rest.filled().len()
+                }
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     self.read_done = true;
                     0
@@ -231,7 +328,7 @@ impl Half {
         };
         self.bytes += written as u64;
         if written < n {
-            let mut buf = vec![0; COPY_BUFFER_SIZE].into_boxed_slice();
+            let mut buf = Buffer::copy();
             buf[..n - written].copy_from_slice(&small[written..n]);
             (self.start, self.end) = (0, n - written);
             self.buf = Some(buf);
@@ -443,6 +540,33 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    #[tokio::test]
+    async fn a_sender_that_keeps_filling_the_buffer_gets_bulk_writes() {
+        let (mut dev_outer, mut dev_inner) = duplex(1 << 20);
+        let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut broker = Recording(writes.clone());
+        let data = vec![9u8; 4 * BULK_BUFFER_SIZE];
+        dev_outer.write_all(&data).await.unwrap();
+        dev_outer.shutdown().await.unwrap();
+        let t = pipe(&mut dev_inner, &mut broker, None).await;
+        assert_eq!(t.device_to_broker, data.len() as u64);
+        let writes = writes.lock().unwrap();
+        assert_eq!(writes.iter().sum::<usize>(), data.len());
+        assert_eq!(writes[0], COPY_BUFFER_SIZE, "the first burst read: {writes:?}");
+        assert!(writes.contains(&BULK_BUFFER_SIZE), "no bulk write: {writes:?}");
+    }
+
+    #[test]
+    fn bulk_buffers_stop_at_their_budget_and_come_back_when_dropped() {
+        static BUDGET: BulkBudget = BulkBudget::new(2);
+        let a = Buffer::bulk(&BUDGET).expect("first");
+        let b = Buffer::bulk(&BUDGET).expect("second");
+        assert!(Buffer::bulk(&BUDGET).is_none(), "a third beyond a budget of two");
+        drop(a);
+        let c = Buffer::bulk(&BUDGET).expect("one given back");
+        assert_eq!((b.len(), c.len()), (BULK_BUFFER_SIZE, BULK_BUFFER_SIZE));
     }
 
     #[tokio::test]

@@ -16,17 +16,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use crate::config::{Config, Listen};
 use crate::device::DeviceTable;
-use crate::metrics::{Metered, Metrics, Refused};
+use crate::metrics::{ActiveGuard, DeviceStats, Metered, Metrics, Refused};
 use crate::mqtt::{self, Connect, ProtocolVersion, Refusal};
 use crate::pipe;
 use crate::socket;
-use crate::upstream::Connector;
+use crate::upstream::{Connector, Failure};
 
 /// Refusals ("server busy") being answered at once when over `max_connections`; beyond this, new
 /// connections are closed without an answer so that a flood cannot grow memory.
@@ -82,6 +83,9 @@ struct Shared {
     listeners: Mutex<Vec<Served>>,
     /// Listeners bound but not yet served (before [`Proxy::run`]).
     unserved: Mutex<Vec<(SocketAddr, TcpListener)>>,
+    /// Listen addresses whose sockets systemd passed (socket activation): mqtls cannot give them back,
+    /// so a reload never closes them.
+    adopted: Vec<SocketAddr>,
     running: std::sync::atomic::AtomicBool,
     accept_loops: TaskTracker,
     connections_open: TaskTracker,
@@ -175,6 +179,7 @@ impl Proxy {
         mut adopted: Vec<(SocketAddr, std::net::TcpListener)>,
     ) -> io::Result<Proxy> {
         let mut listeners = Vec::new();
+        let adopted_addresses: Vec<SocketAddr> = adopted.iter().map(|(a, _)| *a).collect();
         for addr in config.all_listen_addresses() {
             let l = match adopted.iter().position(|(a, _)| *a == addr) {
                 Some(i) => adopt(adopted.swap_remove(i).1, addr)?,
@@ -197,6 +202,7 @@ impl Proxy {
             metrics,
             listeners: Mutex::new(Vec::new()),
             unserved: Mutex::new(listeners),
+            adopted: adopted_addresses,
             running: Default::default(),
             accept_loops: TaskTracker::new(),
             connections_open: TaskTracker::new(),
@@ -316,15 +322,28 @@ impl ProxyHandle {
         self.shared.metrics.install_devices(&generation.table);
         *self.shared.generation.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(generation);
         self.shared.resize(max_connections);
+        let adopted = &self.shared.adopted;
+        let keep = |addr: &SocketAddr| {
+            let passed = adopted.contains(addr);
+            if passed && !wanted.contains(addr) {
+                warn!(
+                    listener = %addr,
+                    "no longer configured, but systemd passed this socket (socket activation): it stays open, \
+                     and devices arriving on it are matched against the new configuration; change the socket unit \
+                     and restart mqtls to close it"
+                );
+            }
+            passed || wanted.contains(addr)
+        };
         lock(&self.shared.listeners).retain(|s| {
-            let keep = wanted.contains(&s.configured);
-            if !keep {
+            let kept = keep(&s.configured);
+            if !kept {
                 info!(listener = %s.configured, "listener removed by the new configuration; closing it");
                 s.stop.cancel();
             }
-            keep
+            kept
         });
-        lock(&self.shared.unserved).retain(|(a, _)| wanted.contains(a));
+        lock(&self.shared.unserved).retain(|(a, _)| keep(a));
         for (addr, listener) in added {
             info!(listener = %addr, "listening (added by the new configuration)");
             if self.shared.running.load(std::sync::atomic::Ordering::SeqCst) {
@@ -399,12 +418,12 @@ fn admit(stream: TcpStream, peer: SocketAddr, ctx: &AcceptContext) {
                 slot: Some(slot),
                 _permit: permit,
             };
-            tokio_util::either::Either::Left(conn.serve(stream))
+            Work::Serve(conn, stream)
         }
         Err(_) => {
             shared.metrics.refused(Refused::Busy);
             match shared.busy_refusals.clone().try_acquire_owned() {
-                Ok(permit) => tokio_util::either::Either::Right(refuse_busy(stream, generation, permit, slot)),
+                Ok(permit) => Work::RefuseBusy(stream, generation, permit, slot),
                 Err(_) => {
                     span.in_scope(|| {
                         warn!(
@@ -420,13 +439,30 @@ fn admit(stream: TcpStream, peer: SocketAddr, ctx: &AcceptContext) {
     let hard_stop = shared.hard_stop.clone();
     shared.connections_open.spawn(
         async move {
+            // The work's future is made inside the select: made outside, the task would hold it twice
+            // (once captured, once moved into the select), doubling every idle connection's task.
             tokio::select! {
-                _ = work => {}
+                _ = work.run() => {}
                 _ = hard_stop.cancelled() => info!(reason = "shutdown", "connection closed at shutdown"),
             }
         }
         .instrument(span),
     );
+}
+
+/// What an accepted connection's task does.
+enum Work {
+    Serve(Connection, TcpStream),
+    RefuseBusy(TcpStream, Arc<Generation>, OwnedSemaphorePermit, UnidentifiedSlot),
+}
+
+impl Work {
+    async fn run(self) {
+        match self {
+            Work::Serve(conn, stream) => conn.serve(stream).await,
+            Work::RefuseBusy(stream, generation, permit, slot) => refuse_busy(stream, generation, permit, slot).await,
+        }
+    }
 }
 
 /// Counts a connection against its source address until it is identified, so that one host on the LAN
@@ -489,6 +525,64 @@ struct Connection {
     _permit: OwnedSemaphorePermit,
 }
 
+/// A connection ready for the copy: both sockets, what set-up learnt, and the device's counters.
+struct Open {
+    device: TcpStream,
+    broker: TlsStream<TcpStream>,
+    session: Session,
+    started: Instant,
+    stats: Arc<DeviceStats>,
+    /// Counts the connection in `mqtls_connections_active` until it ends.
+    active: ActiveGuard,
+}
+
+impl Open {
+    /// Copies both ways until the connection ends, counting the bytes as they pass.
+    async fn copy(mut self, metrics: &Metrics) {
+        let limit = silence_limit(self.session.keep_alive);
+        let mut device = Metered::new(&mut self.device, &self.stats);
+        let transfer = pipe::pipe(&mut device, &mut self.broker, limit).await;
+        drop(self.active);
+        metrics.connection_closed(self.started.elapsed());
+        info!(
+            bytes_in = transfer.device_to_broker + self.session.first_in,
+            bytes_out = transfer.broker_to_device + self.session.first_out,
+            duration_s = self.started.elapsed().as_secs_f64(),
+            end = %transfer.end,
+            "connection closed"
+        );
+    }
+}
+
+/// Why the session did not start once the broker was reached.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    /// The broker refused the TLS session after the handshake (TLS 1.3 reports a rejected client
+    /// certificate with an alert at the first read).
+    #[error("the broker rejected the TLS session: {0}")]
+    Rejected(io::Error),
+    /// The broker did not take the CONNECT, or did not answer it, within the handshake timeout.
+    #[error("{0}")]
+    TimedOut(&'static str),
+    /// The broker closed the connection, or it failed, before its CONNACK.
+    #[error("{0}")]
+    Closed(io::Error),
+}
+
+impl From<io::Error> for SessionError {
+    fn from(e: io::Error) -> Self {
+        let tls_alert = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .is_some();
+        if tls_alert {
+            SessionError::Rejected(e)
+        } else {
+            SessionError::Closed(e)
+        }
+    }
+}
+
 /// Bytes mqtls passed on itself before the copy loop started: the device's first bytes and the broker's
 /// CONNACK.
 struct Session {
@@ -498,66 +592,106 @@ struct Session {
 }
 
 impl Connection {
-    /// The set-up steps run boxed: their futures (the TLS handshake's above all) are large, and the task
-    /// of a long-lived connection should keep only what the copy needs.
-    async fn serve(mut self, mut stream: TcpStream) {
+    /// The set-up runs boxed, and its future is freed before the copy starts: set-up futures (the TLS
+    /// handshake's above all) are large, and the task of a long-lived connection should keep only what the
+    /// copy needs. Nor does the copy keep the configuration generation: a sensor connected for months
+    /// must not hold an old generation (thousands of identities) alive after reloads.
+    async fn serve(mut self, stream: TcpStream) {
+        let Some(open) = Box::pin(self.open(stream)).await else {
+            return;
+        };
+        let Connection {
+            metrics,
+            generation,
+            _permit,
+            ..
+        } = self;
+        drop(generation);
+        open.copy(&metrics).await;
+    }
+
+    /// Reads the CONNECT, picks the device, reaches the broker as that device and starts the session.
+    /// `None` when the connection ended (refused, or closed) before that.
+    async fn open(&mut self, mut stream: TcpStream) -> Option<Open> {
         socket::tune(&stream);
-        let (connect, first_bytes) = match Box::pin(read_connect(&mut stream, &self.generation.listen)).await {
+        let (connect, first_bytes) = match read_connect(&mut stream, &self.generation.listen).await {
             Ok(read) => read,
-            Err(reason) => return self.metrics.refused(reason),
+            Err(reason) => {
+                self.metrics.refused(reason);
+                return None;
+            }
         };
         let Some(device) = self.identify(&connect) else {
             self.metrics.refused(Refused::UnknownDevice);
-            Box::pin(refuse(stream, connect.version, Refusal::IdentifierRejected)).await;
-            return;
+            refuse(stream, connect.version, Refusal::IdentifierRejected).await;
+            return None;
         };
         self.slot = None;
         Span::current().record("device", &*device.name);
         let started = Instant::now();
-        let mut broker = match Box::pin(self.generation.connector.connect(device.identity.client_config.clone())).await
-        {
-            Ok(b) => b,
+        let connected = self
+            .generation
+            .connector
+            .connect(device.identity.client_config.clone())
+            .await;
+        let mut broker = match connected {
+            Ok(c) => {
+                c.failed.iter().for_each(|f| self.metrics.upstream_failure(*f));
+                c.stream
+            }
             Err(e) => {
-                for (failure, _) in &e.attempts {
-                    self.metrics.upstream_failure(*failure);
-                }
+                e.attempts.iter().for_each(|(f, _)| self.metrics.upstream_failure(*f));
                 self.metrics.refused(Refused::BrokerUnreachable);
                 warn!(reason = e.reason(), error = %e, "refused: broker unreachable");
-                Box::pin(refuse(stream, connect.version, Refusal::ServerUnavailable)).await;
-                return;
+                refuse(stream, connect.version, Refusal::ServerUnavailable).await;
+                return None;
             }
+        };
+        let session = match self
+            .start_session(&mut broker, &mut stream, &connect, first_bytes)
+            .await
+        {
+            Ok(session) => session,
+            Err(e) => return self.session_failed(e, stream, connect.version).await,
         };
         self.metrics.upstream_reached(started.elapsed());
         let stats = self.metrics.device(&device.name);
-        let _active = stats.open();
+        stats.add_to_broker(session.first_in);
+        stats.add_to_device(session.first_out);
         info!(
             client_id = ?connect.client_id,
             mqtt = %connect.version,
-            keep_alive = connect.keep_alive,
+            keep_alive = session.keep_alive,
             setup_ms = started.elapsed().as_millis() as u64,
             "connection opened"
         );
-        let session = match Box::pin(self.start_session(&mut broker, &mut stream, &connect, first_bytes)).await {
-            Ok(s) => s,
-            Err(e) => {
-                self.metrics.connection_closed(started.elapsed());
+        Some(Open {
+            device: stream,
+            broker,
+            session,
+            started,
+            active: stats.open(),
+            stats,
+        })
+    }
+
+    /// The broker was reached but no session started. A broker that rejected the device's certificate
+    /// (TLS 1.3 says so only after the handshake, at the first read) or that did not answer in time
+    /// counts, and is answered, as unreachable; one that closed the connection has had its say.
+    async fn session_failed(&self, e: SessionError, stream: TcpStream, version: ProtocolVersion) -> Option<Open> {
+        let failure = match &e {
+            SessionError::Rejected(_) => Failure::Tls,
+            SessionError::TimedOut(_) => Failure::HandshakeTimeout,
+            SessionError::Closed(_) => {
                 info!(end = %e, "connection closed before the session started");
-                return;
+                return None;
             }
         };
-        drop(connect);
-        stats.add_to_broker(session.first_in);
-        stats.add_to_device(session.first_out);
-        let mut device_side = Metered::new(&mut stream, &stats);
-        let transfer = pipe::pipe(&mut device_side, &mut broker, silence_limit(session.keep_alive)).await;
-        self.metrics.connection_closed(started.elapsed());
-        info!(
-            bytes_in = transfer.device_to_broker + session.first_in,
-            bytes_out = transfer.broker_to_device + session.first_out,
-            duration_s = started.elapsed().as_secs_f64(),
-            end = %transfer.end,
-            "connection closed"
-        );
+        self.metrics.upstream_failure(failure);
+        self.metrics.refused(Refused::BrokerUnreachable);
+        warn!(reason = failure.label(), error = %e, "refused: the broker did not accept the connection");
+        refuse(stream, version, Refusal::ServerUnavailable).await;
+        None
     }
 
     fn identify(&self, connect: &Connect) -> Option<Arc<crate::device::Device>> {
@@ -576,39 +710,36 @@ impl Connection {
         found.ok()
     }
 
-    /// Delivers the device's first bytes (its CONNECT and anything after it) and, for MQTT 5, relays
-    /// the broker's CONNACK to learn a Server Keep Alive. Bounded by the handshake timeout: a broker
-    /// that takes nothing must not hold the connection forever.
+    /// Delivers the device's first bytes (its CONNECT and anything after it) and relays the broker's
+    /// answer up to its CONNACK, which proves the broker accepted the TLS session and, for MQTT 5, may set
+    /// the keep-alive. Bounded by the handshake timeout: a broker that takes nothing, or says nothing,
+    /// must not hold the connection forever.
     async fn start_session(
         &self,
         broker: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin),
         device: &mut (impl AsyncWriteExt + Unpin),
         connect: &Connect,
         first_bytes: Vec<u8>,
-    ) -> io::Result<Session> {
+    ) -> Result<Session, SessionError> {
         let limit = self.generation.connector.handshake_timeout();
         let forward = async {
             broker.write_all(&first_bytes).await?;
             broker.flush().await
         };
-        timeout(limit, forward).await.unwrap_or_else(|_| {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the broker took no bytes in time",
-            ))
-        })?;
+        timeout(limit, forward)
+            .await
+            .map_err(|_| SessionError::TimedOut("the broker took no bytes in time"))??;
+        let (relayed, server_keep_alive) = timeout(limit, relay_connack(broker, device, connect.version))
+            .await
+            .map_err(|_| SessionError::TimedOut("no CONNACK from the broker in time"))??;
         let mut session = Session {
             keep_alive: connect.keep_alive,
             first_in: first_bytes.len() as u64,
-            first_out: 0,
+            first_out: relayed as u64,
         };
-        if connect.version == ProtocolVersion::V5 {
-            let (relayed, server_keep_alive) = relay_connack(broker, device, connect.version, limit).await?;
-            session.first_out = relayed as u64;
-            if let Some(k) = server_keep_alive {
-                debug!(server_keep_alive = k, "the broker sets the keep-alive");
-                session.keep_alive = k;
-            }
+        if let Some(k) = server_keep_alive {
+            debug!(server_keep_alive = k, "the broker sets the keep-alive");
+            session.keep_alive = k;
         }
         Ok(session)
     }
@@ -644,42 +775,33 @@ async fn relay_connack<B, D>(
     broker: &mut B,
     device: &mut D,
     version: ProtocolVersion,
-    limit: Duration,
 ) -> io::Result<(usize, Option<u16>)>
 where
     B: AsyncReadExt + Unpin,
     D: AsyncWriteExt + Unpin,
 {
     const MAX_CONNACK: usize = 4096;
-    let relay = async {
-        let mut buf = Vec::with_capacity(256);
-        loop {
-            let mut chunk = [0u8; 512];
-            let n = broker.read(&mut chunk).await?;
-            if n == 0 {
-                // Whatever the broker said before closing is the device's to read.
-                device.write_all(&buf).await?;
-                device.flush().await?;
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the broker closed before its CONNACK",
-                ));
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            let parsed = mqtt::parse_connack(&buf, version);
-            if !matches!(parsed, Err(mqtt::ConnectError::Incomplete)) || buf.len() >= MAX_CONNACK {
-                device.write_all(&buf).await?;
-                device.flush().await?;
-                return Ok((buf.len(), parsed.ok().and_then(|c| c.server_keep_alive)));
-            }
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        let mut chunk = [0u8; 512];
+        let n = broker.read(&mut chunk).await?;
+        if n == 0 {
+            // Whatever the broker said before closing is the device's to read.
+            device.write_all(&buf).await?;
+            device.flush().await?;
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the broker closed before its CONNACK",
+            ));
         }
-    };
-    timeout(limit, relay).await.unwrap_or_else(|_| {
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "no CONNACK from the broker in time",
-        ))
-    })
+        buf.extend_from_slice(&chunk[..n]);
+        let parsed = mqtt::parse_connack(&buf, version);
+        if !matches!(parsed, Err(mqtt::ConnectError::Incomplete)) || buf.len() >= MAX_CONNACK {
+            device.write_all(&buf).await?;
+            device.flush().await?;
+            return Ok((buf.len(), parsed.ok().and_then(|c| c.server_keep_alive)));
+        }
+    }
 }
 
 /// MQTT lets a server wait 1.5 x keep-alive before deciding a client is gone; mqtls does the same.

@@ -3,6 +3,12 @@
 //!
 //! Names are resolved for every connection rather than once at start-up: gateways often boot before
 //! their DNS works, and brokers move. The connector knows nothing about MQTT or about the device socket.
+//!
+//! Connections are opened a bounded number at a time (`upstream.max_connecting`). When thousands of
+//! devices reconnect at once, opening all their broker connections together overflows the broker's
+//! accept queue (Mosquitto listens with a backlog of 100): the kernel drops the SYNs it has no room for and
+//! retries them only after 1 s, 3 s, 7 s, so the broker idles between bursts and slow devices get "server
+//! unavailable". Waiting for a turn in mqtls instead keeps the broker busy at its own pace.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +16,7 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -20,6 +27,9 @@ use crate::socket;
 /// What kind of failure stopped an attempt to reach the broker; the label metrics and logs use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Failure {
+    /// No turn to connect came within the handshake timeout: `upstream.max_connecting` connections were
+    /// being opened all that time.
+    QueueTimeout,
     /// The name did not resolve.
     Resolve,
     /// TCP connect refused, unreachable or timed out.
@@ -34,6 +44,7 @@ impl Failure {
     /// A short, stable label.
     pub fn label(self) -> &'static str {
         match self {
+            Failure::QueueTimeout => "queue_timeout",
             Failure::Resolve => "resolve",
             Failure::Connect => "connect",
             Failure::HandshakeTimeout => "handshake_timeout",
@@ -63,6 +74,15 @@ impl ConnectError {
     }
 }
 
+/// A TLS connection to the broker, and the attempts that failed before it (failover).
+#[derive(Debug)]
+pub struct Connected {
+    /// The connection.
+    pub stream: TlsStream<TcpStream>,
+    /// Each earlier address's failure, in order.
+    pub failed: Vec<Failure>,
+}
+
 /// Opens TLS connections to the configured broker.
 #[derive(Debug, Clone)]
 pub struct Connector {
@@ -70,6 +90,9 @@ pub struct Connector {
     server_name: Option<ServerName<'static>>,
     connect_timeout: Duration,
     handshake_timeout: Duration,
+    /// Turns to open a connection (resolve, connect, handshake): `max_connecting` of them.
+    turns: Arc<Semaphore>,
+    max_connecting: usize,
 }
 
 impl Connector {
@@ -80,6 +103,8 @@ impl Connector {
             server_name: upstream.server_name.clone(),
             connect_timeout: upstream.connect_timeout,
             handshake_timeout: upstream.handshake_timeout,
+            turns: Arc::new(Semaphore::new(upstream.max_connecting)),
+            max_connecting: upstream.max_connecting,
         }
     }
 
@@ -89,8 +114,19 @@ impl Connector {
     }
 
     /// Connects to the first broker address that answers and completes the TLS handshake with `config`.
-    /// An address that fails at any step (resolve, connect, handshake) passes the turn to the next.
-    pub async fn connect(&self, config: Arc<ClientConfig>) -> Result<TlsStream<TcpStream>, ConnectError> {
+    /// An address that fails at any step (resolve, connect, handshake) passes the turn to the next. Waits
+    /// first, at most the handshake timeout, until fewer than `upstream.max_connecting` connections are
+    /// being opened.
+    pub async fn connect(&self, config: Arc<ClientConfig>) -> Result<Connected, ConnectError> {
+        let Ok(Ok(_turn)) = timeout(self.handshake_timeout, self.turns.acquire()).await else {
+            let text = format!(
+                "no turn to connect within {:?}: {} connections to the broker were being opened all that time (upstream.max_connecting)",
+                self.handshake_timeout, self.max_connecting
+            );
+            return Err(ConnectError {
+                attempts: vec![(Failure::QueueTimeout, text)],
+            });
+        };
         let mut attempts = Vec::new();
         for hp in &self.addresses {
             let lookup = tokio::net::lookup_host((hp.host.as_str(), hp.port));
@@ -121,7 +157,10 @@ impl Connector {
                     }
                 };
                 match self.handshake(tcp, hp, config.clone()).await {
-                    Ok(tls) => return Ok(tls),
+                    Ok(stream) => {
+                        let failed = attempts.into_iter().map(|(f, _)| f).collect();
+                        return Ok(Connected { stream, failed });
+                    }
                     Err(failure) => attempts.push((failure.0, format!("{addr}: {}", failure.1))),
                 }
             }
@@ -149,5 +188,108 @@ impl Connector {
                 format!("TLS handshake took longer than {:?}", self.handshake_timeout),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    use rustls::RootCertStore;
+    use tokio::net::TcpListener;
+
+    fn connector(port: u16, max_connecting: usize, handshake_timeout: Duration) -> Connector {
+        Connector::new(&Upstream {
+            addresses: vec![HostPort {
+                host: "127.0.0.1".into(),
+                port,
+            }],
+            server_name: None,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout,
+            max_connecting,
+            alpn: Vec::new(),
+            allow_readable_keys: false,
+        })
+    }
+
+    fn client_config() -> Arc<ClientConfig> {
+        let config = ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth();
+        Arc::new(config)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_gets_no_turn_within_the_handshake_timeout_fails_as_queued() {
+        // Nothing listens on port 1: reaching the network at all would fail as `connect` instead.
+        let c = connector(1, 2, Duration::from_secs(10));
+        let _taken = c.turns.clone().acquire_many_owned(2).await.unwrap();
+        let e = c.connect(client_config()).await.unwrap_err();
+        assert_eq!(e.reason(), "queue_timeout", "{e}");
+        assert!(e.to_string().contains("upstream.max_connecting"), "{e}");
+    }
+
+    /// The broker side: accepts connections and holds them open (so each one's TLS handshake waits)
+    /// until the test closes them; records the most it ever held at once.
+    #[derive(Default)]
+    struct Held {
+        open: Vec<TcpStream>,
+        accepted: usize,
+        most: usize,
+    }
+
+    #[tokio::test]
+    async fn never_more_than_max_connecting_connections_are_being_opened_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = Arc::new(Mutex::new(Held::default()));
+        let h = held.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let mut h = h.lock().unwrap();
+                h.open.push(s);
+                h.accepted += 1;
+                h.most = h.most.max(h.open.len());
+            }
+        });
+        let c = connector(port, 2, Duration::from_secs(60));
+        let attempts: Vec<_> = (0..6)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move { c.connect(client_config()).await })
+            })
+            .collect();
+        // Close the held connections two at a time (their handshakes then fail), as the turns allow.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let closed = {
+                let mut h = held.lock().unwrap();
+                let ready = h.open.len() == 2 || (h.accepted == 6 && !h.open.is_empty());
+                if ready {
+                    h.open.clear();
+                }
+                h.accepted == 6 && h.open.is_empty()
+            };
+            if closed {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the broker saw {} connections",
+                held.lock().unwrap().accepted
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for a in attempts {
+            let e = a.await.unwrap().unwrap_err();
+            assert_eq!(e.reason(), "tls", "{e}");
+        }
+        assert_eq!(held.lock().unwrap().most, 2, "connections opened at once");
     }
 }

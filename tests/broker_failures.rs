@@ -173,7 +173,7 @@ async fn a_broker_that_goes_away_closes_its_devices_but_not_the_daemon() {
 async fn alpn_is_offered_as_configured() {
     use common::{EchoMode, TlsEcho};
     let pki = Pki::new();
-    let echo = TlsEcho::start_with_alpn(&pki, EchoMode::EchoUntilEof, &["x-amzn-mqtt-ca"]).await;
+    let echo = TlsEcho::start_with_alpn(&pki, EchoMode::ConnackThenDigest, &["x-amzn-mqtt-ca"]).await;
     let mut config = ProxyConfig::new(&pki, echo.addr()).device(DeviceEntry::new(&pki.client("alpn-1")));
     config.extra = "alpn = [\"x-amzn-mqtt-ca\"]\n".into();
     let proxy = RunningProxy::start(&config, pki.dir()).await;

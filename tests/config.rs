@@ -281,6 +281,9 @@ rejected! {
     zero_max_connections_is_refused:
         [Set("max_connections = 100", "max_connections = 0")]
         => ["{config}: `listen.max_connections`: 0 is out of range"];
+    zero_max_connecting_is_refused:
+        [InsertAfter("[upstream]", "max_connecting = 0")]
+        => ["{config}: `upstream.max_connecting`: 0 is out of range (1 to 1000000)"];
     device_without_name_is_refused:
         [Remove(r#"name = "boiler-2""#)]
         => ["{config}: `name (in the 2nd [[device]])`: every device needs a non-empty name"];
@@ -377,6 +380,14 @@ fn baseline_loads_with_every_identity() {
 fn shutdown_grace_is_read_from_listen() {
     let (config, _) = assert_accepted(&[InsertAfter("[listen]", r#"shutdown_grace = "90s""#)]);
     assert_eq!(config.listen.shutdown_grace, std::time::Duration::from_secs(90));
+}
+
+#[test]
+fn upstream_connects_are_paced_by_default_and_as_configured() {
+    let (config, _) = assert_accepted(&[]);
+    assert_eq!(config.upstream.max_connecting, 64);
+    let (config, _) = assert_accepted(&[InsertAfter("[upstream]", "max_connecting = 500")]);
+    assert_eq!(config.upstream.max_connecting, 500);
 }
 
 #[test]

@@ -307,3 +307,75 @@ async fn the_endpoint_outlasts_idle_and_oversized_clients() {
     );
     assert!(Scrape::take(metrics).await.value("mqtls_devices").is_some());
 }
+
+#[tokio::test]
+async fn a_broker_that_rejects_the_device_certificate_is_counted_and_the_device_answered() {
+    let pki = Pki::new();
+    // The broker trusts client certificates of another CA only: with TLS 1.3 mqtls's handshake completes,
+    // and the rejection arrives as an alert once mqtls waits for the CONNACK.
+    let other = Pki::other_ca();
+    let server = pki.server("localhost", &["localhost", "127.0.0.1"]);
+    let broker = Mosquitto::start_with_client_ca(&pki, &server, other.ca_pem_path()).await;
+    let mut config = ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&pki.client("stranger-cert")));
+    config.extra.push_str(METRICS);
+    let daemon = Daemon::spawn(&config.write(pki.dir()));
+    let addr = daemon.ready().await;
+    let metrics = daemon.metrics_addr().await;
+
+    for (version, code) in [(Version::V311, 0x03), (Version::V5, 0x88)] {
+        let mut dev = raw::device(addr).await;
+        dev.write_all(&raw::connect(version, "stranger-cert", 60))
+            .await
+            .unwrap();
+        assert_eq!(
+            raw::expect_connack(&mut dev, version, GUARD).await.code,
+            code,
+            "{version:?}"
+        );
+    }
+    let s = scrape_until(metrics, "both rejections counted", |s| {
+        s.value("mqtls_upstream_connect_failures_total{reason=\"tls\"}") == Some(2.0)
+    })
+    .await;
+    assert_eq!(
+        s.get("mqtls_connections_refused_total{reason=\"broker_unreachable\"}"),
+        2.0
+    );
+    assert_eq!(
+        s.get("mqtls_upstream_handshake_seconds_count"),
+        0.0,
+        "never counted as reached"
+    );
+    assert_eq!(s.get("mqtls_connections_active{device=\"stranger-cert\"}"), 0.0);
+    let line = daemon.wait_line(&["the broker did not accept the connection"]).await;
+    assert!(line.contains("reason=\"tls\""), "{line}");
+}
+
+#[tokio::test]
+async fn a_failover_counts_the_attempt_that_failed_before_it() {
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki).await;
+    let dead = common::mosquitto::free_port();
+    let mut config = ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&pki.client("second-try")));
+    config.upstream = vec![format!("127.0.0.1:{dead}"), broker.addr().to_string()];
+    config.extra.push_str(METRICS);
+    let daemon = Daemon::spawn(&config.write(pki.dir()));
+    let addr = daemon.ready().await;
+    let metrics = daemon.metrics_addr().await;
+
+    let mut dev = raw::device(addr).await;
+    dev.write_all(&raw::connect(Version::V311, "second-try", 60))
+        .await
+        .unwrap();
+    assert_eq!(raw::expect_connack(&mut dev, Version::V311, GUARD).await.code, 0);
+    let s = scrape_until(metrics, "the connection active", |s| {
+        s.value("mqtls_connections_active{device=\"second-try\"}") == Some(1.0)
+    })
+    .await;
+    assert_eq!(s.get("mqtls_upstream_connect_failures_total{reason=\"connect\"}"), 1.0);
+    assert_eq!(
+        s.get("mqtls_connections_refused_total{reason=\"broker_unreachable\"}"),
+        0.0
+    );
+    assert_eq!(s.get("mqtls_upstream_handshake_seconds_count"), 1.0);
+}

@@ -325,3 +325,22 @@ async fn a_reload_resizes_the_connection_limit() {
     wait_nth_line(&daemon, &["configuration reloaded"], 2).await;
     Session::open(addr, "limited").await.roundtrip("room again").await;
 }
+
+#[tokio::test]
+async fn an_open_connection_does_not_keep_the_old_configuration_alive() {
+    let pki = Pki::new();
+    let echo = TlsEcho::start(&pki, EchoMode::Echo).await;
+    let config = ProxyConfig::new(&pki, echo.addr()).device(DeviceEntry::new(&pki.client("long-lived")));
+    let proxy = common::proxy::RunningProxy::start(&config, pki.dir()).await;
+    let old = std::sync::Arc::downgrade(&proxy.handle.generation());
+    let mut open = Session::open(proxy.addr(), "long-lived").await;
+
+    let reread = mqtls::Config::load(&proxy.config_path).unwrap();
+    let generation = mqtls::Generation::load(&reread).unwrap();
+    proxy.handle.replace(&reread, generation).await.unwrap();
+    open.roundtrip("months later").await;
+    assert!(
+        old.upgrade().is_none(),
+        "the open connection still holds the replaced generation (all its identities)"
+    );
+}

@@ -50,7 +50,7 @@ async fn rumqttc_device_publishes(proxy: &RunningProxy, obs: &mut Observer, cn: 
 async fn large_payload_passes_unchanged_and_device_half_close_becomes_close_notify() {
     let (logs, _guard) = Logs::capture();
     let pki = Pki::new();
-    let echo = TlsEcho::start(&pki, EchoMode::EchoUntilEof).await;
+    let echo = TlsEcho::start(&pki, EchoMode::ConnackThenDigest).await;
     let dev = pki.client("dev-bulk");
     let proxy = RunningProxy::start(
         &ProxyConfig::new(&pki, echo.addr()).device(DeviceEntry::new(&dev)),
@@ -62,8 +62,9 @@ async fn large_payload_passes_unchanged_and_device_half_close_becomes_close_noti
     let payload = common::pki::random_bytes(8 << 20);
     let mut s = raw::device(proxy.addr()).await;
     s.write_all(&connect).await.unwrap();
+    assert_eq!(raw::expect_connack(&mut s, Version::V311, WAIT).await.code, 0);
     s.write_all(&payload).await.unwrap();
-    // The echo answers only after our end of stream: nothing has come back yet.
+    // The echo answers only after our end of stream: nothing more has come back yet.
     assert_eq!(raw::peek_state(&s), PeekState::OpenQuiet);
     s.shutdown().await.unwrap();
 
@@ -97,7 +98,7 @@ async fn large_payload_passes_unchanged_and_device_half_close_becomes_close_noti
         .await
         .unwrap();
     assert!(line.contains(&format!("bytes_in={}", sent.len())), "{line}");
-    assert!(line.contains("bytes_out=40"), "{line}");
+    assert!(line.contains("bytes_out=44"), "CONNACK and the digest: {line}");
     assert!(line.contains("end=device closed"), "{line}");
 }
 

@@ -647,3 +647,35 @@ fn the_sysusers_file_creates_the_mqtls_user_and_group() {
     assert!(passwd.lines().any(|l| l.starts_with("mqtls:")), "{passwd}");
     assert!(group.lines().any(|l| l.starts_with("mqtls:")), "{group}");
 }
+
+#[tokio::test]
+async fn a_reload_never_closes_a_socket_that_systemd_passed() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = ProxyConfig::new(&pki, "127.0.0.1:1".parse().unwrap()).device(DeviceEntry::new(&pki.client("kept")));
+    let path = listening_on(&config, addr, pki.dir(), "kept.toml");
+    let mut daemon = Daemon::start(activated(&path, &listener));
+    assert_eq!(daemon.ready().await, addr);
+    daemon.wait_signal_handlers().await;
+    // systemd still holds its copy of the socket; so does this test, as systemd would.
+
+    std::fs::write(&path, config.toml()).unwrap(); // the shared listener moves to 127.0.0.1:0
+    daemon.signal("HUP");
+    daemon.wait_line(&["configuration reloaded"]).await;
+    daemon
+        .wait_line(&["systemd passed this socket", &addr.to_string()])
+        .await;
+
+    // Still accepted and answered (no device listens there any more: identifier rejected), not left
+    // unanswered in a backlog that nobody accepts from.
+    let mut dev = common::raw::device(addr).await;
+    dev.write_all(&common::raw::connect(common::raw::Version::V311, "kept", 0))
+        .await
+        .unwrap();
+    let connack = common::raw::expect_connack(&mut dev, common::raw::Version::V311, GUARD).await;
+    assert_eq!(connack.code, 2);
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(GUARD).await.and_then(|s| s.code()), Some(0));
+}

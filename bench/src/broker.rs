@@ -11,6 +11,10 @@ use anyhow::{bail, Context, Result};
 
 use crate::process::{find_binary, free_port, Proc};
 
+/// An OpenSSL configuration under which a TLS server issues no TLS 1.3 session tickets.
+const NO_TICKETS: &str = "openssl_conf = mqtls_bench\n\n[mqtls_bench]\nssl_conf = mqtls_bench_ssl\n\n\
+[mqtls_bench_ssl]\nsystem_default = mqtls_bench_tls\n\n[mqtls_bench_tls]\nNumTickets = 0\n";
+
 pub struct Broker {
     pub proc: Proc,
     pub addr: SocketAddr,
@@ -24,6 +28,8 @@ pub struct BrokerFiles<'a> {
     pub key: &'a Path,
     /// Add `set_tcp_nodelay true` when the recipe does not say.
     pub nodelay: bool,
+    /// Issue TLS session tickets (OpenSSL's default). Without them no client can resume a TLS 1.3 session.
+    pub tickets: bool,
 }
 
 impl Broker {
@@ -69,6 +75,13 @@ impl Broker {
         fs::write(&conf_path, out)?;
         let mut cmd = Command::new(bin);
         cmd.arg("-c").arg(&conf_path);
+        if !files.tickets {
+            // Mosquitto has no option for it; OpenSSL's own configuration does, for every SSL_CTX the
+            // process makes.
+            let ssl_conf = dir.join("openssl.cnf");
+            fs::write(&ssl_conf, NO_TICKETS)?;
+            cmd.env("OPENSSL_CONF", &ssl_conf);
+        }
         let mut proc = Proc::spawn("mosquitto", cmd, &dir)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

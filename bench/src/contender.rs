@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 
 use crate::process::{find_binary, free_port, Proc};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
     Mqtls,
     Stunnel,
@@ -85,7 +85,7 @@ pub async fn start(kind: Kind, upstream: SocketAddr, s: &Setup, tag: &str) -> Re
         Kind::Direct => anyhow::bail!("direct has no process"),
     };
     let mut proc = Proc::spawn(kind.name(), cmd, &dir)?;
-    proc.wait_listening(listen, Duration::from_secs(15)).await?;
+    proc.wait_listening(listen, Duration::from_secs(60)).await?;
     Ok(Running { proc, listen })
 }
 
@@ -106,6 +106,7 @@ max_pending_per_source = 100000
 address = "{upstream}"
 server_name = "localhost"
 ca_file = "{ca}"
+{extra}
 
 [[device]]
 name = "bench"
@@ -114,13 +115,26 @@ cert = "{cert}"
 key = "{key}"
 "#,
         max = s.max_connections,
+        // For trying settings: MQTLS_BENCH_UPSTREAM="max_connecting = 32" adds lines to [upstream].
+        extra = std::env::var("MQTLS_BENCH_UPSTREAM").unwrap_or_default(),
         ca = s.ca.display(),
         cert = s.cert.display(),
         key = s.key.display(),
     );
     let path = dir.join("mqtls.toml");
     write(&path, &conf)?;
-    let mut cmd = Command::new(&s.mqtls_bin);
+    // MQTLS_BENCH_WRAP runs mqtls under a profiler, e.g. "heaptrack -o /tmp/mqtls" or
+    // "valgrind --tool=callgrind": for diagnosis only, since the figures then include the profiler.
+    let wrap = std::env::var("MQTLS_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(tool) => {
+            let mut c = Command::new(tool);
+            c.args(words).arg(&s.mqtls_bin);
+            c
+        }
+        None => Command::new(&s.mqtls_bin),
+    };
     cmd.arg("run").arg("--config").arg(&path);
     // One line per connection opened and closed at info; the peers are configured not to log per
     // connection either.

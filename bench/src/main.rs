@@ -12,6 +12,7 @@ mod procfs;
 mod report;
 mod sink;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,10 +40,16 @@ pub struct Plan {
     pub lat_warmup: usize,
     pub lat_count: usize,
     pub lat_sizes: Vec<usize>,
+    /// Round trips through one target before the next target's turn.
+    pub lat_block: usize,
     pub setup_in_flight: usize,
-    pub setup_duration: Duration,
+    /// Set-ups through one target before the next target's turn, and how many turns each gets.
+    pub setup_window: Duration,
+    pub setup_rounds: usize,
     pub storm_devices: usize,
     pub storm_limit: Duration,
+    /// Storms per contender (each with a fresh broker and contender); the median is reported.
+    pub storm_rounds: usize,
     pub bulk_bytes: u64,
     pub bulk_runs: usize,
     pub cpu_devices: usize,
@@ -57,12 +64,15 @@ impl Plan {
             mem_ns: vec![1000, 9000],
             settle: Duration::from_secs(3),
             lat_warmup: 500,
-            lat_count: 5000,
+            lat_count: 10_000,
             lat_sizes: vec![32, 1024],
+            lat_block: 50,
             setup_in_flight: 16,
-            setup_duration: Duration::from_secs(8),
+            setup_window: Duration::from_secs(1),
+            setup_rounds: 8,
             storm_devices: 5000,
             storm_limit: Duration::from_secs(120),
+            storm_rounds: 3,
             bulk_bytes: 256 << 20,
             bulk_runs: 5,
             cpu_devices: 100,
@@ -79,10 +89,13 @@ impl Plan {
             lat_warmup: 20,
             lat_count: 200,
             lat_sizes: vec![32, 1024],
+            lat_block: 20,
             setup_in_flight: 4,
-            setup_duration: Duration::from_millis(700),
+            setup_window: Duration::from_millis(300),
+            setup_rounds: 2,
             storm_devices: 50,
             storm_limit: Duration::from_secs(30),
+            storm_rounds: 1,
             bulk_bytes: 4 << 20,
             bulk_runs: 1,
             cpu_devices: 5,
@@ -105,6 +118,7 @@ struct Args {
 
 const USAGE: &str = "usage: mqtls-bench [--mode full|smoke] [--only mqtls,stunnel,haproxy,socat,direct]
                    [--skip memory,latency,setup,storm,throughput,cpu] [--json PATH] [--markdown PATH|-] [--broker-as-shipped]
+                   [--memory-n 1000,9000]
                    [--from-json PATH]   (no measuring: the report of an earlier run's JSON)";
 
 fn parse_args() -> Result<Args> {
@@ -119,6 +133,7 @@ fn parse_args() -> Result<Args> {
     let mut markdown = None;
     let mut broker_as_shipped = false;
     let mut from_json = None;
+    let mut memory_n: Option<Vec<usize>> = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value\n{USAGE}"));
@@ -135,6 +150,18 @@ fn parse_args() -> Result<Args> {
             "--markdown" => markdown = Some(value()?),
             "--broker-as-shipped" => broker_as_shipped = true,
             "--from-json" => from_json = Some(PathBuf::from(value()?)),
+            "--memory-n" => {
+                memory_n = Some(
+                    value()?
+                        .split(',')
+                        .map(|s| {
+                            s.trim()
+                                .parse()
+                                .with_context(|| format!("--memory-n: {s:?} is not a count"))
+                        })
+                        .collect::<Result<_>>()?,
+                )
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -147,11 +174,14 @@ fn parse_args() -> Result<Args> {
             bail!("unknown measurement {s:?} (one of {MEASUREMENTS:?})");
         }
     }
-    let plan = match mode.as_str() {
+    let mut plan = match mode.as_str() {
         "full" => Plan::full(),
         "smoke" => Plan::smoke(),
         m => bail!("unknown mode {m:?}\n{USAGE}"),
     };
+    if let Some(ns) = memory_n {
+        plan.mem_ns = ns;
+    }
     let smoke = plan.mode == "smoke";
     let json = json_path.unwrap_or_else(|| {
         if smoke {
@@ -283,24 +313,280 @@ async fn run(args: &Args) -> Result<Value> {
         _pki: pki,
     };
 
-    let mut contenders = Map::new();
+    let mut results: BTreeMap<Kind, Map<String, Value>> = args.only.iter().map(|&k| (k, Map::new())).collect();
+    if args.measurements.iter().any(|m| matches!(*m, "latency" | "setup")) {
+        paired_phase(args, &env, &mut results).await;
+    }
     for &kind in &args.only {
         eprintln!("== {kind}");
-        let r = run_contender(kind, args, &env).await;
-        contenders.insert(kind.name().into(), Value::Object(r));
+        let out = results.get_mut(&kind).expect("every kind has its map");
+        run_contender(kind, args, &env, out).await;
+    }
+    if args.measurements.contains(&"storm") {
+        storm_phase(args, &env, &mut results).await;
     }
     let mut baseline = Map::new();
     if let Some(sinks) = &env.sinks {
-        eprintln!("== plain TCP (throughput baseline)");
-        let v = measure::throughput(&Target::Plain(sinks.plain), sinks, plan.bulk_bytes, plan.bulk_runs).await;
-        baseline.insert("throughput".into(), outcome(v));
+        throughput_phase(args, &env, sinks, &mut results, &mut baseline).await;
     }
+    let contenders: Map<String, Value> = results
+        .into_iter()
+        .map(|(k, m)| (k.name().to_owned(), Value::Object(m)))
+        .collect();
     Ok(json!({
         "meta": meta(args, started.elapsed()),
         "measurements": args.measurements,
         "contenders": contenders,
         "plain_tcp": baseline,
     }))
+}
+
+/// Every contender at once, each in front of the same broker, so that their measurements can rotate over
+/// them: latency and set-up rate with TLS session resumption (a broker that issues session tickets, as
+/// shipped), then set-up rate without (a broker that issues none, so that nobody can resume).
+async fn paired_phase(args: &Args, env: &Env, results: &mut BTreeMap<Kind, Map<String, Value>>) {
+    let plan = &args.plan;
+    let wants = |m: &str| args.measurements.contains(&m);
+    let mut modes = vec![(true, "with session tickets")];
+    if wants("setup") {
+        modes.push((false, "without session tickets"));
+    }
+    for (tickets, label) in modes {
+        eprintln!("== all contenders, one broker {label}");
+        let steps: Vec<&str> = if tickets {
+            ["latency", "setup"].into_iter().filter(|m| wants(m)).collect()
+        } else {
+            vec!["setup"]
+        };
+        let key = |m: &str| {
+            if tickets {
+                m.to_owned()
+            } else {
+                format!("{m}_no_resumption")
+            }
+        };
+        let lineup = match Lineup::start(&args.only, env, tickets).await {
+            Ok(l) => l,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                eprintln!("  FAILED to start the broker: {msg}");
+                for out in results.values_mut() {
+                    for m in &steps {
+                        out.insert(key(m), json!({ "error": format!("could not start: {msg}") }));
+                    }
+                }
+                continue;
+            }
+        };
+        for (kind, e) in &lineup.failed {
+            for m in &steps {
+                results.entry(*kind).or_default().insert(key(m), json!({ "error": e }));
+            }
+        }
+        tokio::time::sleep(plan.settle).await;
+        for m in &steps {
+            eprintln!("  {} ...", key(m));
+            let t0 = Instant::now();
+            let figures = match *m {
+                "latency" => {
+                    measure::latency(
+                        &lineup.targets,
+                        &plan.lat_sizes,
+                        plan.lat_warmup,
+                        plan.lat_count,
+                        plan.lat_block,
+                    )
+                    .await
+                }
+                _ => {
+                    measure::setup_rate(
+                        &lineup.targets,
+                        plan.setup_in_flight,
+                        plan.setup_window,
+                        plan.setup_rounds,
+                    )
+                    .await
+                }
+            };
+            eprintln!("    done in {:.1} s", t0.elapsed().as_secs_f64());
+            for (name, r) in figures {
+                let kind = Kind::parse(&name).expect("targets are named after kinds");
+                results.entry(kind).or_default().insert(key(m), outcome(r));
+            }
+        }
+        lineup.check_alive(results, &steps.iter().map(|m| key(m)).collect::<Vec<_>>());
+    }
+}
+
+/// One broker and every contender in front of it (direct: the broker itself).
+struct Lineup {
+    _broker: Broker,
+    running: Vec<(Kind, Running)>,
+    targets: Vec<measure::Entrant>,
+    /// Contenders that could not start, and why.
+    failed: Vec<(Kind, String)>,
+}
+
+impl Lineup {
+    async fn start(kinds: &[Kind], env: &Env, tickets: bool) -> Result<Lineup> {
+        let files = BrokerFiles {
+            repo: &env.setup.repo,
+            ca: &env.ca,
+            cert: &env.broker_cert,
+            key: &env.broker_key,
+            nodelay: env.broker_nodelay,
+            tickets,
+        };
+        let tag = if tickets { "paired" } else { "paired-no-tickets" };
+        let broker = Broker::start(&files, &env.setup.dir, tag).await?;
+        let mut lineup = Lineup {
+            _broker: broker,
+            running: Vec::new(),
+            targets: Vec::new(),
+            failed: Vec::new(),
+        };
+        let broker_addr = lineup._broker.addr;
+        for &kind in kinds {
+            let started = match kind.is_proxy() {
+                true => contender::start(kind, broker_addr, &env.setup, tag).await.map(Some),
+                false => Ok(None),
+            };
+            let target = match &started {
+                Ok(Some(r)) => Target::Plain(r.listen),
+                Ok(None) => Target::Tls {
+                    addr: broker_addr,
+                    config: env.client_config.clone(),
+                },
+                Err(_) => Target::Plain(broker_addr),
+            };
+            let checked = match started {
+                Err(e) => Err(e),
+                Ok(r) => check(kind, &target, r.as_ref()).await.map(|()| r),
+            };
+            match checked {
+                Ok(r) => {
+                    lineup.targets.push(measure::Entrant {
+                        name: kind.name().to_owned(),
+                        target,
+                        pgid: r.as_ref().map(|r| r.proc.pgid()),
+                    });
+                    if let Some(r) = r {
+                        lineup.running.push((kind, r));
+                    }
+                }
+                Err(e) => {
+                    let msg = format!("could not start: {e:#}");
+                    eprintln!("  {kind}: {msg}");
+                    lineup.failed.push((kind, msg));
+                }
+            }
+        }
+        Ok(lineup)
+    }
+
+    /// A contender that died during the phase fails its measurements of the phase, whatever they read.
+    fn check_alive(mut self, results: &mut BTreeMap<Kind, Map<String, Value>>, keys: &[String]) {
+        for (kind, r) in &mut self.running {
+            if !r.proc.alive() {
+                let msg = format!("{kind} exited:\n{}", r.proc.log_tail());
+                eprintln!("  {msg}");
+                for k in keys {
+                    results
+                        .entry(*kind)
+                        .or_default()
+                        .insert(k.clone(), json!({ "error": msg }));
+                }
+            }
+        }
+    }
+}
+
+/// A full MQTT connection through `target`, as a check that the chain works.
+async fn check(kind: Kind, target: &Target, running: Option<&Running>) -> Result<()> {
+    match net::Conn::mqtt(target, 60, Duration::from_secs(10)).await {
+        Ok(c) => c
+            .close(Duration::from_secs(10))
+            .await
+            .context("closing the check connection"),
+        Err(e) => {
+            let log = running.map(|r| r.proc.log_tail()).unwrap_or_default();
+            bail!("a device cannot connect through {kind}: {e}\n{log}");
+        }
+    }
+}
+
+/// Every contender in front of the TLS sink at once, and plain TCP: runs rotate over them.
+async fn throughput_phase(
+    args: &Args,
+    env: &Env,
+    sinks: &Sinks,
+    results: &mut BTreeMap<Kind, Map<String, Value>>,
+    baseline: &mut Map<String, Value>,
+) {
+    let plan = &args.plan;
+    eprintln!("== all contenders, throughput to the TLS sink (and plain TCP)");
+    let mut running = Vec::new();
+    let mut targets = Vec::new();
+    for &kind in &args.only {
+        if !kind.is_proxy() {
+            targets.push(measure::Entrant {
+                name: kind.name().into(),
+                target: Target::Tls {
+                    addr: sinks.tls,
+                    config: env.client_config.clone(),
+                },
+                pgid: None,
+            });
+            continue;
+        }
+        match contender::start(kind, sinks.tls, &env.setup, "sink").await {
+            Ok(r) => {
+                targets.push(measure::Entrant {
+                    name: kind.name().into(),
+                    target: Target::Plain(r.listen),
+                    pgid: Some(r.proc.pgid()),
+                });
+                running.push(r);
+            }
+            Err(e) => {
+                let msg = format!("could not start: {e:#}");
+                eprintln!("  {kind}: {msg}");
+                results
+                    .entry(kind)
+                    .or_default()
+                    .insert("throughput".into(), json!({ "error": msg }));
+            }
+        }
+    }
+    // Whether each one resumes its TLS sessions upstream, as the sink sees it.
+    let mut resumption = BTreeMap::new();
+    for t in &targets {
+        resumption.insert(t.name.clone(), measure::resumption(&t.target, sinks, 8).await);
+    }
+    targets.push(measure::Entrant {
+        name: "plain".into(),
+        target: Target::Plain(sinks.plain),
+        pgid: None,
+    });
+    eprintln!("  throughput ...");
+    let t0 = Instant::now();
+    let figures = measure::throughput(&targets, sinks, plan.bulk_bytes, plan.bulk_runs).await;
+    eprintln!("    done in {:.1} s", t0.elapsed().as_secs_f64());
+    for (name, r) in figures {
+        if name == "plain" {
+            baseline.insert("throughput".into(), outcome(r));
+            continue;
+        }
+        let kind = Kind::parse(&name).expect("targets are named after kinds");
+        let mut v = outcome(r);
+        match resumption.remove(&name) {
+            Some(Ok(res)) if v.get("error").is_none() => v["resumption_at_sink"] = res,
+            Some(Err(e)) => v = json!({ "error": format!("resumption check: {e:#}") }),
+            _ => {}
+        }
+        results.entry(kind).or_default().insert("throughput".into(), v);
+    }
+    drop(running);
 }
 
 fn outcome(r: Result<Value>) -> Value {
@@ -333,129 +619,127 @@ where
     out.insert(name.into(), v);
 }
 
-async fn run_contender(kind: Kind, args: &Args, env: &Env) -> Map<String, Value> {
+/// Storms in rounds, each contender in turn with a fresh broker and a fresh contender; the median round
+/// is reported (the time until the last device is back is a maximum, which one bad moment of a shared
+/// machine decides).
+async fn storm_phase(args: &Args, env: &Env, results: &mut BTreeMap<Kind, Map<String, Value>>) {
     let plan = &args.plan;
-    let wants = |m: &str| args.measurements.contains(&m);
-    let mut out = Map::new();
-    // Latency first, on a fresh contender and broker; memory next, from a baseline that has seen only the
-    // latency device; the storm and the CPU run after.
-    let broker_steps: Vec<&str> = ["latency", "memory", "setup", "storm", "cpu"]
-        .into_iter()
-        .filter(|m| wants(m) && (kind.is_proxy() || !matches!(*m, "memory" | "cpu")))
-        .collect();
-    if !broker_steps.is_empty() {
-        match start_with_broker(kind, env).await {
-            Err(e) => {
-                let msg = format!("{e:#}");
-                eprintln!("  FAILED to start: {msg}");
-                for m in &broker_steps {
-                    out.insert((*m).into(), json!({ "error": format!("could not start: {msg}") }));
+    let limit = Duration::from_secs(if plan.mode == "smoke" { 60 } else { 300 });
+    let mut rounds: BTreeMap<Kind, Vec<Value>> = BTreeMap::new();
+    for round in 0..plan.storm_rounds {
+        for k in 0..args.only.len() {
+            let kind = args.only[(k + round) % args.only.len()];
+            eprintln!("== {kind}: storm, round {} of {}", round + 1, plan.storm_rounds);
+            let mut out = Map::new();
+            match start_with_broker(kind, env).await {
+                Err(e) => {
+                    let msg = format!("could not start: {e:#}");
+                    eprintln!("  FAILED: {msg}");
+                    out.insert("storm".into(), json!({ "error": msg }));
                 }
-            }
-            Ok((broker, mut running, target)) => {
-                let pgid = running.as_ref().map(|r| r.proc.pgid());
-                let limit = Duration::from_secs(if plan.mode == "smoke" { 60 } else { 300 });
-                // Let start-up work (the broker's, the contender's, the check connection) die down.
-                tokio::time::sleep(plan.settle).await;
-                for m in &broker_steps {
-                    match *m {
-                        "memory" => {
-                            step(
-                                &mut out,
-                                m,
-                                limit,
-                                measure::memory(pgid.unwrap(), &target, &plan.mem_ns, plan.settle),
-                            )
-                            .await
-                        }
-                        "latency" => {
-                            let direct = Target::Tls {
-                                addr: broker.addr,
-                                config: env.client_config.clone(),
-                            };
-                            let baseline = kind.is_proxy().then_some(&direct);
-                            let f =
-                                measure::latency(&target, baseline, &plan.lat_sizes, plan.lat_warmup, plan.lat_count);
-                            step(&mut out, m, limit, f).await
-                        }
-                        "setup" => {
-                            step(
-                                &mut out,
-                                m,
-                                limit,
-                                measure::setup_rate(&target, plan.setup_in_flight, plan.setup_duration),
-                            )
-                            .await
-                        }
-                        "storm" => {
-                            step(
-                                &mut out,
-                                m,
-                                limit,
-                                measure::storm(&target, plan.storm_devices, plan.storm_limit),
-                            )
-                            .await
-                        }
-                        "cpu" => {
-                            let f = measure::cpu(
-                                pgid.unwrap(),
-                                broker.proc.pgid(),
-                                &target,
-                                plan.cpu_devices,
-                                plan.cpu_rate,
-                                plan.cpu_messages,
-                            );
-                            step(&mut out, m, limit, f).await
-                        }
-                        _ => unreachable!(),
-                    }
+                Ok((broker, mut running, target)) => {
+                    tokio::time::sleep(plan.settle).await;
+                    let f = measure::storm(&target, plan.storm_devices, plan.storm_limit);
+                    step(&mut out, "storm", limit, f).await;
                     if let Some(r) = running.as_mut() {
                         if !r.proc.alive() {
-                            let msg = format!("{kind} exited during {m}:\n{}", r.proc.log_tail());
-                            eprintln!("  {msg}");
-                            out.insert((*m).into(), json!({ "error": msg }));
-                            break;
+                            let msg = format!("{kind} exited during the storm:\n{}", r.proc.log_tail());
+                            out.insert("storm".into(), json!({ "error": msg }));
                         }
                     }
+                    drop(running);
+                    drop(broker);
                 }
-                drop(running);
-                drop(broker);
             }
+            rounds
+                .entry(kind)
+                .or_default()
+                .push(out.remove("storm").unwrap_or(Value::Null));
         }
     }
-    if let (true, Some(sinks)) = (wants("throughput"), env.sinks.as_ref()) {
-        let started = if kind.is_proxy() {
-            contender::start(kind, sinks.tls, &env.setup, "sink").await.map(Some)
-        } else {
-            Ok(None)
+    for (kind, all) in rounds {
+        let v = match all.iter().find(|v| v.get("error").is_some()) {
+            Some(failed) => failed.clone(),
+            None => {
+                let mut sorted = all.clone();
+                sorted.sort_by(|a, b| {
+                    let t = |v: &Value| v["all_connected_s"].as_f64().unwrap_or(f64::INFINITY);
+                    t(a).total_cmp(&t(b))
+                });
+                let mut median = sorted[sorted.len() / 2].clone();
+                median["rounds"] = json!(all
+                    .iter()
+                    .map(|v| v["all_connected_s"].as_f64().unwrap_or(f64::NAN))
+                    .collect::<Vec<_>>());
+                median
+            }
         };
-        match started {
-            Err(e) => {
-                out.insert(
-                    "throughput".into(),
-                    json!({ "error": format!("could not start: {e:#}") }),
-                );
-            }
-            Ok(running) => {
-                let target = match &running {
-                    Some(r) => Target::Plain(r.listen),
-                    None => Target::Tls {
-                        addr: sinks.tls,
-                        config: env.client_config.clone(),
-                    },
-                };
-                let f = async {
-                    let resumption = measure::resumption(&target, sinks, 8).await?;
-                    let mut v = measure::throughput(&target, sinks, plan.bulk_bytes, plan.bulk_runs).await?;
-                    v["resumption_at_sink"] = resumption;
-                    Ok(v)
-                };
-                step(&mut out, "throughput", Duration::from_secs(600), f).await;
-                drop(running);
+        results.entry(kind).or_default().insert("storm".into(), v);
+    }
+}
+
+/// The measurements that need the contender on its own, with a fresh broker: memory (from a fresh process)
+/// and CPU.
+async fn run_contender(kind: Kind, args: &Args, env: &Env, out: &mut Map<String, Value>) {
+    let plan = &args.plan;
+    let wants = |m: &str| args.measurements.contains(&m);
+    let broker_steps: Vec<&str> = ["memory", "cpu"]
+        .into_iter()
+        .filter(|m| wants(m) && kind.is_proxy())
+        .collect();
+    if broker_steps.is_empty() {
+        return;
+    }
+    match start_with_broker(kind, env).await {
+        Err(e) => {
+            let msg = format!("{e:#}");
+            eprintln!("  FAILED to start: {msg}");
+            for m in &broker_steps {
+                out.insert((*m).into(), json!({ "error": format!("could not start: {msg}") }));
             }
         }
+        Ok((broker, mut running, target)) => {
+            let pgid = running.as_ref().map(|r| r.proc.pgid());
+            let limit = Duration::from_secs(if plan.mode == "smoke" { 60 } else { 300 });
+            // Let start-up work (the broker's, the contender's, the check connection) die down.
+            tokio::time::sleep(plan.settle).await;
+            for m in &broker_steps {
+                match *m {
+                    "memory" => {
+                        step(
+                            out,
+                            m,
+                            limit,
+                            measure::memory(pgid.unwrap(), &target, &plan.mem_ns, plan.settle),
+                        )
+                        .await
+                    }
+                    "cpu" => {
+                        let f = measure::cpu(
+                            pgid.unwrap(),
+                            broker.proc.pgid(),
+                            &target,
+                            plan.cpu_devices,
+                            plan.cpu_rate,
+                            plan.cpu_messages,
+                        );
+                        step(out, m, limit, f).await
+                    }
+                    _ => unreachable!(),
+                }
+                if let Some(r) = running.as_mut() {
+                    if !r.proc.alive() {
+                        let msg = format!("{kind} exited during {m}:\n{}", r.proc.log_tail());
+                        eprintln!("  {msg}");
+                        out.insert((*m).into(), json!({ "error": msg }));
+                        break;
+                    }
+                }
+            }
+            drop(running);
+            drop(broker);
+        }
     }
-    out
 }
 
 /// A fresh broker, the contender in front of it (none for direct), and one full MQTT connection
@@ -467,6 +751,7 @@ async fn start_with_broker(kind: Kind, env: &Env) -> Result<(Broker, Option<Runn
         cert: &env.broker_cert,
         key: &env.broker_key,
         nodelay: env.broker_nodelay,
+        tickets: true,
     };
     let broker = Broker::start(&files, &env.setup.dir, kind.name()).await?;
     let (running, target) = if kind.is_proxy() {
@@ -482,17 +767,7 @@ async fn start_with_broker(kind: Kind, env: &Env) -> Result<(Broker, Option<Runn
             },
         )
     };
-    let check = net::Conn::mqtt(&target, 60, Duration::from_secs(10)).await;
-    match check {
-        Ok(c) => c
-            .close(Duration::from_secs(10))
-            .await
-            .context("closing the check connection")?,
-        Err(e) => {
-            let log = running.as_ref().map(|r| r.proc.log_tail()).unwrap_or_default();
-            bail!("a device cannot connect through {kind}: {e}\n{log}");
-        }
-    }
+    check(kind, &target, running.as_ref()).await?;
     Ok((broker, running, target))
 }
 
@@ -543,10 +818,14 @@ fn meta(args: &Args, elapsed: Duration) -> Value {
             "memory_n": p.mem_ns,
             "latency_messages": p.lat_count,
             "latency_warmup": p.lat_warmup,
+            "latency_block": p.lat_block,
             "latency_payloads": p.lat_sizes,
             "setup_in_flight": p.setup_in_flight,
-            "setup_seconds": p.setup_duration.as_secs_f64(),
+            "setup_seconds": p.setup_window.as_secs_f64() * p.setup_rounds as f64,
+            "setup_window_seconds": p.setup_window.as_secs_f64(),
+            "setup_rounds": p.setup_rounds,
             "storm_devices": p.storm_devices,
+            "storm_rounds": p.storm_rounds,
             "bulk_bytes": p.bulk_bytes,
             "bulk_runs": p.bulk_runs,
             "cpu_devices": p.cpu_devices,

@@ -18,6 +18,14 @@ use crate::net::{self, Conn, Target};
 use crate::procfs;
 use crate::sink::Sinks;
 
+/// One contender in a measurement that rotates over several: its name, where its devices connect, and
+/// the process group whose CPU time is counted (none for direct TLS and plain TCP).
+pub struct Entrant {
+    pub name: String,
+    pub target: Target,
+    pub pgid: Option<i32>,
+}
+
 /// CN of the one client certificate every contender presents; the broker's ACL lets it publish below
 /// `sensors/<CN>/`.
 pub const DEVICE_CN: &str = "bench-device";
@@ -144,52 +152,84 @@ fn summary_us(h: &Histogram<u64>) -> Value {
     })
 }
 
-/// Measurement 2: QoS 1 PUBLISH -> PUBACK round trips on one connection, one at a time. With a `baseline` (a device
-/// speaking TLS directly to the same broker), blocks of round trips alternate between the two
-/// connections, so that both see the same moments of the machine, and the latency added by the contender
-/// is computed from that paired baseline.
+/// Measurement 2: QoS 1 PUBLISH -> PUBACK round trips, one at a time, through every target in turn: blocks of
+/// `block` round trips rotate over the targets, so that all of them see the same moments of the machine
+/// (a p99 measured minutes apart on a shared machine compares the machine's moods, not the contenders).
+/// With a `direct` target among them, each other target's added latency is its percentile minus direct's.
 pub async fn latency(
-    target: &Target,
-    baseline: Option<&Target>,
+    targets: &[Entrant],
     sizes: &[usize],
     warmup: usize,
     count: usize,
-) -> Result<Value> {
-    const BLOCK: usize = 250;
-    let mut c = Conn::mqtt(target, KEEP_ALIVE, STEP).await?;
-    let mut b = match baseline {
-        Some(t) => Some(Conn::mqtt(t, KEEP_ALIVE, STEP).await?),
-        None => None,
-    };
-    let mut out = serde_json::Map::new();
+    block: usize,
+) -> BTreeMap<String, Result<Value>> {
+    let mut conns: Vec<(String, Result<Conn>)> = Vec::new();
+    for e in targets {
+        conns.push((
+            e.name.clone(),
+            Conn::mqtt(&e.target, KEEP_ALIVE, STEP)
+                .await
+                .map_err(anyhow::Error::from),
+        ));
+    }
+    let mut out: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
     let mut pid: u16 = 0;
     let t = topic("latency");
     for &size in sizes {
         let payload = vec![0x5A; size];
-        let (mut h, mut hb) = (hist(), hist());
+        let mut hs: Vec<Histogram<u64>> = conns.iter().map(|_| hist()).collect();
         let mut done = 0;
+        let mut round = 0;
         while done < warmup + count {
-            let n = BLOCK.min(warmup + count - done);
-            round_trips(&mut c, &t, &payload, &mut pid, done, n, warmup, &mut h).await?;
-            if let Some(b) = b.as_mut() {
-                round_trips(b, &t, &payload, &mut pid, done, n, warmup, &mut hb).await?;
+            let n = block.min(warmup + count - done);
+            // Start each round with another target, so that none always follows the same one.
+            for k in 0..conns.len() {
+                let i = (k + round) % conns.len();
+                let (_, c) = &mut conns[i];
+                let r = match c {
+                    Ok(conn) => round_trips(conn, &t, &payload, &mut pid, done, n, warmup, &mut hs[i]).await,
+                    Err(_) => Ok(()),
+                };
+                if let Err(e) = r {
+                    *c = Err(e);
+                }
             }
             done += n;
+            round += 1;
         }
-        let mut v = summary_us(&h);
-        if b.is_some() {
-            let base = summary_us(&hb);
-            v["added_p50_us"] = json!(v["p50_us"].as_f64().unwrap_or(0.0) - base["p50_us"].as_f64().unwrap_or(0.0));
-            v["added_p99_us"] = json!(v["p99_us"].as_f64().unwrap_or(0.0) - base["p99_us"].as_f64().unwrap_or(0.0));
-            v["direct_baseline"] = base;
+        for ((name, c), h) in conns.iter().zip(&hs) {
+            if c.is_ok() {
+                out.entry(name.clone())
+                    .or_default()
+                    .insert(size.to_string(), summary_us(h));
+            }
         }
-        out.insert(size.to_string(), v);
+        let direct = out.get("direct").and_then(|d| d.get(&size.to_string())).cloned();
+        if let Some(direct) = direct {
+            for (_, v) in out.iter_mut().filter(|(n, _)| *n != "direct") {
+                let Some(v) = v.get_mut(&size.to_string()) else {
+                    continue;
+                };
+                for q in ["p50", "p99"] {
+                    let key = format!("{q}_us");
+                    let added = v[&key].as_f64().unwrap_or(0.0) - direct[&key].as_f64().unwrap_or(0.0);
+                    v[format!("added_{q}_us")] = json!(added);
+                }
+            }
+        }
     }
-    c.close(STEP).await?;
-    if let Some(b) = b {
-        b.close(STEP).await?;
+    let mut results = BTreeMap::new();
+    for (name, c) in conns {
+        let r = match c {
+            Ok(conn) => {
+                let _ = conn.close(STEP).await;
+                Ok(Value::Object(out.remove(&name).unwrap_or_default()))
+            }
+            Err(e) => Err(e.context("round trips")),
+        };
+        results.insert(name, r);
     }
-    Ok(Value::Object(out))
+    results
 }
 
 /// `n` round trips; those whose index (from `first`) is past `warmup` are recorded in `h`.
@@ -227,11 +267,71 @@ async fn round_trips(
     Ok(())
 }
 
-/// Measurement 3: Completed connections per second: TCP, (the contender's mTLS handshake upstream), CONNECT/CONNACK,
-/// DISCONNECT and close, with `in_flight` devices at a time, for `duration`.
-pub async fn setup_rate(target: &Target, in_flight: usize, duration: Duration) -> Result<Value> {
+/// What one target's connection set-ups came to.
+#[derive(Default)]
+struct SetupTally {
+    completed: u64,
+    seconds: f64,
+    tls: u64,
+    resumed: u64,
+    errors: BTreeMap<String, usize>,
+    times: Option<Histogram<u64>>,
+    cpu_s: f64,
+}
+
+/// Measurement 3: completed connections per second: TCP, (the contender's mutual-TLS handshake upstream),
+/// CONNECT/CONNACK, DISCONNECT and close, with `in_flight` devices at a time. Windows of `window` rotate
+/// over the targets, `rounds` times, so that all of them see the same moments of the machine.
+pub async fn setup_rate(
+    targets: &[Entrant],
+    in_flight: usize,
+    window: Duration,
+    rounds: usize,
+) -> BTreeMap<String, Result<Value>> {
+    let mut tallies: Vec<SetupTally> = targets.iter().map(|_| SetupTally::default()).collect();
+    for round in 0..rounds {
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            let e = &targets[i];
+            let c0 = e.pgid.map(procfs::group_cpu_secs);
+            setup_window(&e.target, in_flight, window, &mut tallies[i]).await;
+            if let (Some(pgid), Some(c0)) = (e.pgid, c0) {
+                tallies[i].cpu_s += procfs::group_cpu_secs(pgid) - c0;
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (e, t) in targets.iter().zip(tallies) {
+        let r = if t.completed == 0 {
+            Err(anyhow!("no connection completed: {:?}", t.errors))
+        } else {
+            let mut v = json!({
+                "in_flight": in_flight,
+                "completed": t.completed,
+                "seconds": t.seconds,
+                "per_second": t.completed as f64 / t.seconds,
+                "failed": t.errors.values().sum::<usize>(),
+                "errors": t.errors,
+                "setup_time": summary_us(t.times.as_ref().expect("times")),
+            });
+            if t.tls > 0 {
+                v["device_tls_resumed"] = json!(t.resumed);
+                v["device_tls_handshakes"] = json!(t.tls);
+            }
+            if e.pgid.is_some() {
+                v["cpu_ms_per_setup"] = json!(t.cpu_s * 1e3 / t.completed as f64);
+            }
+            Ok(v)
+        };
+        out.insert(e.name.clone(), r);
+    }
+    out
+}
+
+/// Set-ups through `target` for `window` (those started before its end are finished and counted).
+async fn setup_window(target: &Target, in_flight: usize, window: Duration, tally: &mut SetupTally) {
     let start = Instant::now();
-    let deadline = start + duration;
+    let deadline = start + window;
     let mut set = JoinSet::new();
     for _ in 0..in_flight {
         let target = target.clone();
@@ -266,38 +366,18 @@ pub async fn setup_rate(target: &Target, in_flight: usize, duration: Duration) -
             (ok, h, tls, resumed, errors)
         });
     }
-    let mut total = 0;
-    let mut h = hist();
-    let (mut tls, mut resumed) = (0, 0);
-    let mut errors = BTreeMap::<String, usize>::new();
+    let times = tally.times.get_or_insert_with(hist);
     while let Some(r) = set.join_next().await {
-        let (ok, wh, t, res, errs) = r?;
-        total += ok;
-        h.add(wh)?;
-        tls += t;
-        resumed += res;
+        let Ok((ok, wh, t, res, errs)) = r else { continue };
+        tally.completed += ok;
+        let _ = times.add(wh);
+        tally.tls += t;
+        tally.resumed += res;
         for (k, v) in errs {
-            *errors.entry(k).or_default() += v;
+            *tally.errors.entry(k).or_default() += v;
         }
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    if total == 0 {
-        bail!("no connection completed: {errors:?}");
-    }
-    let mut v = json!({
-        "in_flight": in_flight,
-        "completed": total,
-        "seconds": elapsed,
-        "per_second": total as f64 / elapsed,
-        "failed": errors.values().sum::<usize>(),
-        "errors": errors,
-        "setup_time": summary_us(&h),
-    });
-    if tls > 0 {
-        v["device_tls_resumed"] = json!(resumed);
-        v["device_tls_handshakes"] = json!(tls);
-    }
-    Ok(v)
+    tally.seconds += start.elapsed().as_secs_f64();
 }
 
 /// Measurement 4: `n` devices connect at the same instant; each retries (after 100-200 ms) when refused or failed,
@@ -396,47 +476,93 @@ pub async fn resumption(target: &Target, sinks: &Sinks, n: usize) -> Result<Valu
     }))
 }
 
-/// Measurement 5: Bulk bytes from the device through the target to a sink; MB/s (10^6 bytes), median of `runs`.
-pub async fn throughput(target: &Target, sinks: &Sinks, bytes: u64, runs: usize) -> Result<Value> {
+/// Measurement 5: bulk bytes from a device through each target to a sink; MB/s (10^6 bytes) and the
+/// contender's CPU seconds per GB, median of `runs`. Runs rotate over the targets (one run through each,
+/// then the next round), after one uncounted round that warms every path up.
+pub async fn throughput(
+    targets: &[Entrant],
+    sinks: &Sinks,
+    bytes: u64,
+    runs: usize,
+) -> BTreeMap<String, Result<Value>> {
+    let mut rates: Vec<Vec<f64>> = targets.iter().map(|_| Vec::new()).collect();
+    let mut cpu: Vec<Vec<f64>> = targets.iter().map(|_| Vec::new()).collect();
+    let mut failed: Vec<Option<anyhow::Error>> = targets.iter().map(|_| None).collect();
+    for round in 0..=runs {
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            if failed[i].is_some() {
+                continue;
+            }
+            let t = &targets[i];
+            let c0 = t.pgid.map(procfs::group_cpu_secs);
+            match bulk_once(&t.target, sinks, bytes).await {
+                Ok(secs) if round > 0 => {
+                    rates[i].push(bytes as f64 / secs / 1e6);
+                    if let (Some(pgid), Some(c0)) = (t.pgid, c0) {
+                        cpu[i].push((procfs::group_cpu_secs(pgid) - c0) / (bytes as f64 / 1e9));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => failed[i] = Some(e),
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let mut out = BTreeMap::new();
+    for (i, t) in targets.iter().enumerate() {
+        let r = match failed[i].take() {
+            Some(e) => Err(e),
+            None => {
+                let mut v = json!({
+                    "bytes": bytes,
+                    "runs": runs,
+                    "mb_per_s": median(&mut rates[i]),
+                    "all_mb_per_s": rates[i],
+                });
+                if t.pgid.is_some() {
+                    v["cpu_s_per_gb"] = json!(median(&mut cpu[i]));
+                    v["all_cpu_s_per_gb"] = json!(cpu[i]);
+                }
+                Ok(v)
+            }
+        };
+        out.insert(t.name.clone(), r);
+    }
+    out
+}
+
+/// One bulk transfer: CONNECT, then `bytes`, until the sink has them all; its duration in seconds.
+async fn bulk_once(target: &Target, sinks: &Sinks, bytes: u64) -> Result<f64> {
     let connect = net::connect(&net::next_client_id(), 0);
     let chunk = vec![0xA5u8; 64 * 1024];
     sinks
         .state
         .expected
         .store(connect.len() as u64 + bytes, Ordering::SeqCst);
-    let mut rates = Vec::new();
-    // One run more than counted: the first warms up the connection paths and is dropped.
-    for run in 0..=runs {
-        let mut c = Conn::open(target).await?;
-        let t0 = Instant::now();
-        timeout(Duration::from_secs(300), async {
-            c.write(&connect).await?;
-            let mut sent = 0u64;
-            while sent < bytes {
-                let n = (bytes - sent).min(chunk.len() as u64) as usize;
-                c.write(&chunk[..n]).await?;
-                sent += n as u64;
-            }
-            c.flush().await?;
-            let mut k = [0u8; 1];
-            if c.read_raw(&mut k).await? != 1 || k[0] != b'K' {
-                bail!("unexpected answer from the sink");
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|_| anyhow!("bulk transfer did not finish in 300 s"))??;
-        if run > 0 {
-            rates.push(bytes as f64 / t0.elapsed().as_secs_f64() / 1e6);
+    let mut c = Conn::open(target).await?;
+    let t0 = Instant::now();
+    timeout(Duration::from_secs(300), async {
+        c.write(&connect).await?;
+        let mut sent = 0u64;
+        while sent < bytes {
+            let n = (bytes - sent).min(chunk.len() as u64) as usize;
+            c.write(&chunk[..n]).await?;
+            sent += n as u64;
         }
-    }
-    rates.sort_by(f64::total_cmp);
-    Ok(json!({
-        "bytes": bytes,
-        "runs": runs,
-        "mb_per_s": rates[rates.len() / 2],
-        "all_mb_per_s": rates,
-    }))
+        c.flush().await?;
+        let mut k = [0u8; 1];
+        if c.read_raw(&mut k).await? != 1 || k[0] != b'K' {
+            bail!("unexpected answer from the sink");
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| anyhow!("bulk transfer did not finish in 300 s"))??;
+    Ok(t0.elapsed().as_secs_f64())
 }
 
 /// Measurement 6: CPU seconds of the contender's process group per million QoS 0 PUBLISH of 32 B, sent one per write

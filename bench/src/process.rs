@@ -78,6 +78,23 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // Under a profiler (MQTLS_BENCH_WRAP), mqtls gets SIGTERM first so that the profiler can write its
+        // data; mqtls closes its connections and exits within its 10 s grace period.
+        if self.name == "mqtls" && std::env::var_os("MQTLS_BENCH_WRAP").is_some() {
+            let pgid = self.child.id() as i32;
+            for pid in crate::procfs::group(pgid) {
+                if fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim().starts_with("mqtls")) {
+                    // SAFETY: kill(2) signals a process of our own child's group.
+                    unsafe {
+                        libc::kill(pid, libc::SIGTERM);
+                    }
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         // SAFETY: kill(2) with a negative pid signals our own child's process group.
         unsafe {
             libc::kill(-(self.child.id() as i32), libc::SIGKILL);

@@ -89,7 +89,7 @@ fn rows(all: &Value) -> Vec<Row> {
             let key = format!("added_{q}_us");
             let s = size.clone();
             rows.push(Row {
-                label: format!("  latency added vs direct TLS (paired), {shown}, {q}"),
+                label: format!("  latency added vs direct TLS (interleaved), {shown}, {q}"),
                 unit: "µs",
                 better: Better::Lower,
                 get: Box::new(move |all, k| {
@@ -102,44 +102,62 @@ fn rows(all: &Value) -> Vec<Row> {
         }
     }
     let in_flight = plan["setup_in_flight"].as_u64().unwrap_or(0);
-    rows.push(Row {
-        label: format!("Connection setup rate, {in_flight} in flight"),
-        unit: "conn/s",
-        better: Better::Higher,
-        get: Box::new(|all, k| num(all, k, "setup", |v| v["per_second"].as_f64())),
-    });
-    rows.push(Row {
-        label: "  connection setup time, p50".into(),
-        unit: "ms",
-        better: Better::Lower,
-        get: Box::new(|all, k| num(all, k, "setup", |v| Some(v["setup_time"]["p50_us"].as_f64()? / 1000.0))),
-    });
-    rows.push(Row {
-        label: "  resumes TLS sessions upstream".into(),
-        unit: "",
-        better: Better::Neither,
-        get: Box::new(|all, k| {
-            // Proxies: seen at the rustls sink. Direct: the device's own handshakes with Mosquitto.
-            if k == Kind::Direct {
-                if let Ok(v) = measure(all, k, "setup") {
-                    if let (Some(r), Some(n)) = (v["device_tls_resumed"].as_u64(), v["device_tls_handshakes"].as_u64())
-                    {
-                        return Cell::Text(yes_no(r, n));
+    for (key, how) in [("setup", "with"), ("setup_no_resumption", "without")] {
+        rows.push(Row {
+            label: format!("Connection setup rate {how} TLS session resumption, {in_flight} in flight"),
+            unit: "conn/s",
+            better: Better::Higher,
+            get: Box::new(move |all, k| num(all, k, key, |v| v["per_second"].as_f64())),
+        });
+        rows.push(Row {
+            label: "  connection setup time, p50".into(),
+            unit: "ms",
+            better: Better::Lower,
+            get: Box::new(move |all, k| num(all, k, key, |v| Some(v["setup_time"]["p50_us"].as_f64()? / 1000.0))),
+        });
+        rows.push(Row {
+            label: "  proxy CPU per connection set up".into(),
+            unit: "ms",
+            better: Better::Lower,
+            get: Box::new(move |all, k| match k {
+                Kind::Direct => Cell::NotApplicable,
+                _ => num(all, k, key, |v| v["cpu_ms_per_setup"].as_f64()),
+            }),
+        });
+        if key == "setup" {
+            rows.push(Row {
+                label: "  resumes TLS sessions upstream".into(),
+                unit: "",
+                better: Better::Neither,
+                get: Box::new(|all, k| {
+                    // Proxies: seen at the rustls sink. Direct: the device's own handshakes with Mosquitto.
+                    if k == Kind::Direct {
+                        return resumed_by_device(all, k, "setup");
                     }
-                }
-            }
-            match measure(all, k, "throughput") {
-                Ok(v) => {
-                    let r = &v["resumption_at_sink"];
-                    match (r["resumed"].as_u64(), r["connections"].as_u64()) {
-                        (Some(x), Some(n)) => Cell::Text(yes_no(x, n)),
-                        _ => Cell::Failed,
+                    match measure(all, k, "throughput") {
+                        Ok(v) => {
+                            let r = &v["resumption_at_sink"];
+                            match (r["resumed"].as_u64(), r["connections"].as_u64()) {
+                                (Some(x), Some(n)) => Cell::Text(yes_no(x, n)),
+                                _ => Cell::Failed,
+                            }
+                        }
+                        Err(c) => c,
                     }
-                }
-                Err(c) => c,
-            }
-        }),
-    });
+                }),
+            });
+        } else {
+            rows.push(Row {
+                label: "  resumed handshakes (seen by the direct device)".into(),
+                unit: "",
+                better: Better::Neither,
+                get: Box::new(|all, k| match k {
+                    Kind::Direct => resumed_by_device(all, k, "setup_no_resumption"),
+                    _ => Cell::NotApplicable,
+                }),
+            });
+        }
+    }
     let storm = plan["storm_devices"].as_u64().unwrap_or(0);
     rows.push(Row {
         label: format!(
@@ -177,12 +195,32 @@ fn rows(all: &Value) -> Vec<Row> {
         }),
     });
     rows.push(Row {
+        label: "  proxy CPU per GB carried".into(),
+        unit: "CPU s",
+        better: Better::Lower,
+        get: Box::new(|all, k| match k {
+            Kind::Direct => Cell::NotApplicable,
+            _ => num(all, k, "throughput", |v| v["cpu_s_per_gb"].as_f64()),
+        }),
+    });
+    rows.push(Row {
         label: "CPU per million QoS 0 PUBLISH (32 B)".into(),
         unit: "CPU s",
         better: Better::Lower,
         get: Box::new(|all, k| num(all, k, "cpu", |v| v["cpu_s_per_million"].as_f64())),
     });
     rows
+}
+
+/// The direct device's own count of resumed handshakes during a set-up measurement.
+fn resumed_by_device(all: &Value, k: Kind, m: &str) -> Cell {
+    match measure(all, k, m) {
+        Ok(v) => match (v["device_tls_resumed"].as_u64(), v["device_tls_handshakes"].as_u64()) {
+            (Some(r), Some(n)) => Cell::Text(yes_no(r, n)),
+            _ => Cell::Failed,
+        },
+        Err(c) => c,
+    }
 }
 
 fn yes_no(resumed: u64, n: u64) -> String {
@@ -419,7 +457,7 @@ pub fn markdown(all: &Value) -> String {
         s,
         "Contenders: **mqtls** (release build), {}, {}, {}, and **direct** (the device speaks mutual TLS itself, \
          with rustls) where that applies. Upstream: {} with mutual TLS (`require_certificate true`), \
-         from `deploy/mosquitto/`, started fresh for each contender. OpenSSL (stunnel, HAProxy, socat, Mosquitto): {}.\n",
+         from `deploy/mosquitto/`: one broker shared by all contenders for latency and set-up rate (whose measurements rotate over the contenders), a fresh one for each contender's memory, storm and CPU measurements. OpenSSL (stunnel, HAProxy, socat, Mosquitto): {}.\n",
         short(&v["stunnel"], 2),
         short(&v["haproxy"], 3),
         short(&v["socat"], 3),
@@ -470,24 +508,31 @@ addresses spread over 127.77.0.0/16. mqtls logs at `warn` (its per-connection `i
    and after {settle:.1} s the growth is divided by N. socat forks one process per connection: its figure
    sums all of them. Kernel socket buffers are not counted for anyone. All N connections are then checked
    with a PINGREQ/PINGRESP through the proxy. RSS figures are in `bench/results/results.json`.
-2. **Latency**: one device sends QoS 1 PUBLISH and waits for the PUBACK, one at a time: {lw} warm-up then
-   {lc} measured round trips per payload size. Alongside it, a device speaking TLS directly to the same
-   broker does the same, in alternating blocks of 250, so that both see the same moments of the machine:
-   "added" is the contender's percentile minus that paired direct percentile (p99 differences on a
-   2-core machine shared by everything are noisy; the p50 is the steadier figure). The "direct" column
-   is the direct device measured on its own.
-3. **Setup rate**: {inflight} devices at a time, for {setup:.0} s, each: TCP connect, CONNECT (the proxy
-   opens its mutual-TLS connection to the broker), CONNACK, DISCONNECT, close, until the proxy closes too.
-   Whether each contender resumes TLS sessions was observed at the rustls sink (below): 8 connections in a
-   row, counting resumed handshakes; for direct, the device's own handshakes with Mosquitto.
+2. **Latency**: every contender runs at once in front of one broker, and one device per contender
+   (and one speaking TLS directly to the broker: "direct") sends QoS 1 PUBLISH and waits for the PUBACK,
+   one at a time. Blocks of {lb} round trips rotate over the contenders, so that all of them see the
+   same moments of the machine: {lw} warm-up then {lc} measured round trips each, per payload size.
+   "Added" is a contender's percentile minus direct's, both from the same interleaved run.
+3. **Setup rate**: {inflight} devices at a time, each: TCP connect, CONNECT (the proxy opens its
+   mutual-TLS connection to the broker), CONNACK, DISCONNECT, close, until the proxy closes too. Windows
+   of {sw:.1} s rotate over the contenders (all running at once in front of one broker), {sr} per
+   contender. *With* session resumption: the broker issues TLS 1.3 session tickets (Mosquitto as
+   shipped), and each client uses them if it can; whether each proxy resumes was observed at the rustls
+   sink (below: 8 connections in a row, counting resumed handshakes), for direct in its own handshakes.
+   *Without*: a second broker started with an OpenSSL configuration that issues no session tickets
+   (`NumTickets = 0`), so that every handshake is a full one for everybody (the direct device's count of
+   resumed handshakes shows it).
 4. **Reconnect storm**: {storm} devices start connecting at the same instant; a device whose attempt fails
-   (refused, reset, timed out) tries again after 100–200 ms. Figure: the time until the last CONNACK.
+   (refused, reset, timed out) tries again after 100–200 ms. Figure: the time until the last CONNACK,
+   the median of {storm_rounds} rounds (each with a fresh broker and contender, contenders in turn).
    Mosquitto listens with a backlog of 100 and handshakes on one thread, so its accept queue overflows
-   and SYNs are retried by the kernel (1 s, 3 s, ...): this measures how well each contender lives with
-   that, as a real gateway would.
-5. **Throughput**: a device sends a CONNECT and then {bulk} MiB through the contender to a rustls server in
-   the driver that requires a client certificate and discards what it reads (median of {runs} runs);
-   "plain TCP" is the same transfer over loopback with no TLS and no proxy.
+   when more connections arrive at once than it can take, and the kernel retries dropped SYNs only after
+   1 s, 3 s, 7 s: this measures how well each contender lives with that, as a real gateway would.
+5. **Throughput**: every contender runs at once in front of a rustls server in the driver that requires a
+   client certificate and discards what it reads; a device sends a CONNECT and then {bulk} MiB through
+   one contender after another, {runs} rounds after one uncounted round, and the median is reported;
+   "plain TCP" is the same transfer over loopback with no TLS and no proxy, in the same rotation. The
+   proxy's CPU time (user + system of its process group) per GB carried is measured over the same runs.
 6. **CPU**: {cpud} devices send {cpum} QoS 0 PUBLISH of 32 B in total, one per write, at {rate} messages/s
    in all, each ending with a PINGREQ/PINGRESP; the contender's user + system CPU time (from
    `/proc/<pid>/stat`, over its process group) is scaled to one million messages.
@@ -507,8 +552,11 @@ Raw figures (percentiles, errors, retries, broker CPU): `bench/results/results.j
         lw = p["latency_warmup"],
         lc = thousands(p["latency_messages"].as_u64().unwrap_or(0)),
         inflight = p["setup_in_flight"],
-        setup = p["setup_seconds"].as_f64().unwrap_or(0.0),
+        sw = p["setup_window_seconds"].as_f64().unwrap_or(0.0),
+        sr = p["setup_rounds"],
+        lb = p["latency_block"],
         storm = thousands(p["storm_devices"].as_u64().unwrap_or(0)),
+        storm_rounds = p["storm_rounds"].as_u64().unwrap_or(1),
         bulk = p["bulk_bytes"].as_u64().unwrap_or(0) >> 20,
         runs = p["bulk_runs"],
         cpud = p["cpu_devices"],

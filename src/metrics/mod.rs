@@ -71,11 +71,12 @@ impl Refused {
     }
 }
 
-const FAILURES: [Failure; 4] = [
+const FAILURES: [Failure; 5] = [
     Failure::Resolve,
     Failure::Connect,
     Failure::Tls,
     Failure::HandshakeTimeout,
+    Failure::QueueTimeout,
 ];
 
 /// Seconds: a handshake on a LAN takes milliseconds; one over a satellite link or to a loaded cloud

@@ -28,6 +28,7 @@ mqtls_upstream_connect_failures_total{reason="resolve"} 0
 mqtls_upstream_connect_failures_total{reason="connect"} 0
 mqtls_upstream_connect_failures_total{reason="tls"} 0
 mqtls_upstream_connect_failures_total{reason="handshake_timeout"} 0
+mqtls_upstream_connect_failures_total{reason="queue_timeout"} 0
 # TYPE mqtls_upstream_handshake_seconds histogram
 mqtls_upstream_handshake_seconds_bucket{le="0.01"} 0
 mqtls_upstream_handshake_seconds_bucket{le="+Inf"} 0

@@ -163,6 +163,8 @@ fn rand_suffix() -> u32 {
 pub struct RunningProxy {
     pub addrs: Vec<SocketAddr>,
     pub config_path: PathBuf,
+    /// Puts new configuration generations in force, as a reload does.
+    pub handle: mqtls::proxy::ProxyHandle,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -175,11 +177,13 @@ impl RunningProxy {
         let generation = Generation::load(&cfg).unwrap_or_else(|e| panic!("identities rejected:\n{e}"));
         let proxy = Proxy::bind(&cfg, generation).await.expect("bind");
         let addrs = proxy.local_addrs();
+        let handle = proxy.handle();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(proxy.run(shutdown.clone(), Duration::from_secs(5)));
         RunningProxy {
             addrs,
             config_path: path,
+            handle,
             shutdown,
             task: Some(task),
         }

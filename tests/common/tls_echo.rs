@@ -21,6 +21,9 @@ pub enum EchoMode {
     /// SHA-256 of everything received (32 bytes) followed by the byte count
     /// as a big-endian u64, then close with close_notify.
     EchoUntilEof,
+    /// Answer at once with [`CONNACK`] (as a broker answers a CONNECT), then as [`EchoMode::EchoUntilEof`]:
+    /// mqtls starts copying only once the broker's CONNACK has come.
+    ConnackThenDigest,
     /// Immediately write `send`, then close the write side (close_notify +
     /// TCP FIN) while reading on until the client's EOF. Everything read is
     /// recorded.
@@ -72,6 +75,9 @@ pub struct TlsEcho {
     failures_rx: watch::Receiver<usize>,
     task: JoinHandle<()>,
 }
+
+/// The MQTT 3.1.1 CONNACK "accepted" that [`EchoMode::ConnackThenDigest`] answers with first.
+pub const CONNACK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
 
 /// The reply that [`EchoMode::EchoUntilEof`] replies with.
 pub fn expected_echo_reply(data: &[u8]) -> Vec<u8> {
@@ -257,7 +263,10 @@ async fn serve(
 ) -> ConnRecord {
     let mut received = Vec::new();
     match mode {
-        EchoMode::EchoUntilEof => {
+        EchoMode::EchoUntilEof | EchoMode::ConnackThenDigest => {
+            if matches!(mode, EchoMode::ConnackThenDigest) {
+                let _ = tls.write_all(&CONNACK).await;
+            }
             let ending = read_to_eof(tls, &mut received).await;
             let reply = expected_echo_reply(&received);
             let write_error = match tls.write_all(&reply).await {
