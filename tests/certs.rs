@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -906,6 +906,242 @@ fn allow_readable_keys_accepts_a_0644_key_and_still_flags_it() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Ownership (--owner): files for a service that runs as its own user
+
+/// The owner and group of `path`.
+fn ids(path: &Path) -> (u32, u32) {
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.uid(), m.gid())
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Giving files away needs root; CI runs the suite as root.
+fn require_root() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test gives files to other users, which needs root (CI runs the suite as root)"
+    );
+}
+
+/// A user that exists on this machine, other than root, from /etc/passwd (`nobody` where there is one):
+/// its name, uid and primary gid.
+fn system_user() -> (String, u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+    let users: Vec<(String, u32, u32)> = passwd
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            Some((f.first()?.to_string(), f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?))
+        })
+        .filter(|(_, uid, gid)| *uid != 0 && *gid != 0)
+        .collect();
+    users
+        .iter()
+        .find(|(name, _, _)| name == "nobody")
+        .or(users.first())
+        .cloned()
+        .expect("a user other than root in /etc/passwd")
+}
+
+/// A group from /etc/group other than root's and `primary`: its name and gid.
+fn other_group(primary: u32) -> (String, u32) {
+    let group = std::fs::read_to_string("/etc/group").expect("read /etc/group");
+    group
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            Some((f.first()?.to_string(), f.get(2)?.parse().ok()?))
+        })
+        .find(|(_, gid)| *gid != 0 && *gid != primary)
+        .expect("a second group in /etc/group")
+}
+
+/// Runs `mqtls ARGS` in the site directory as `uid:gid` (no supplementary groups), as a service user
+/// or an operator without sudo would.
+fn mqtls_as(site: &Site, uid: u32, gid: u32, args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--",
+            BIN,
+        ])
+        .args(args)
+        .current_dir(site.dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run setpriv (util-linux)")
+}
+
+#[test]
+fn issue_owner_gives_the_files_and_the_new_directory_to_a_user_from_etc_passwd() {
+    require_root();
+    let (user, uid, gid) = system_user();
+    let site = Site::new();
+    site.init_ca();
+    let out = site.issue("boiler-7", &["--owner", &user, "--client-id", "B7"]);
+    assert!(
+        text(&out.stdout).contains(&format!("owner        {user} (uid {uid}, gid {gid})")),
+        "{}",
+        describe(&out)
+    );
+    let dir = site.device("boiler-7");
+    assert_eq!(
+        file_names(&dir),
+        set(&["cert.pem", "device.toml", "key.pem"]),
+        "no temporary file is left"
+    );
+    for path in [
+        dir.clone(),
+        dir.join("key.pem"),
+        dir.join("cert.pem"),
+        dir.join("device.toml"),
+    ] {
+        assert_eq!(ids(&path), (uid, gid), "{}", path.display());
+    }
+    assert_eq!(mode(&dir.join("key.pem")), 0o600);
+    assert_eq!(
+        ids(&site.path("devices")),
+        (0, 0),
+        "only the device's own directory is given away"
+    );
+    assert_eq!(ids(&site.path("ca/ca.key")), (0, 0), "the CA is never given away");
+    assert_eq!(mode(&site.path("ca/ca.key")), 0o600);
+
+    // That user can load what was made for it, as the service would; a key left to root it cannot.
+    chmod(site.dir.path(), 0o755);
+    chmod(&site.path("ca"), 0o755);
+    let config = site.config("");
+    let check = mqtls_as(&site, uid, gid, &["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(0), "{}", describe(&check));
+    assert!(
+        row(&text(&check.stdout), "boiler-7").contains("CN=boiler-7"),
+        "{}",
+        describe(&check)
+    );
+    site.issue("boiler-8", &[]);
+    assert_eq!(
+        ids(&site.device("boiler-8").join("key.pem")),
+        (0, 0),
+        "without --owner: the invoking user"
+    );
+    let check = mqtls_as(&site, uid, gid, &["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(1), "{}", describe(&check));
+    assert!(text(&check.stderr).contains("boiler-8/key.pem"), "{}", describe(&check));
+}
+
+#[test]
+fn issue_and_csr_owner_take_numeric_ids_and_a_group_name() {
+    require_root();
+    let (user, uid, gid) = system_user();
+    let (group, other_gid) = other_group(gid);
+    let site = Site::new();
+    site.init_ca();
+
+    site.issue("boiler-7", &["--owner", "4242:4343"]);
+    let dir = site.device("boiler-7");
+    for file in ["", "key.pem", "cert.pem"] {
+        assert_eq!(ids(&dir.join(file)), (4242, 4343), "{file}");
+    }
+    // Rotation gives the new files to the new owner; the directory was there already and stays as it is.
+    site.issue("boiler-7", &["--force", "--owner", &format!("{user}:{group}")]);
+    assert_eq!(file_names(&dir), set(&["cert.pem", "key.pem"]));
+    assert_eq!(ids(&dir.join("key.pem")), (uid, other_gid));
+    assert_eq!(ids(&dir.join("cert.pem")), (uid, other_gid));
+    assert_eq!(ids(&dir), (4242, 4343));
+    assert_eq!(mode(&dir.join("key.pem")), 0o600);
+
+    site.ok(&["certs", "csr", "pump-3", "--owner", &uid.to_string()]);
+    let pump = site.device("pump-3");
+    assert_eq!(file_names(&pump), set(&["csr.pem", "key.pem"]));
+    for file in ["", "key.pem", "csr.pem"] {
+        assert_eq!(
+            ids(&pump.join(file)),
+            (uid, gid),
+            "a uid alone brings its primary group: {file}"
+        );
+    }
+    assert_eq!(mode(&pump.join("key.pem")), 0o600);
+    // Renewal with the key in place: the new CSR is given away, the key keeps its owner.
+    site.ok(&["certs", "csr", "pump-3", "--reuse-key", "--owner", "4242:4343"]);
+    assert_eq!(ids(&pump.join("csr.pem")), (4242, 4343));
+    assert_eq!(ids(&pump.join("key.pem")), (uid, gid));
+}
+
+#[test]
+fn an_unknown_owner_is_named_and_nothing_is_written() {
+    let site = Site::new();
+    site.init_ca();
+    let (user, _, _) = system_user();
+    for (owner, why) in [
+        ("no-such-user-mqtls", "no user `no-such-user-mqtls` in /etc/passwd"),
+        (
+            &format!("{user}:no-such-group-mqtls"),
+            "no group `no-such-group-mqtls` in /etc/group",
+        ),
+        (":4343", "a user is required"),
+        ("4294967295:0", "`4294967295` is not a valid id (0 to 4294967294)"),
+    ] {
+        for verb in [&["certs", "issue", "--ca", "ca"][..], &["certs", "csr"][..]] {
+            let mut args = verb.to_vec();
+            args.extend(["--owner", owner, "boiler-7"]);
+            let out = site.mqtls(&args);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {}", describe(&out));
+            let stderr = text(&out.stderr);
+            assert!(
+                stderr.contains(&format!("error: --owner {owner}: {why}")),
+                "{args:?}: {stderr}"
+            );
+        }
+    }
+    assert!(!site.path("devices").exists(), "a refused owner created files");
+}
+
+#[test]
+fn owner_without_root_is_refused_before_anything_is_written() {
+    require_root();
+    let (_, uid, gid) = system_user();
+    let site = Site::new();
+    site.init_ca();
+    // The site and the CA belong to that user, so it could write the device directory itself.
+    for path in [
+        site.dir.path().to_path_buf(),
+        site.path("ca"),
+        site.path("ca/ca.pem"),
+        site.path("ca/ca.key"),
+    ] {
+        chown(&path, uid, gid);
+    }
+    for verb in [&["certs", "issue", "--ca", "ca"][..], &["certs", "csr"][..]] {
+        let mut args = verb.to_vec();
+        args.extend(["--owner", "0:0", "boiler-7"]);
+        let out = mqtls_as(&site, uid, gid, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", describe(&out));
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "error: --owner 0:0: giving files to uid 0, gid 0 needs root (CAP_CHOWN), and this runs as uid {uid}; \
+                 run the command with sudo"
+            )),
+            "{args:?}: {stderr}"
+        );
+        assert!(!site.path("devices").exists(), "{args:?}: files were written");
+    }
+    // The same user without --owner writes files it owns, and may name itself.
+    let out = mqtls_as(&site, uid, gid, &["certs", "issue", "--ca", "ca", "boiler-7"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(ids(&site.device("boiler-7").join("key.pem")), (uid, gid));
+    let me = format!("{uid}:{gid}");
+    let out = mqtls_as(&site, uid, gid, &["certs", "csr", "--owner", &me, "pump-3"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(ids(&site.device("pump-3").join("key.pem")), (uid, gid));
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Help
 
 #[test]
@@ -932,6 +1168,24 @@ fn every_verb_explains_its_use_in_help() {
     );
     let list = text(&site.ok(&["certs", "list", "--help"]).stdout);
     assert!(list.contains("Exit status"), "{list}");
+    for verb in ["issue", "csr"] {
+        let help = text(&site.ok(&["certs", verb, "--help"]).stdout);
+        assert!(
+            help.contains("--owner <USER[:GROUP]>"),
+            "{verb}:
+{help}"
+        );
+        assert!(
+            help.contains("renamed into place"),
+            "{verb}:
+{help}"
+        );
+        assert!(
+            help.contains("Needs root"),
+            "{verb}:
+{help}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
