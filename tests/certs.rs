@@ -1189,6 +1189,169 @@ fn every_verb_explains_its_use_in_help() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Documentation: the commands it shows write where the commands after them read
+
+/// The Markdown files that show `mqtls certs` commands to operators.
+fn operator_docs() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut docs = vec![
+        root.join("README.md"),
+        root.join("certs/README.md"),
+        root.join("systemd/README.md"),
+    ];
+    for entry in std::fs::read_dir(root.join("deploy")).expect("read deploy/") {
+        let readme = entry.unwrap().path().join("README.md");
+        if readme.is_file() {
+            docs.push(readme);
+        }
+    }
+    docs
+}
+
+/// The shell commands in the fenced code blocks of `markdown`, one per block (continuation lines joined,
+/// comments dropped).
+fn shell_blocks(markdown: &str) -> Vec<Vec<String>> {
+    let mut blocks = Vec::new();
+    let mut current: Option<Vec<String>> = None;
+    let mut pending = String::new();
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            match current.take() {
+                Some(block) => blocks.push(block),
+                None => current = Some(Vec::new()),
+            }
+            continue;
+        }
+        let Some(block) = current.as_mut() else { continue };
+        let code = line.split(" #").next().unwrap_or("").trim();
+        if code.starts_with('#') {
+            continue;
+        }
+        match code.strip_suffix('\\') {
+            Some(part) => pending.push_str(part),
+            None => {
+                pending.push_str(code);
+                block.push(std::mem::take(&mut pending));
+            }
+        }
+    }
+    blocks
+}
+
+/// Whitespace-separated words, with "double quoted" words kept whole.
+fn shell_words(command: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    for c in command.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            c if c.is_whitespace() && !quoted => words.extend((!word.is_empty()).then(|| std::mem::take(&mut word))),
+            c => word.push(c),
+        }
+    }
+    words.extend((!word.is_empty()).then_some(word));
+    words
+}
+
+/// For `mqtls certs issue|csr ...`: the `--out` value (if given), whether `--owner` is given, and NAME.
+fn certs_write_command(command: &str) -> Option<(Option<String>, bool, String)> {
+    let words = shell_words(command);
+    let at = words
+        .windows(2)
+        .position(|w| w[0] == "certs" && (w[1] == "issue" || w[1] == "csr"))?;
+    let mut args = words[at + 2..].iter();
+    let (mut out, mut owner, mut name) = (None, false, None);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--out" => out = args.next().cloned(),
+            "--owner" => owner = args.next().is_some(),
+            "--ca" | "--client-id" | "--days" | "--key-type" => {
+                args.next();
+            }
+            a if a.starts_with("--") => {}
+            a => name = Some(a.to_string()),
+        }
+    }
+    Some((out, owner, name?))
+}
+
+/// What is wrong with the `mqtls certs issue|csr` commands in `markdown`, and how many were checked.
+fn certs_command_problems(doc: &str, markdown: &str) -> (usize, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for block in shell_blocks(markdown) {
+        for (i, command) in block.iter().enumerate() {
+            let Some((out, owner, name)) = certs_write_command(command) else {
+                continue;
+            };
+            checked += 1;
+            let Some(out) = out else {
+                problems.push(format!("{doc}: `{command}` has no --out (it writes to ./devices)"));
+                continue;
+            };
+            if out.starts_with("/etc/mqtls") && !owner {
+                problems.push(format!("{doc}: `{command}` writes for the service without --owner"));
+            }
+            // Later commands in the block that name this device's files must find them under --out.
+            let wanted = format!("{out}/{name}/");
+            for later in &block[i + 1..] {
+                for word in shell_words(later) {
+                    let path = word.trim_start_matches("file://");
+                    let names_file = ["key.pem", "cert.pem", "csr.pem", "device.toml"]
+                        .iter()
+                        .any(|f| path.ends_with(&format!("/{name}/{f}")) || path == format!("{name}/{f}"));
+                    if names_file && !path.starts_with(&wanted) {
+                        problems.push(format!(
+                            "{doc}: `{command}` writes to {wanted}, but `{later}` reads {path}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    (checked, problems)
+}
+
+#[test]
+fn documented_certs_commands_write_where_the_commands_after_them_read() {
+    // The check itself finds the mistakes it is for.
+    let sample = "```sh\nmqtls certs csr boiler-7\nsudo mqtls certs csr --out /etc/mqtls/devices.d pump-3\n\
+                  sudo mqtls certs issue --ca ca --out /srv/d --client-id \"METER 0042\" --owner mqtls meter-42\n\
+                  aws iot x --csr file:///etc/mqtls/devices.d/meter-42/csr.pem \\\n  --out /srv/d/meter-42/cert.pem\n```\n";
+    let (checked, found) = certs_command_problems("sample", sample);
+    assert_eq!(checked, 3, "{found:?}");
+    assert_eq!(found.len(), 3, "{found:#?}");
+    assert!(
+        found[0].contains("`mqtls certs csr boiler-7` has no --out"),
+        "{found:#?}"
+    );
+    assert!(
+        found[1].contains("pump-3` writes for the service without --owner"),
+        "{found:#?}"
+    );
+    assert!(
+        found[2]
+            .contains("writes to /srv/d/meter-42/, but `aws iot x --csr file:///etc/mqtls/devices.d/meter-42/csr.pem"),
+        "{found:#?}"
+    );
+
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for doc in operator_docs() {
+        let markdown = std::fs::read_to_string(&doc).expect("read doc");
+        let (n, found) = certs_command_problems(&doc.display().to_string(), &markdown);
+        checked += n;
+        problems.extend(found);
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert!(
+        checked >= 8,
+        "only {checked} documented commands were found; is the parser still right?"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // End to end
 
 /// The observer identity (CN "observer" reads everything in the shipped ACL) issued by the same CA.
