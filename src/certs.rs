@@ -14,7 +14,8 @@
 //! Files are written the way a daemon that reloads on file changes needs them: every file goes to a
 //! temporary name in its own directory and is renamed into place, keys are created with mode 0600 (never
 //! written first and chmod'ed later), and the key lands before the certificate, so a reload triggered by
-//! `cert.pem` finds the key that matches it.
+//! `cert.pem` finds the key that matches it. With an [`Owner`] (`--owner`), each file is given to that
+//! user while it still has its temporary name, so the daemon's user never meets a key it cannot read.
 
 use std::fmt;
 use std::fs;
@@ -34,6 +35,9 @@ use serde::Serialize;
 
 use crate::config::{Config, PendingDevice, DEVICE_DIR_CERT, DEVICE_DIR_CSR, DEVICE_DIR_KEY, DEVICE_DIR_SETTINGS};
 use crate::tls::{key_mode_is_open, CertSummary};
+
+mod owner;
+pub use owner::{Owner, GROUP_FILE, PASSWD_FILE};
 
 /// The CA certificate inside the directory made by [`init_ca`].
 pub const CA_CERT_FILE: &str = "ca.pem";
@@ -102,6 +106,14 @@ pub enum CertsError {
     /// Key generation or signing failed.
     #[error("{0}")]
     Crypto(String),
+    /// The owner given for the written files cannot be used.
+    #[error("--owner {owner}: {reason}")]
+    BadOwner {
+        /// The owner as given.
+        owner: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 fn file_error(path: &Path, reason: impl fmt::Display) -> CertsError {
@@ -309,8 +321,9 @@ struct Staged {
 }
 
 impl Staged {
-    /// Writes `contents` to a new temporary file created with `mode`, and flushes it to disk.
-    fn write(dest: &Path, contents: &[u8], mode: u32) -> Result<Staged, CertsError> {
+    /// Writes `contents` to a new temporary file created with `mode` and given to `owner`, and flushes it
+    /// to disk.
+    fn write(dest: &Path, contents: &[u8], mode: u32, owner: Option<&Owner>) -> Result<Staged, CertsError> {
         let name = dest.file_name().unwrap_or_default().to_string_lossy();
         let tmp = dest.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
         // A leftover from a crashed run of this same pid; create_new below must not trip over it.
@@ -326,6 +339,10 @@ impl Staged {
             .mode(mode)
             .open(&staged.tmp)
             .map_err(|e| file_error(&staged.tmp, format!("cannot create: {e}")))?;
+        if let Some(o) = owner {
+            std::os::unix::fs::fchown(&f, Some(o.uid), Some(o.gid))
+                .map_err(|e| file_error(&staged.dest, format!("cannot give the new file to {o}: {e}")))?;
+        }
         f.write_all(contents)
             .and_then(|()| f.sync_all())
             .map_err(|e| file_error(&staged.tmp, format!("cannot write: {e}")))?;
@@ -362,8 +379,45 @@ fn create_dir(dir: &Path, mode: u32) -> Result<(), CertsError> {
         .map_err(|e| file_error(dir, format!("cannot create the directory: {e}")))
 }
 
+/// A device's directory, removed again (if still empty) unless [`DeviceDir::keep`] is called: an empty
+/// directory left by a failed command would be a device without files, which fails the next reload.
+struct DeviceDir {
+    path: PathBuf,
+    created: bool,
+}
+
+impl DeviceDir {
+    /// Creates `dir` (and its parents) if missing; a directory it creates is given to `owner`.
+    fn create(dir: &Path, owner: Option<&Owner>) -> Result<DeviceDir, CertsError> {
+        let created = !dir.exists();
+        create_dir(dir, DEVICE_DIR_MODE)?;
+        let guard = DeviceDir {
+            path: dir.to_path_buf(),
+            created,
+        };
+        if let (true, Some(o)) = (created, owner) {
+            std::os::unix::fs::chown(dir, Some(o.uid), Some(o.gid))
+                .map_err(|e| file_error(dir, format!("cannot give the new directory to {o}: {e}")))?;
+        }
+        Ok(guard)
+    }
+
+    fn keep(mut self) {
+        self.created = false;
+    }
+}
+
+impl Drop for DeviceDir {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = fs::remove_dir(&self.path);
+        }
+    }
+}
+
 const KEY_MODE: u32 = 0o600;
 const PUBLIC_MODE: u32 = 0o644;
+const DEVICE_DIR_MODE: u32 = 0o755;
 
 // ---------------------------------------------------------------------------------------------------------
 // init-ca
@@ -422,8 +476,8 @@ pub fn init_ca(req: &CaRequest) -> Result<CaCreated, CertsError> {
     params.use_authority_key_identifier_extension = true;
     let cert = params.self_signed(&key).map_err(crypto("signing the CA certificate"))?;
     let summary = CertSummary::parse(cert.der()).map_err(CertsError::Crypto)?;
-    let staged_key = Staged::write(&key_path, key.serialize_pem().as_bytes(), KEY_MODE)?;
-    let staged_cert = Staged::write(&cert_path, cert.pem().as_bytes(), PUBLIC_MODE)?;
+    let staged_key = Staged::write(&key_path, key.serialize_pem().as_bytes(), KEY_MODE, None)?;
+    let staged_cert = Staged::write(&cert_path, cert.pem().as_bytes(), PUBLIC_MODE, None)?;
     staged_key.commit()?;
     staged_cert.commit()?;
     sync_dir(&req.out)?;
@@ -542,6 +596,9 @@ pub struct IssueRequest {
     pub key_type: KeyType,
     /// Replace an existing identity (rotation: a new key and certificate).
     pub force: bool,
+    /// Whom the written files (and the device's directory, if this creates it) are given to; `None`
+    /// leaves them to the user running this. The CA's files are never touched.
+    pub owner: Option<Owner>,
 }
 
 /// What [`issue`] wrote.
@@ -570,6 +627,9 @@ pub fn issue(req: &IssueRequest) -> Result<Issued, CertsError> {
         check_client_id(id)?;
     }
     check_days(req.days)?;
+    if let Some(o) = &req.owner {
+        o.check_allowed()?;
+    }
     let ca = load_ca(&req.ca_dir)?;
     let dir = req.out.join(&req.name);
     let replaced = holds_identity(&dir);
@@ -598,21 +658,24 @@ pub fn issue(req: &IssueRequest) -> Result<Issued, CertsError> {
         .map_err(crypto("signing the device certificate"))?;
     let summary = CertSummary::parse(cert.der()).map_err(CertsError::Crypto)?;
 
-    create_dir(&dir, 0o755)?;
+    let owner = req.owner.as_ref();
+    let device_dir = DeviceDir::create(&dir, owner)?;
     let key_path = dir.join(DEVICE_DIR_KEY);
     let cert_path = dir.join(DEVICE_DIR_CERT);
     let settings_path = dir.join(DEVICE_DIR_SETTINGS);
-    let staged_key = Staged::write(&key_path, key.serialize_pem().as_bytes(), KEY_MODE)?;
+    let staged_key = Staged::write(&key_path, key.serialize_pem().as_bytes(), KEY_MODE, owner)?;
     let staged_settings = match &req.client_id {
         Some(id) => Some(Staged::write(
             &settings_path,
             settings_with_client_id(&settings_path, id)?.as_bytes(),
             PUBLIC_MODE,
+            owner,
         )?),
         None => None,
     };
-    let staged_cert = Staged::write(&cert_path, cert.pem().as_bytes(), PUBLIC_MODE)?;
+    let staged_cert = Staged::write(&cert_path, cert.pem().as_bytes(), PUBLIC_MODE, owner)?;
     staged_key.commit()?;
+    device_dir.keep();
     let settings = match staged_settings {
         Some(s) => {
             s.commit()?;
@@ -683,6 +746,9 @@ pub struct CsrRequest {
     /// Replace an existing identity with a new key (the device is pending until its new certificate
     /// arrives).
     pub force: bool,
+    /// Whom the written files (and the device's directory, if this creates it) are given to; `None`
+    /// leaves them to the user running this. A reused key keeps its owner.
+    pub owner: Option<Owner>,
 }
 
 /// What [`csr`] wrote.
@@ -704,6 +770,9 @@ pub struct CsrCreated {
 /// into `<out>/<name>/`.
 pub fn csr(req: &CsrRequest) -> Result<CsrCreated, CertsError> {
     check_name(&req.name)?;
+    if let Some(o) = &req.owner {
+        o.check_allowed()?;
+    }
     let dir = req.out.join(&req.name);
     let key_path = dir.join(DEVICE_DIR_KEY);
     let csr_path = dir.join(DEVICE_DIR_CSR);
@@ -738,12 +807,18 @@ pub fn csr(req: &CsrRequest) -> Result<CsrCreated, CertsError> {
         .pem()
         .map_err(crypto("encoding the CSR"))?;
 
-    create_dir(&dir, 0o755)?;
+    let owner = req.owner.as_ref();
+    let device_dir = DeviceDir::create(&dir, owner)?;
     let staged_key = match new_key {
-        true => Some(Staged::write(&key_path, key.serialize_pem().as_bytes(), KEY_MODE)?),
+        true => Some(Staged::write(
+            &key_path,
+            key.serialize_pem().as_bytes(),
+            KEY_MODE,
+            owner,
+        )?),
         false => None,
     };
-    let staged_csr = Staged::write(&csr_path, request.as_bytes(), PUBLIC_MODE)?;
+    let staged_csr = Staged::write(&csr_path, request.as_bytes(), PUBLIC_MODE, owner)?;
     // The old certificate cannot go with a new key; without it the directory is pending, not broken.
     let removed_cert = new_key && cert_path.exists();
     if removed_cert {
@@ -752,6 +827,7 @@ pub fn csr(req: &CsrRequest) -> Result<CsrCreated, CertsError> {
     if let Some(k) = staged_key {
         k.commit()?;
     }
+    device_dir.keep();
     staged_csr.commit()?;
     sync_dir(&dir)?;
     Ok(CsrCreated {
@@ -1202,6 +1278,57 @@ mod tests {
         assert_eq!(days_between(now, now + day * 3 + day / 2), 3);
         assert_eq!(days_between(now, now - day / 24), -1);
         assert_eq!(days_between(now, now - day * 2 - day / 2), -3);
+    }
+
+    /// An owner that is not the user running the test where that is allowed (as root), else the same.
+    fn other_owner() -> Owner {
+        let euid = rustix::process::geteuid();
+        let spec = match euid.is_root() {
+            true => "65534:65534".to_string(),
+            false => format!("{}:{}", euid.as_raw(), rustix::process::getegid().as_raw()),
+        };
+        Owner::resolve(&spec).unwrap()
+    }
+
+    #[test]
+    fn a_staged_file_has_its_owner_before_it_takes_its_name() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join(DEVICE_DIR_KEY);
+        let owner = other_owner();
+        let staged = Staged::write(&dest, b"key", KEY_MODE, Some(&owner)).unwrap();
+        let tmp = fs::metadata(&staged.tmp).unwrap();
+        assert_eq!((tmp.uid(), tmp.gid()), (owner.uid, owner.gid));
+        assert_eq!(tmp.mode() & 0o777, KEY_MODE);
+        assert!(!dest.exists(), "the final name appeared before the rename");
+        let tmp_path = staged.tmp.clone();
+        staged.commit().unwrap();
+        let placed = fs::metadata(&dest).unwrap();
+        assert_eq!(
+            placed.ino(),
+            tmp.ino(),
+            "the file in place is the one that was given away"
+        );
+        assert_eq!((placed.uid(), placed.gid()), (owner.uid, owner.gid));
+        assert!(!tmp_path.exists());
+    }
+
+    #[test]
+    fn a_device_directory_made_for_a_failed_command_is_removed() {
+        use std::os::unix::fs::MetadataExt as _;
+        let out = tempfile::tempdir().unwrap();
+        let owner = other_owner();
+        let dir = out.path().join("boiler-7");
+        let made = DeviceDir::create(&dir, Some(&owner)).unwrap();
+        let m = fs::metadata(&dir).unwrap();
+        assert_eq!((m.uid(), m.gid()), (owner.uid, owner.gid));
+        drop(made);
+        assert!(!dir.exists(), "an empty device directory was left behind");
+        DeviceDir::create(&dir, Some(&owner)).unwrap().keep();
+        assert!(dir.is_dir());
+        let existing = DeviceDir::create(&dir, None).unwrap();
+        drop(existing);
+        assert!(dir.is_dir(), "a directory that was there before was removed");
     }
 
     #[test]

@@ -35,7 +35,10 @@ pub enum CertsCommand {
     /// An existing identity is replaced only with --force (rotation: new key, new certificate; the key is
     /// moved into place before the certificate).
     ///
-    /// Example: mqtls certs issue --ca /root/mqtls-ca --out /etc/mqtls/devices.d boiler-7
+    /// The files belong to whoever runs the command. For mqtls under systemd, which runs as the user
+    /// mqtls and reads only keys that user owns, run it as root with --owner mqtls.
+    ///
+    /// Example: mqtls certs issue --ca /root/mqtls-ca --out /etc/mqtls/devices.d --owner mqtls boiler-7
     Issue(IssueArgs),
     /// Write a device key and a certificate signing request for a CA that someone else runs.
     ///
@@ -44,7 +47,10 @@ pub enum CertsCommand {
     /// then any intermediates) as OUT/NAME/cert.pem and the device is complete. Until then the directory
     /// is pending: mqtls skips it with a warning.
     ///
-    /// Example: mqtls certs csr --out /etc/mqtls/devices.d boiler-7
+    /// The files belong to whoever runs the command. For mqtls under systemd, which runs as the user
+    /// mqtls and reads only keys that user owns, run it as root with --owner mqtls.
+    ///
+    /// Example: mqtls certs csr --out /etc/mqtls/devices.d --owner mqtls boiler-7
     Csr(CsrArgs),
     /// Show every device identity: subject, issuer, serial, expiry, and what needs attention.
     ///
@@ -101,6 +107,14 @@ pub struct IssueArgs {
     /// Replace an existing identity with a new key and certificate (rotation).
     #[arg(long)]
     force: bool,
+    /// Give the files written, and the device's directory if this creates it, to USER[:GROUP] (names
+    /// from /etc/passwd and /etc/group, or numeric UID[:GID]; USER alone means USER's primary group),
+    /// e.g. `--owner mqtls` for the systemd service. Each file gets its owner under its temporary name,
+    /// before it is renamed into place, so a running mqtls never sees a key it cannot read (a chown
+    /// afterwards is too late: mqtls may already have reloaded and failed on the new files). Needs
+    /// root (CAP_CHOWN).
+    #[arg(long, value_name = "USER[:GROUP]")]
+    owner: Option<String>,
 }
 
 #[derive(Args)]
@@ -122,6 +136,14 @@ pub struct CsrArgs {
     /// until the new certificate arrives.
     #[arg(long)]
     force: bool,
+    /// Give the files written, and the device's directory if this creates it, to USER[:GROUP] (names
+    /// from /etc/passwd and /etc/group, or numeric UID[:GID]; USER alone means USER's primary group),
+    /// e.g. `--owner mqtls` for the systemd service; a reused key keeps its owner. Each file gets its
+    /// owner under its temporary name, before it is renamed into place, so a running mqtls never sees a
+    /// key it cannot read (a chown afterwards is too late: mqtls may already have reloaded and failed on
+    /// the new files). Needs root (CAP_CHOWN).
+    #[arg(long, value_name = "USER[:GROUP]")]
+    owner: Option<String>,
 }
 
 #[derive(Args)]
@@ -188,7 +210,13 @@ fn init_ca(a: InitCaArgs) -> Result<(), CertsError> {
     Ok(())
 }
 
+/// `--owner` resolved to ids, before anything else is done.
+fn resolve_owner(spec: Option<&str>) -> Result<Option<certs::Owner>, CertsError> {
+    spec.map(certs::Owner::resolve).transpose()
+}
+
 fn issue(a: IssueArgs) -> Result<(), CertsError> {
+    let owner = resolve_owner(a.owner.as_deref())?;
     let issued = certs::issue(&certs::IssueRequest {
         ca_dir: a.ca,
         name: a.name.clone(),
@@ -197,6 +225,7 @@ fn issue(a: IssueArgs) -> Result<(), CertsError> {
         days: a.days,
         key_type: a.key_type,
         force: a.force,
+        owner: owner.clone(),
     })?;
     let s = &issued.summary;
     let what = if issued.replaced {
@@ -226,6 +255,7 @@ fn issue(a: IssueArgs) -> Result<(), CertsError> {
             a.name
         ),
     }
+    print_owner(owner.as_ref());
     if issued.cut_to_ca_expiry {
         println!("note: the validity was cut to end with the CA's own certificate");
     }
@@ -237,12 +267,14 @@ fn issue(a: IssueArgs) -> Result<(), CertsError> {
 }
 
 fn csr(a: CsrArgs) -> Result<(), CertsError> {
+    let owner = resolve_owner(a.owner.as_deref())?;
     let made = certs::csr(&certs::CsrRequest {
         name: a.name.clone(),
         out: a.out,
         key_type: a.key_type,
         reuse_key: a.reuse_key,
         force: a.force,
+        owner: owner.clone(),
     })?;
     println!("certificate signing request for device \"{}\" (CN={})", a.name, a.name);
     println!("  request      {}", made.csr.display());
@@ -254,6 +286,7 @@ fn csr(a: CsrArgs) -> Result<(), CertsError> {
             a.key_type
         ),
     }
+    print_owner(owner.as_ref());
     if made.removed_cert {
         println!("note: the old cert.pem was removed: it belonged to the replaced key");
     }
@@ -262,6 +295,12 @@ fn csr(a: CsrArgs) -> Result<(), CertsError> {
         made.dir.join(mqtls::config::DEVICE_DIR_CERT).display()
     );
     Ok(())
+}
+
+fn print_owner(owner: Option<&certs::Owner>) {
+    if let Some(o) = owner {
+        println!("  owner        {o}");
+    }
 }
 
 fn list(a: ListArgs) -> ExitCode {

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -906,6 +906,242 @@ fn allow_readable_keys_accepts_a_0644_key_and_still_flags_it() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Ownership (--owner): files for a service that runs as its own user
+
+/// The owner and group of `path`.
+fn ids(path: &Path) -> (u32, u32) {
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.uid(), m.gid())
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Giving files away needs root; CI runs the suite as root.
+fn require_root() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test gives files to other users, which needs root (CI runs the suite as root)"
+    );
+}
+
+/// A user that exists on this machine, other than root, from /etc/passwd (`nobody` where there is one):
+/// its name, uid and primary gid.
+fn system_user() -> (String, u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+    let users: Vec<(String, u32, u32)> = passwd
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            Some((f.first()?.to_string(), f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?))
+        })
+        .filter(|(_, uid, gid)| *uid != 0 && *gid != 0)
+        .collect();
+    users
+        .iter()
+        .find(|(name, _, _)| name == "nobody")
+        .or(users.first())
+        .cloned()
+        .expect("a user other than root in /etc/passwd")
+}
+
+/// A group from /etc/group other than root's and `primary`: its name and gid.
+fn other_group(primary: u32) -> (String, u32) {
+    let group = std::fs::read_to_string("/etc/group").expect("read /etc/group");
+    group
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            Some((f.first()?.to_string(), f.get(2)?.parse().ok()?))
+        })
+        .find(|(_, gid)| *gid != 0 && *gid != primary)
+        .expect("a second group in /etc/group")
+}
+
+/// Runs `mqtls ARGS` in the site directory as `uid:gid` (no supplementary groups), as a service user
+/// or an operator without sudo would.
+fn mqtls_as(site: &Site, uid: u32, gid: u32, args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--",
+            BIN,
+        ])
+        .args(args)
+        .current_dir(site.dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run setpriv (util-linux)")
+}
+
+#[test]
+fn issue_owner_gives_the_files_and_the_new_directory_to_a_user_from_etc_passwd() {
+    require_root();
+    let (user, uid, gid) = system_user();
+    let site = Site::new();
+    site.init_ca();
+    let out = site.issue("boiler-7", &["--owner", &user, "--client-id", "B7"]);
+    assert!(
+        text(&out.stdout).contains(&format!("owner        {user} (uid {uid}, gid {gid})")),
+        "{}",
+        describe(&out)
+    );
+    let dir = site.device("boiler-7");
+    assert_eq!(
+        file_names(&dir),
+        set(&["cert.pem", "device.toml", "key.pem"]),
+        "no temporary file is left"
+    );
+    for path in [
+        dir.clone(),
+        dir.join("key.pem"),
+        dir.join("cert.pem"),
+        dir.join("device.toml"),
+    ] {
+        assert_eq!(ids(&path), (uid, gid), "{}", path.display());
+    }
+    assert_eq!(mode(&dir.join("key.pem")), 0o600);
+    assert_eq!(
+        ids(&site.path("devices")),
+        (0, 0),
+        "only the device's own directory is given away"
+    );
+    assert_eq!(ids(&site.path("ca/ca.key")), (0, 0), "the CA is never given away");
+    assert_eq!(mode(&site.path("ca/ca.key")), 0o600);
+
+    // That user can load what was made for it, as the service would; a key left to root it cannot.
+    chmod(site.dir.path(), 0o755);
+    chmod(&site.path("ca"), 0o755);
+    let config = site.config("");
+    let check = mqtls_as(&site, uid, gid, &["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(0), "{}", describe(&check));
+    assert!(
+        row(&text(&check.stdout), "boiler-7").contains("CN=boiler-7"),
+        "{}",
+        describe(&check)
+    );
+    site.issue("boiler-8", &[]);
+    assert_eq!(
+        ids(&site.device("boiler-8").join("key.pem")),
+        (0, 0),
+        "without --owner: the invoking user"
+    );
+    let check = mqtls_as(&site, uid, gid, &["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(1), "{}", describe(&check));
+    assert!(text(&check.stderr).contains("boiler-8/key.pem"), "{}", describe(&check));
+}
+
+#[test]
+fn issue_and_csr_owner_take_numeric_ids_and_a_group_name() {
+    require_root();
+    let (user, uid, gid) = system_user();
+    let (group, other_gid) = other_group(gid);
+    let site = Site::new();
+    site.init_ca();
+
+    site.issue("boiler-7", &["--owner", "4242:4343"]);
+    let dir = site.device("boiler-7");
+    for file in ["", "key.pem", "cert.pem"] {
+        assert_eq!(ids(&dir.join(file)), (4242, 4343), "{file}");
+    }
+    // Rotation gives the new files to the new owner; the directory was there already and stays as it is.
+    site.issue("boiler-7", &["--force", "--owner", &format!("{user}:{group}")]);
+    assert_eq!(file_names(&dir), set(&["cert.pem", "key.pem"]));
+    assert_eq!(ids(&dir.join("key.pem")), (uid, other_gid));
+    assert_eq!(ids(&dir.join("cert.pem")), (uid, other_gid));
+    assert_eq!(ids(&dir), (4242, 4343));
+    assert_eq!(mode(&dir.join("key.pem")), 0o600);
+
+    site.ok(&["certs", "csr", "pump-3", "--owner", &uid.to_string()]);
+    let pump = site.device("pump-3");
+    assert_eq!(file_names(&pump), set(&["csr.pem", "key.pem"]));
+    for file in ["", "key.pem", "csr.pem"] {
+        assert_eq!(
+            ids(&pump.join(file)),
+            (uid, gid),
+            "a uid alone brings its primary group: {file}"
+        );
+    }
+    assert_eq!(mode(&pump.join("key.pem")), 0o600);
+    // Renewal with the key in place: the new CSR is given away, the key keeps its owner.
+    site.ok(&["certs", "csr", "pump-3", "--reuse-key", "--owner", "4242:4343"]);
+    assert_eq!(ids(&pump.join("csr.pem")), (4242, 4343));
+    assert_eq!(ids(&pump.join("key.pem")), (uid, gid));
+}
+
+#[test]
+fn an_unknown_owner_is_named_and_nothing_is_written() {
+    let site = Site::new();
+    site.init_ca();
+    let (user, _, _) = system_user();
+    for (owner, why) in [
+        ("no-such-user-mqtls", "no user `no-such-user-mqtls` in /etc/passwd"),
+        (
+            &format!("{user}:no-such-group-mqtls"),
+            "no group `no-such-group-mqtls` in /etc/group",
+        ),
+        (":4343", "a user is required"),
+        ("4294967295:0", "`4294967295` is not a valid id (0 to 4294967294)"),
+    ] {
+        for verb in [&["certs", "issue", "--ca", "ca"][..], &["certs", "csr"][..]] {
+            let mut args = verb.to_vec();
+            args.extend(["--owner", owner, "boiler-7"]);
+            let out = site.mqtls(&args);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {}", describe(&out));
+            let stderr = text(&out.stderr);
+            assert!(
+                stderr.contains(&format!("error: --owner {owner}: {why}")),
+                "{args:?}: {stderr}"
+            );
+        }
+    }
+    assert!(!site.path("devices").exists(), "a refused owner created files");
+}
+
+#[test]
+fn owner_without_root_is_refused_before_anything_is_written() {
+    require_root();
+    let (_, uid, gid) = system_user();
+    let site = Site::new();
+    site.init_ca();
+    // The site and the CA belong to that user, so it could write the device directory itself.
+    for path in [
+        site.dir.path().to_path_buf(),
+        site.path("ca"),
+        site.path("ca/ca.pem"),
+        site.path("ca/ca.key"),
+    ] {
+        chown(&path, uid, gid);
+    }
+    for verb in [&["certs", "issue", "--ca", "ca"][..], &["certs", "csr"][..]] {
+        let mut args = verb.to_vec();
+        args.extend(["--owner", "0:0", "boiler-7"]);
+        let out = mqtls_as(&site, uid, gid, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", describe(&out));
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "error: --owner 0:0: giving files to uid 0, gid 0 needs root (CAP_CHOWN), and this runs as uid {uid}; \
+                 run the command with sudo"
+            )),
+            "{args:?}: {stderr}"
+        );
+        assert!(!site.path("devices").exists(), "{args:?}: files were written");
+    }
+    // The same user without --owner writes files it owns, and may name itself.
+    let out = mqtls_as(&site, uid, gid, &["certs", "issue", "--ca", "ca", "boiler-7"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(ids(&site.device("boiler-7").join("key.pem")), (uid, gid));
+    let me = format!("{uid}:{gid}");
+    let out = mqtls_as(&site, uid, gid, &["certs", "csr", "--owner", &me, "pump-3"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(ids(&site.device("pump-3").join("key.pem")), (uid, gid));
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Help
 
 #[test]
@@ -932,6 +1168,187 @@ fn every_verb_explains_its_use_in_help() {
     );
     let list = text(&site.ok(&["certs", "list", "--help"]).stdout);
     assert!(list.contains("Exit status"), "{list}");
+    for verb in ["issue", "csr"] {
+        let help = text(&site.ok(&["certs", verb, "--help"]).stdout);
+        assert!(
+            help.contains("--owner <USER[:GROUP]>"),
+            "{verb}:
+{help}"
+        );
+        assert!(
+            help.contains("renamed into place"),
+            "{verb}:
+{help}"
+        );
+        assert!(
+            help.contains("Needs root"),
+            "{verb}:
+{help}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Documentation: the commands it shows write where the commands after them read
+
+/// The Markdown files that show `mqtls certs` commands to operators.
+fn operator_docs() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut docs = vec![
+        root.join("README.md"),
+        root.join("certs/README.md"),
+        root.join("systemd/README.md"),
+    ];
+    for entry in std::fs::read_dir(root.join("deploy")).expect("read deploy/") {
+        let readme = entry.unwrap().path().join("README.md");
+        if readme.is_file() {
+            docs.push(readme);
+        }
+    }
+    docs
+}
+
+/// The shell commands in the fenced code blocks of `markdown`, one per block (continuation lines joined,
+/// comments dropped).
+fn shell_blocks(markdown: &str) -> Vec<Vec<String>> {
+    let mut blocks = Vec::new();
+    let mut current: Option<Vec<String>> = None;
+    let mut pending = String::new();
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            match current.take() {
+                Some(block) => blocks.push(block),
+                None => current = Some(Vec::new()),
+            }
+            continue;
+        }
+        let Some(block) = current.as_mut() else { continue };
+        let code = line.split(" #").next().unwrap_or("").trim();
+        if code.starts_with('#') {
+            continue;
+        }
+        match code.strip_suffix('\\') {
+            Some(part) => pending.push_str(part),
+            None => {
+                pending.push_str(code);
+                block.push(std::mem::take(&mut pending));
+            }
+        }
+    }
+    blocks
+}
+
+/// Whitespace-separated words, with "double quoted" words kept whole.
+fn shell_words(command: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    for c in command.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            c if c.is_whitespace() && !quoted => words.extend((!word.is_empty()).then(|| std::mem::take(&mut word))),
+            c => word.push(c),
+        }
+    }
+    words.extend((!word.is_empty()).then_some(word));
+    words
+}
+
+/// For `mqtls certs issue|csr ...`: the `--out` value (if given), whether `--owner` is given, and NAME.
+fn certs_write_command(command: &str) -> Option<(Option<String>, bool, String)> {
+    let words = shell_words(command);
+    let at = words
+        .windows(2)
+        .position(|w| w[0] == "certs" && (w[1] == "issue" || w[1] == "csr"))?;
+    let mut args = words[at + 2..].iter();
+    let (mut out, mut owner, mut name) = (None, false, None);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--out" => out = args.next().cloned(),
+            "--owner" => owner = args.next().is_some(),
+            "--ca" | "--client-id" | "--days" | "--key-type" => {
+                args.next();
+            }
+            a if a.starts_with("--") => {}
+            a => name = Some(a.to_string()),
+        }
+    }
+    Some((out, owner, name?))
+}
+
+/// What is wrong with the `mqtls certs issue|csr` commands in `markdown`, and how many were checked.
+fn certs_command_problems(doc: &str, markdown: &str) -> (usize, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for block in shell_blocks(markdown) {
+        for (i, command) in block.iter().enumerate() {
+            let Some((out, owner, name)) = certs_write_command(command) else {
+                continue;
+            };
+            checked += 1;
+            let Some(out) = out else {
+                problems.push(format!("{doc}: `{command}` has no --out (it writes to ./devices)"));
+                continue;
+            };
+            if out.starts_with("/etc/mqtls") && !owner {
+                problems.push(format!("{doc}: `{command}` writes for the service without --owner"));
+            }
+            // Later commands in the block that name this device's files must find them under --out.
+            let wanted = format!("{out}/{name}/");
+            for later in &block[i + 1..] {
+                for word in shell_words(later) {
+                    let path = word.trim_start_matches("file://");
+                    let names_file = ["key.pem", "cert.pem", "csr.pem", "device.toml"]
+                        .iter()
+                        .any(|f| path.ends_with(&format!("/{name}/{f}")) || path == format!("{name}/{f}"));
+                    if names_file && !path.starts_with(&wanted) {
+                        problems.push(format!(
+                            "{doc}: `{command}` writes to {wanted}, but `{later}` reads {path}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    (checked, problems)
+}
+
+#[test]
+fn documented_certs_commands_write_where_the_commands_after_them_read() {
+    // The check itself finds the mistakes it is for.
+    let sample = "```sh\nmqtls certs csr boiler-7\nsudo mqtls certs csr --out /etc/mqtls/devices.d pump-3\n\
+                  sudo mqtls certs issue --ca ca --out /srv/d --client-id \"METER 0042\" --owner mqtls meter-42\n\
+                  aws iot x --csr file:///etc/mqtls/devices.d/meter-42/csr.pem \\\n  --out /srv/d/meter-42/cert.pem\n```\n";
+    let (checked, found) = certs_command_problems("sample", sample);
+    assert_eq!(checked, 3, "{found:?}");
+    assert_eq!(found.len(), 3, "{found:#?}");
+    assert!(
+        found[0].contains("`mqtls certs csr boiler-7` has no --out"),
+        "{found:#?}"
+    );
+    assert!(
+        found[1].contains("pump-3` writes for the service without --owner"),
+        "{found:#?}"
+    );
+    assert!(
+        found[2]
+            .contains("writes to /srv/d/meter-42/, but `aws iot x --csr file:///etc/mqtls/devices.d/meter-42/csr.pem"),
+        "{found:#?}"
+    );
+
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for doc in operator_docs() {
+        let markdown = std::fs::read_to_string(&doc).expect("read doc");
+        let (n, found) = certs_command_problems(&doc.display().to_string(), &markdown);
+        checked += n;
+        problems.extend(found);
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert!(
+        checked >= 8,
+        "only {checked} documented commands were found; is the parser still right?"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------
