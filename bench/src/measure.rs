@@ -459,13 +459,9 @@ pub async fn resumption(target: &Target, sinks: &Sinks, n: usize) -> Result<Valu
     for _ in 0..n {
         let mut c = Conn::open(target).await?;
         c.send(&connect).await?;
-        let mut k = [0u8; 1];
-        let got = timeout(STEP, c.read_raw(&mut k))
+        timeout(STEP, sink_answer(&mut c))
             .await
             .map_err(|_| anyhow!("sink never answered"))??;
-        if got != 1 || k[0] != b'K' {
-            bail!("unexpected answer from the sink");
-        }
         drop(c);
         sleep(Duration::from_millis(50)).await;
     }
@@ -554,11 +550,7 @@ async fn bulk_once(target: &Target, sinks: &Sinks, bytes: u64) -> Result<f64> {
             sent += n as u64;
         }
         c.flush().await?;
-        let mut k = [0u8; 1];
-        if c.read_raw(&mut k).await? != 1 || k[0] != b'K' {
-            bail!("unexpected answer from the sink");
-        }
-        Ok(())
+        sink_answer(&mut c).await
     })
     .await
     .map_err(|_| anyhow!("bulk transfer did not finish in 300 s"))??;
@@ -621,4 +613,20 @@ pub async fn cpu(
         "cpu_s_per_million": (c1 - c0) / sent as f64 * 1e6,
         "broker_cpu_s_per_million": (b1 - b0) / sent as f64 * 1e6,
     }))
+}
+
+/// Reads the sink's whole answer (its CONNACK, then `K`) and checks it.
+async fn sink_answer(c: &mut Conn) -> Result<()> {
+    let mut got = [0u8; crate::sink::ANSWER.len()];
+    let mut n = 0;
+    while n < got.len() {
+        match c.read_raw(&mut got[n..]).await? {
+            0 => bail!("the sink's answer ended after {n} bytes"),
+            k => n += k,
+        }
+    }
+    if got != crate::sink::ANSWER {
+        bail!("unexpected answer from the sink: {got:02x?}");
+    }
+    Ok(())
 }

@@ -1,7 +1,9 @@
 //! Fast upstreams for the throughput measurement: a rustls server that requires a client certificate
-//! (from the bench CA) and a plain TCP one. Both discard what they read and answer one byte `K` once they
-//! have received the number of bytes the driver announced, so that no contender's half-close behaviour
-//! matters. The TLS sink records whether each handshake resumed a session.
+//! (from the bench CA) and a plain TCP one. Both answer the device's CONNECT at once with a CONNACK, as a
+//! broker does (mqtls starts copying only once the broker has answered), then discard what they read and
+//! answer one byte `K` once they have received the number of bytes the driver announced, so that no
+//! contender's half-close behaviour matters. The TLS sink records whether each handshake resumed a
+//! session.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -76,7 +78,15 @@ impl Sinks {
     }
 }
 
+/// What the sinks answer a CONNECT with: MQTT 3.1.1 CONNACK, accepted.
+pub const CONNACK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
+/// All a sink ever sends: the CONNACK, then `K` once everything announced has arrived.
+pub const ANSWER: [u8; 5] = [0x20, 0x02, 0x00, 0x00, b'K'];
+
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, expected: u64) {
+    if s.write_all(&CONNACK).await.is_err() || s.flush().await.is_err() {
+        return;
+    }
     let mut buf = vec![0u8; 256 * 1024];
     let mut got = 0u64;
     let mut answered = false;
