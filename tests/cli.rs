@@ -295,36 +295,6 @@ async fn run_exits_0_on_sigint() {
 }
 
 #[tokio::test]
-async fn run_after_sigterm_lets_an_open_connection_finish_then_exits_0() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let config = ProxyConfig::new(&pki, broker.addr())
-        .device(DeviceEntry::new(&pki.client("cli-long")))
-        .write(pki.dir());
-    let mut daemon = Daemon::spawn(&config);
-    let addr = daemon.ready().await;
-    let (client, mut el) = device_v4("cli-long", addr, Duration::from_secs(30));
-    wait_connack_v4(&mut el).await.expect("device connected");
-    let _events = spawn_eventloop_v4(el);
-
-    daemon.wait_signal_handlers().await;
-    daemon.signal("TERM");
-    daemon.wait_line(&["waiting for open connections"]).await;
-    assert!(
-        daemon.child.try_wait().unwrap().is_none(),
-        "mqtls exited while a device was still connected; stderr:\n{}",
-        daemon.stderr()
-    );
-
-    client.disconnect().await.unwrap();
-    let status = daemon
-        .wait_exit(GUARD)
-        .await
-        .expect("still running after the device left");
-    assert_eq!(status.code(), Some(0), "{status:?}; stderr:\n{}", daemon.stderr());
-}
-
-#[tokio::test]
 async fn run_with_invalid_config_exits_1_and_prints_the_problem() {
     let pki = Pki::new();
     let config = check_config(&pki);
