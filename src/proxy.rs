@@ -16,7 +16,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
-use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
@@ -26,7 +25,7 @@ use crate::device::DeviceTable;
 use crate::mqtt::{self, Connect, ProtocolVersion, Refusal};
 use crate::pipe;
 use crate::socket;
-use crate::upstream::Connector;
+use crate::upstream::{BrokerStream, Connector};
 
 /// Refusals ("server busy") being answered at once when over `max_connections`; beyond this, new
 /// connections are closed without an answer so that a flood cannot grow memory.
@@ -301,7 +300,7 @@ struct Connection {
 /// A connection ready for the copy: both sockets and what set-up learnt.
 struct Open {
     device: TcpStream,
-    broker: TlsStream<TcpStream>,
+    broker: BrokerStream,
     session: Session,
     started: Instant,
 }
