@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
@@ -230,10 +231,13 @@ enum Work {
 }
 
 impl Work {
-    async fn run(self) {
+    /// Not an `async fn`: that would keep a second copy of `self` in the task for the connection's life.
+    fn run(self) -> impl std::future::Future<Output = ()> {
         match self {
-            Work::Serve(conn, stream) => conn.serve(stream).await,
-            Work::RefuseBusy(stream, generation, permit, slot) => refuse_busy(stream, generation, permit, slot).await,
+            Work::Serve(conn, stream) => Either::Left(conn.serve(stream)),
+            Work::RefuseBusy(stream, generation, permit, slot) => {
+                Either::Right(refuse_busy(stream, generation, permit, slot))
+            }
         }
     }
 }
