@@ -28,11 +28,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{sleep, timeout, Sleep};
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
 use crate::config::{HostPort, Upstream};
 use crate::socket;
+use crate::tls_stream::TlsStream;
 
 /// What kind of failure stopped an attempt to reach the broker; the label metrics and logs use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -171,15 +170,18 @@ impl Connector {
         tcp: TcpStream,
         hp: &HostPort,
         config: Arc<ClientConfig>,
-    ) -> Result<TlsStream<TcpStream>, (Failure, String)> {
+    ) -> Result<TlsStream, (Failure, String)> {
         socket::tune(&tcp);
         let name = match &self.server_name {
             Some(n) => n.clone(),
             // Validation checked that every host is a valid name when server_name is unset.
             None => hp.server_name().map_err(|e| (Failure::Tls, e))?,
         };
-        match timeout(self.handshake_timeout, TlsConnector::from(config).connect(name, tcp)).await {
-            Ok(Ok(tls)) => Ok(tls),
+        match timeout(self.handshake_timeout, TlsStream::connect(config, name, tcp)).await {
+            Ok(Ok(tls)) => {
+                tracing::debug!(resumed = tls.resumed(), "TLS handshake with the broker done");
+                Ok(tls)
+            }
             Ok(Err(e)) => Err((Failure::Tls, format!("TLS handshake failed: {e}"))),
             Err(_) => Err((
                 Failure::HandshakeTimeout,
@@ -192,7 +194,7 @@ impl Connector {
 /// The broker side of a proxied connection: a TLS stream that holds its connector's turn until the broker
 /// first answers on it (a read that returns bytes, the end of the stream or an error), or for at most the
 /// handshake timeout after the handshake, so that a broker that never answers does not keep it.
-pub struct BrokerStream<S = TlsStream<TcpStream>> {
+pub struct BrokerStream<S = TlsStream> {
     tls: S,
     turn: Option<Turn>,
 }
