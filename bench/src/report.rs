@@ -684,7 +684,8 @@ addresses spread over 127.77.0.0/16. mqtls logs at `warn` (its per-connection `i
    `/proc/<pid>/stat`, over its process group) is scaled to one million messages.
 
 Raw figures (percentiles, errors, retries, broker CPU): `bench/results/results.json`. Reproduce with
-`bench/run` (see `bench/README.md`).
+`bench/run` (see `bench/README.md`, which also records what each change to mqtls bought, measured before
+and after, and where an idle connection's memory goes).
 "#,
         mem = p["memory_n"]
             .as_array()
