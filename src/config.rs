@@ -162,7 +162,7 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// Limit for the TLS handshake.
     pub handshake_timeout: Duration,
-    /// Connections to the broker being opened (TCP connect and TLS handshake) at once; more wait their turn.
+    /// Connections to the broker being opened at once (TCP connect to the broker's first answer); more wait.
     pub max_connecting: usize,
     /// ALPN protocols to offer (e.g. `x-amzn-mqtt-ca` for AWS IoT Core on 443).
     pub alpn: Vec<String>,

@@ -6,7 +6,7 @@
 //! 2. [`mqtt`] reads the device's CONNECT packet, bounded in size and time, without changing a byte.
 //! 3. [`device`] picks the device entry whose rules (client id, source address, listener) all hold.
 //! 4. [`upstream`] resolves the broker, connects, and completes the TLS handshake with that device's
-//!    prebuilt `rustls::ClientConfig` from [`tls`].
+//!    prebuilt `rustls::ClientConfig` from [`tls`], over a [`tls_stream`] that holds no buffer while idle.
 //! 5. [`pipe`] copies bytes both ways, honouring half-close and the device's MQTT keep-alive.
 //!
 //! Around that path: [`config`] turns the TOML file into a validated [`config::Config`], [`socket`]
@@ -31,6 +31,7 @@ pub mod socket;
 pub mod stamp;
 pub mod systemd;
 pub mod tls;
+pub mod tls_stream;
 pub mod upstream;
 
 pub use config::Config;

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
-use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
@@ -27,7 +27,7 @@ use crate::metrics::{ActiveGuard, DeviceStats, Metered, Metrics, Refused};
 use crate::mqtt::{self, Connect, ProtocolVersion, Refusal};
 use crate::pipe;
 use crate::socket;
-use crate::upstream::{Connector, Failure};
+use crate::upstream::{BrokerStream, Connector, Failure};
 
 /// Refusals ("server busy") being answered at once when over `max_connections`; beyond this, new
 /// connections are closed without an answer so that a flood cannot grow memory.
@@ -457,10 +457,13 @@ enum Work {
 }
 
 impl Work {
-    async fn run(self) {
+    /// Not an `async fn`: that would keep a second copy of `self` in the task for the connection's life.
+    fn run(self) -> impl std::future::Future<Output = ()> {
         match self {
-            Work::Serve(conn, stream) => conn.serve(stream).await,
-            Work::RefuseBusy(stream, generation, permit, slot) => refuse_busy(stream, generation, permit, slot).await,
+            Work::Serve(conn, stream) => Either::Left(conn.serve(stream)),
+            Work::RefuseBusy(stream, generation, permit, slot) => {
+                Either::Right(refuse_busy(stream, generation, permit, slot))
+            }
         }
     }
 }
@@ -528,7 +531,7 @@ struct Connection {
 /// A connection ready for the copy: both sockets, what set-up learnt, and the device's counters.
 struct Open {
     device: TcpStream,
-    broker: TlsStream<TcpStream>,
+    broker: BrokerStream,
     session: Session,
     started: Instant,
     stats: Arc<DeviceStats>,

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -210,6 +211,11 @@ impl fmt::Debug for Identity {
     }
 }
 
+/// TLS sessions each identity remembers for resumption: rustls keeps up to 8 per broker name, so this
+/// covers four broker names. rustls's default (256) sizes each identity's cache for 32 names up front,
+/// about 15 KiB per device identity before a single connection; a gateway talks to one broker.
+const SESSION_CACHE_SIZE: usize = 32;
+
 /// Options shared by every identity of a generation.
 #[derive(Clone)]
 pub struct TlsSettings {
@@ -243,6 +249,7 @@ pub fn load_identity(cert: &Path, key: &Path, settings: &TlsSettings) -> Result<
             other => file_error("key", key, format!("cannot be used with the certificate: {other}")),
         })?;
     config.alpn_protocols = settings.alpn.clone();
+    config.resumption = Resumption::in_memory_sessions(SESSION_CACHE_SIZE);
     Ok(Identity {
         client_config: Arc::new(config),
         summary,

@@ -9,20 +9,29 @@
 //! accept queue (Mosquitto listens with a backlog of 100): the kernel drops the SYNs it has no room for and
 //! retries them only after 1 s, 3 s, 7 s, so the broker idles between bursts and slow devices get "server
 //! unavailable". Waiting for a turn in mqtls instead keeps the broker busy at its own pace.
+//!
+//! A connection keeps its turn until the broker first answers on it (its CONNACK), not only until the
+//! TLS handshake ends on our side: until then the broker still has work to do for it (our last handshake
+//! message, the CONNECT), and by then it has sent its TLS 1.3 session tickets, so that the next connection
+//! to start can resume a session (cheaper for the broker) rather than make a full handshake.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
-use tokio::time::timeout;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{sleep, timeout, Sleep};
 
 use crate::config::{HostPort, Upstream};
 use crate::socket;
+use crate::tls_stream::TlsStream;
 
 /// What kind of failure stopped an attempt to reach the broker; the label metrics and logs use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -78,7 +87,7 @@ impl ConnectError {
 #[derive(Debug)]
 pub struct Connected {
     /// The connection.
-    pub stream: TlsStream<TcpStream>,
+    pub stream: BrokerStream,
     /// Each earlier address's failure, in order.
     pub failed: Vec<Failure>,
 }
@@ -118,7 +127,7 @@ impl Connector {
     /// first, at most the handshake timeout, until fewer than `upstream.max_connecting` connections are
     /// being opened.
     pub async fn connect(&self, config: Arc<ClientConfig>) -> Result<Connected, ConnectError> {
-        let Ok(Ok(_turn)) = timeout(self.handshake_timeout, self.turns.acquire()).await else {
+        let Ok(Ok(permit)) = timeout(self.handshake_timeout, self.turns.clone().acquire_owned()).await else {
             let text = format!(
                 "no turn to connect within {:?}: {} connections to the broker were being opened all that time (upstream.max_connecting)",
                 self.handshake_timeout, self.max_connecting
@@ -157,8 +166,9 @@ impl Connector {
                     }
                 };
                 match self.handshake(tcp, hp, config.clone()).await {
-                    Ok(stream) => {
+                    Ok(tls) => {
                         let failed = attempts.into_iter().map(|(f, _)| f).collect();
+                        let stream = BrokerStream::new(tls, permit, self.handshake_timeout);
                         return Ok(Connected { stream, failed });
                     }
                     Err(failure) => attempts.push((failure.0, format!("{addr}: {}", failure.1))),
@@ -173,21 +183,95 @@ impl Connector {
         tcp: TcpStream,
         hp: &HostPort,
         config: Arc<ClientConfig>,
-    ) -> Result<TlsStream<TcpStream>, (Failure, String)> {
+    ) -> Result<TlsStream, (Failure, String)> {
         socket::tune(&tcp);
         let name = match &self.server_name {
             Some(n) => n.clone(),
             // Validation checked that every host is a valid name when server_name is unset.
             None => hp.server_name().map_err(|e| (Failure::Tls, e))?,
         };
-        match timeout(self.handshake_timeout, TlsConnector::from(config).connect(name, tcp)).await {
-            Ok(Ok(tls)) => Ok(tls),
+        match timeout(self.handshake_timeout, TlsStream::connect(config, name, tcp)).await {
+            Ok(Ok(tls)) => {
+                tracing::debug!(resumed = tls.resumed(), "TLS handshake with the broker done");
+                Ok(tls)
+            }
             Ok(Err(e)) => Err((Failure::Tls, format!("TLS handshake failed: {e}"))),
             Err(_) => Err((
                 Failure::HandshakeTimeout,
                 format!("TLS handshake took longer than {:?}", self.handshake_timeout),
             )),
         }
+    }
+}
+
+/// The broker side of a proxied connection: a TLS stream that holds its connector's turn until the broker
+/// first answers on it (a read that returns bytes, the end of the stream or an error), or for at most the
+/// handshake timeout after the handshake, so that a broker that never answers does not keep it.
+pub struct BrokerStream<S = TlsStream> {
+    tls: S,
+    turn: Option<Turn>,
+}
+
+struct Turn {
+    _permit: OwnedSemaphorePermit,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl<S> BrokerStream<S> {
+    fn new(tls: S, permit: OwnedSemaphorePermit, answer_within: Duration) -> BrokerStream<S> {
+        let turn = Turn {
+            _permit: permit,
+            deadline: Box::pin(sleep(answer_within)),
+        };
+        BrokerStream { tls, turn: Some(turn) }
+    }
+}
+
+impl<S> std::fmt::Debug for BrokerStream<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerStream")
+            .field("holds_turn", &self.turn.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for BrokerStream<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.tls).poll_read(cx, buf);
+        if let Some(turn) = &mut this.turn {
+            // Polling the deadline registers this task to be woken when it passes.
+            if polled.is_ready() || turn.deadline.as_mut().poll(cx).is_ready() {
+                this.turn = None;
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for BrokerStream<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
     }
 }
 
@@ -198,6 +282,7 @@ mod tests {
     use std::time::Instant;
 
     use rustls::RootCertStore;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     fn connector(port: u16, max_connecting: usize, handshake_timeout: Duration) -> Connector {
@@ -233,6 +318,46 @@ mod tests {
         let e = c.connect(client_config()).await.unwrap_err();
         assert_eq!(e.reason(), "queue_timeout", "{e}");
         assert!(e.to_string().contains("upstream.max_connecting"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_turn_is_kept_until_the_broker_first_answers() {
+        let turns = Arc::new(Semaphore::new(1));
+        let (mut broker, ours) = tokio::io::duplex(64);
+        let mut s = BrokerStream::new(
+            ours,
+            turns.clone().try_acquire_owned().unwrap(),
+            Duration::from_secs(3600),
+        );
+        s.write_all(b"CONNECT").await.unwrap();
+        assert_eq!(turns.available_permits(), 0, "writing is no answer");
+        broker.write_all(b"CONNACK").await.unwrap();
+        let mut got = [0u8; 7];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"CONNACK");
+        assert_eq!(turns.available_permits(), 1, "given back at the first answer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_that_never_answers_keeps_the_turn_only_until_the_deadline() {
+        let turns = Arc::new(Semaphore::new(1));
+        let (_broker, ours) = tokio::io::duplex(64);
+        let s = BrokerStream::new(
+            ours,
+            turns.clone().try_acquire_owned().unwrap(),
+            Duration::from_secs(10),
+        );
+        let reader = tokio::spawn(async move {
+            let mut s = s;
+            let mut b = [0u8; 1];
+            s.read(&mut b).await
+        });
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert_eq!(turns.available_permits(), 0);
+        // Only the deadline can wake the reader: the broker says nothing.
+        let again = timeout(Duration::from_secs(60), turns.acquire()).await;
+        assert!(again.is_ok(), "the turn was not given back at the deadline");
+        assert!(!reader.is_finished(), "the stream itself stays open");
     }
 
     /// The broker side: accepts connections and holds them open (so each one's TLS handshake waits)

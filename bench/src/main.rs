@@ -639,7 +639,8 @@ async fn storm_phase(args: &Args, env: &Env, results: &mut BTreeMap<Kind, Map<St
                 }
                 Ok((broker, mut running, target)) => {
                     tokio::time::sleep(plan.settle).await;
-                    let f = measure::storm(&target, plan.storm_devices, plan.storm_limit);
+                    let pgid = running.as_ref().map(|r| r.proc.pgid());
+                    let f = measure::storm(&target, plan.storm_devices, plan.storm_limit, pgid, broker.proc.pgid());
                     step(&mut out, "storm", limit, f).await;
                     if let Some(r) = running.as_mut() {
                         if !r.proc.alive() {

@@ -382,7 +382,8 @@ async fn setup_window(target: &Target, in_flight: usize, window: Duration, tally
 
 /// Measurement 4: `n` devices connect at the same instant; each retries (after 100-200 ms) when refused or failed,
 /// as a device would. Reports when the last one had its CONNACK.
-pub async fn storm(target: &Target, n: usize, limit: Duration) -> Result<Value> {
+pub async fn storm(target: &Target, n: usize, limit: Duration, pgid: Option<i32>, broker_pgid: i32) -> Result<Value> {
+    let cpu0 = (pgid.map(procfs::group_cpu_secs), procfs::group_cpu_secs(broker_pgid));
     let barrier = Arc::new(Barrier::new(n + 1));
     let mut set = JoinSet::new();
     for i in 0..n {
@@ -435,6 +436,10 @@ pub async fn storm(target: &Target, n: usize, limit: Duration) -> Result<Value> 
         }
     }
     let _ = begin;
+    let cpu = (
+        pgid.map(|p| procfs::group_cpu_secs(p) - cpu0.0.unwrap_or(0.0)),
+        procfs::group_cpu_secs(broker_pgid) - cpu0.1,
+    );
     drop(conns);
     if failed > 0 {
         bail!("{failed} of {n} devices not connected within {limit:?}; errors: {errors:?}");
@@ -447,6 +452,8 @@ pub async fn storm(target: &Target, n: usize, limit: Duration) -> Result<Value> 
         "p99_s": times.value_at_quantile(0.99) as f64 / 1e9,
         "attempts": attempts,
         "retry_reasons": errors,
+        "cpu_s": cpu.0,
+        "broker_cpu_s": cpu.1,
     }))
 }
 

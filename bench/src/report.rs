@@ -401,6 +401,146 @@ fn not_run(all: &Value) -> Vec<String> {
     out
 }
 
+/// One of issue 5's targets: mqtls's figure against a bound computed from the same run.
+struct Target {
+    what: String,
+    mqtls: Option<f64>,
+    bound: Option<f64>,
+    /// How the bound is made, e.g. "best peer (haproxy)".
+    bound_text: String,
+    unit: &'static str,
+    better: Better,
+}
+
+fn mqtls_num(row: &Row, all: &Value) -> Option<f64> {
+    match (row.get)(all, Kind::Mqtls) {
+        Cell::Num(x) => Some(x),
+        _ => None,
+    }
+}
+
+/// The best peer's figure for a row (stunnel, HAProxy or socat; `peers` narrows the set).
+fn best_of(row: &Row, all: &Value, peers: &[Kind]) -> Option<(f64, Kind)> {
+    let mut best: Option<(f64, Kind)> = None;
+    for &p in peers {
+        if let Cell::Num(v) = (row.get)(all, p) {
+            let better = match best {
+                None => true,
+                Some((b, _)) => (row.better == Better::Lower && v < b) || (row.better == Better::Higher && v > b),
+            };
+            if better {
+                best = Some((v, p));
+            }
+        }
+    }
+    best
+}
+
+fn targets(all: &Value) -> Vec<Target> {
+    let rows = rows(all);
+    let find = |prefix: &str| rows.iter().find(|r| r.label.trim_start().starts_with(prefix));
+    let mut out = Vec::new();
+    let vs_best = |label: &str, row: Option<&Row>| {
+        let row = row?;
+        let best = best_of(row, all, &Kind::PEERS);
+        Some(Target {
+            what: format!("{label}: no worse than the best peer"),
+            mqtls: mqtls_num(row, all),
+            bound: best.map(|b| b.0),
+            bound_text: best
+                .map(|b| format!("best peer ({})", b.1))
+                .unwrap_or_else(|| "best peer".into()),
+            unit: row.unit,
+            better: row.better,
+        })
+    };
+    for r in rows
+        .iter()
+        .filter(|r| r.label.starts_with("Memory per idle connection"))
+    {
+        let best = best_of(r, all, &[Kind::Stunnel, Kind::Haproxy]);
+        out.push(Target {
+            what: format!("{}: at most half of the best of stunnel and HAProxy", r.label),
+            mqtls: mqtls_num(r, all),
+            bound: best.map(|b| b.0 / 2.0),
+            bound_text: best
+                .map(|b| format!("half of {}", b.1))
+                .unwrap_or_else(|| "half of the best".into()),
+            unit: r.unit,
+            better: Better::Lower,
+        });
+        out.push(Target {
+            what: format!("{}: at most 12 KiB", r.label),
+            mqtls: mqtls_num(r, all),
+            bound: Some(12.0),
+            bound_text: "fixed".into(),
+            unit: r.unit,
+            better: Better::Lower,
+        });
+    }
+    for r in rows
+        .iter()
+        .filter(|r| r.label.trim_start().starts_with("latency added"))
+    {
+        out.extend(vs_best(r.label.trim(), Some(r)));
+    }
+    out.extend(vs_best(
+        "Connection setup rate with session resumption",
+        find("Connection setup rate with TLS"),
+    ));
+    out.extend(vs_best(
+        "Connection setup rate without session resumption",
+        find("Connection setup rate without TLS"),
+    ));
+    out.extend(vs_best(
+        "Reconnect storm, time until all are connected",
+        find("Reconnect storm"),
+    ));
+    out.extend(vs_best("Bulk throughput", find("Bulk throughput")));
+    if let Some(r) = find("throughput / plain TCP") {
+        out.push(Target {
+            what: "Bulk throughput: at least half of plain TCP over loopback".into(),
+            mqtls: mqtls_num(r, all),
+            bound: Some(0.5),
+            bound_text: "fixed".into(),
+            unit: r.unit,
+            better: Better::Higher,
+        });
+    }
+    out
+}
+
+fn targets_table(all: &Value) -> String {
+    let mut s = String::from("| target | mqtls | bound | | margin |\n|---|---:|---:|---|---:|\n");
+    for t in targets(all) {
+        let (m, b) = match (t.mqtls, t.bound) {
+            (Some(m), Some(b)) => (m, b),
+            _ => {
+                let _ = writeln!(s, "| {} | n/a | n/a | {} | not measured |", t.what, t.bound_text);
+                continue;
+            }
+        };
+        let met = match t.better {
+            Better::Higher => m >= b,
+            _ => m <= b,
+        };
+        // How far inside (or outside) the bound mqtls is, as mqtls / bound.
+        let _ = writeln!(
+            s,
+            "| {} | {} {} | {} {} ({}) | {} | {:.2} |",
+            t.what,
+            fmt_num(m, t.unit),
+            t.unit,
+            fmt_num(b, t.unit),
+            t.unit,
+            t.bound_text,
+            if met { "met" } else { "**short**" },
+            m / b
+        );
+    }
+    s
+}
+
 pub fn terminal(all: &Value) -> String {
     let mut s = format!(
         "\nmqtls benchmark ({} mode, {} s)\n\n",
@@ -411,6 +551,8 @@ pub fn terminal(all: &Value) -> String {
             .unwrap_or_default()
     );
     s.push_str(&main_table(all));
+    s.push_str("\nTargets (issue 5), from this run:\n\n");
+    s.push_str(&targets_table(all));
     s.push_str("\nmqtls / each peer (below 1 is better for \"lower\" rows, above 1 for \"higher\" rows):\n\n");
     s.push_str(&peer_table(all));
     let nr = not_run(all);
@@ -480,7 +622,11 @@ pub fn markdown(all: &Value) -> String {
          below 1 is better for rows where lower is better, above 1 for rows where higher is better. \
          `—`: does not apply (direct has no proxy process).\n\n",
     );
-    s.push_str("### mqtls against each peer\n\n");
+    s.push_str(
+        "### Targets\n\nIssue 5's targets, each judged against a bound from this same run (margin: mqtls / bound).\n\n",
+    );
+    s.push_str(&targets_table(all));
+    s.push_str("\n### mqtls against each peer\n\n");
     s.push_str(&peer_table(all));
     let nr = not_run(all);
     if !nr.is_empty() {
@@ -538,7 +684,8 @@ addresses spread over 127.77.0.0/16. mqtls logs at `warn` (its per-connection `i
    `/proc/<pid>/stat`, over its process group) is scaled to one million messages.
 
 Raw figures (percentiles, errors, retries, broker CPU): `bench/results/results.json`. Reproduce with
-`bench/run` (see `bench/README.md`).
+`bench/run` (see `bench/README.md`, which also records what each change to mqtls bought, measured before
+and after, and where an idle connection's memory goes).
 "#,
         mem = p["memory_n"]
             .as_array()

@@ -1,0 +1,517 @@
+//! The broker side's TLS stream: rustls's unbuffered API over a tokio `TcpStream`, holding no buffer
+//! while the connection is idle.
+//!
+//! rustls's buffered `ClientConnection` (what tokio-rustls drives) keeps a 4 KiB receive buffer for the
+//! connection's life: it never shrinks below one read. For a gateway of idle sensors that is four tenths
+//! of each connection's memory. Here bytes are read into a buffer on the stack and processed at once; only
+//! what cannot be finished in one go waits on the heap (part of a record, plaintext the reader has not
+//! taken, encrypted bytes the socket has not taken), and only until it is gone.
+
+use std::future::poll_fn;
+use std::io;
+use std::mem::{self, MaybeUninit};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use rustls::client::UnbufferedClientConnection;
+use rustls::pki_types::ServerName;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Bytes read from the socket at once, into a buffer on the stack: a full TLS record and its overhead.
+const READ_SIZE: usize = 16 * 1024 + 512;
+
+/// Room for a TLS record's header, content type, tag and padding, generously.
+const RECORD_OVERHEAD: usize = 64;
+/// The largest plaintext in one TLS record.
+const MAX_FRAGMENT: usize = 16 * 1024;
+
+/// A client TLS connection over TCP. Reads and writes carry application data; `poll_shutdown` sends a
+/// close_notify and then a FIN, and the peer's close_notify reads as the end of the stream (a FIN without
+/// it as `UnexpectedEof`, as tokio-rustls reports it).
+pub struct TlsStream {
+    tcp: TcpStream,
+    conn: UnbufferedClientConnection,
+    /// Received TLS bytes not processed yet: the start of a record.
+    incoming: Vec<u8>,
+    /// Decrypted bytes the reader has not taken yet: `plain[plain_at..]`.
+    plain: Vec<u8>,
+    plain_at: usize,
+    /// Encrypted bytes the socket has not taken yet: `outgoing[out_at..]`.
+    outgoing: Vec<u8>,
+    out_at: usize,
+    /// The peer sent its close_notify: nothing more will be read.
+    read_closed: bool,
+    /// TCP end of stream.
+    eof: bool,
+    close_notify_queued: bool,
+}
+
+/// What to do once rustls lets application data be sent.
+#[derive(Clone, Copy)]
+enum Action<'a> {
+    None,
+    Encrypt(&'a [u8]),
+    CloseNotify,
+}
+
+/// Where processing stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// rustls needs more bytes from the peer to go on with the handshake.
+    MoreData,
+    /// Application data may be sent (and whatever complete records arrived have been processed).
+    Traffic,
+    /// Both sides have sent their close_notify.
+    Closed,
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl TlsStream {
+    /// Makes the TLS handshake with `name` over `tcp`, presenting what `config` holds.
+    pub async fn connect(
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+        tcp: TcpStream,
+    ) -> io::Result<TlsStream> {
+        let conn = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
+        let mut s = TlsStream {
+            tcp,
+            conn,
+            incoming: Vec::new(),
+            plain: Vec::new(),
+            plain_at: 0,
+            outgoing: Vec::new(),
+            out_at: 0,
+            read_closed: false,
+            eof: false,
+            close_notify_queued: false,
+        };
+        poll_fn(|cx| s.poll_handshake(cx)).await?;
+        Ok(s)
+    }
+
+    /// Whether the last handshake resumed an earlier session.
+    pub fn resumed(&self) -> bool {
+        self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut next = self.absorb(&mut [], None)?;
+        loop {
+            ready!(self.poll_send_pending(cx))?;
+            match next {
+                Next::Traffic => return Poll::Ready(Ok(())),
+                Next::Closed => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the TLS connection closed during the handshake",
+                    )))
+                }
+                Next::MoreData => {
+                    let mut stack = [MaybeUninit::<u8>::uninit(); READ_SIZE];
+                    let mut rb = ReadBuf::uninit(&mut stack);
+                    ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut rb))?;
+                    if rb.filled().is_empty() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the peer closed the connection during the TLS handshake",
+                        )));
+                    }
+                    next = self.absorb(rb.filled_mut(), None)?;
+                }
+            }
+        }
+    }
+
+    /// Processes `fresh` bytes from the peer (after any kept from before). Decrypted bytes go to `out`
+    /// as far as it has room, then to `plain`; a record's unfinished start is kept for the next bytes.
+    fn absorb(&mut self, fresh: &mut [u8], out: Option<&mut ReadBuf<'_>>) -> io::Result<Next> {
+        if self.incoming.is_empty() {
+            let (used, next) = self.process(fresh, out, Action::None)?;
+            if used < fresh.len() && !self.read_closed {
+                self.incoming.extend_from_slice(&fresh[used..]);
+            }
+            return Ok(next);
+        }
+        let mut incoming = mem::take(&mut self.incoming);
+        incoming.extend_from_slice(fresh);
+        let (used, next) = self.process(&mut incoming, out, Action::None)?;
+        incoming.drain(..used);
+        // Kept only while a record is unfinished; nothing after the peer's close_notify matters.
+        if !incoming.is_empty() && !self.read_closed {
+            self.incoming = incoming;
+        }
+        Ok(next)
+    }
+
+    /// Runs rustls over `data` until it needs more bytes or lets application data be sent, and then does
+    /// `action`. Returns how many bytes of `data` it consumed.
+    fn process(
+        &mut self,
+        data: &mut [u8],
+        mut out: Option<&mut ReadBuf<'_>>,
+        action: Action<'_>,
+    ) -> io::Result<(usize, Next)> {
+        let mut used = 0;
+        loop {
+            let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut data[used..]);
+            let mut extra = 0;
+            let next = match state.map_err(tls_error)? {
+                ConnectionState::EncodeTlsData(mut e) => {
+                    let at = self.outgoing.len();
+                    self.outgoing.resize(at + MAX_FRAGMENT + RECORD_OVERHEAD, 0);
+                    let n = match e.encode(&mut self.outgoing[at..]) {
+                        Ok(n) => n,
+                        Err(EncodeError::InsufficientSize(s)) => {
+                            self.outgoing.resize(at + s.required_size, 0);
+                            e.encode(&mut self.outgoing[at..]).map_err(io::Error::other)?
+                        }
+                        Err(other) => return Err(io::Error::other(other)),
+                    };
+                    self.outgoing.truncate(at + n);
+                    None
+                }
+                // The bytes wait in `outgoing`, in order, and leave before anything encrypted later.
+                ConnectionState::TransmitTlsData(t) => {
+                    t.done();
+                    None
+                }
+                ConnectionState::ReadTraffic(mut r) => {
+                    while let Some(record) = r.next_record() {
+                        let record = record.map_err(tls_error)?;
+                        extra += record.discard;
+                        deliver(record.payload, out.as_deref_mut(), &mut self.plain, self.plain_at);
+                    }
+                    None
+                }
+                ConnectionState::PeerClosed => {
+                    self.read_closed = true;
+                    None
+                }
+                ConnectionState::Closed => {
+                    self.read_closed = true;
+                    Some(Next::Closed)
+                }
+                ConnectionState::BlockedHandshake => Some(Next::MoreData),
+                ConnectionState::WriteTraffic(mut w) => {
+                    let at = self.outgoing.len();
+                    let written = match action {
+                        Action::None => Ok(0),
+                        Action::Encrypt(data) => {
+                            let room = data.len() + (data.len() / MAX_FRAGMENT + 2) * RECORD_OVERHEAD;
+                            self.outgoing.resize(at + room, 0);
+                            match w.encrypt(data, &mut self.outgoing[at..]) {
+                                Err(EncryptError::InsufficientSize(s)) => {
+                                    self.outgoing.resize(at + s.required_size, 0);
+                                    w.encrypt(data, &mut self.outgoing[at..])
+                                }
+                                r => r,
+                            }
+                        }
+                        Action::CloseNotify => {
+                            self.outgoing.resize(at + RECORD_OVERHEAD, 0);
+                            w.queue_close_notify(&mut self.outgoing[at..])
+                        }
+                    };
+                    match written {
+                        Ok(n) => self.outgoing.truncate(at + n),
+                        Err(e) => {
+                            self.outgoing.truncate(at);
+                            return Err(io::Error::other(e));
+                        }
+                    }
+                    Some(Next::Traffic)
+                }
+                _ => return Err(io::Error::other("unexpected TLS connection state")),
+            };
+            used += discard + extra;
+            if let Some(next) = next {
+                return Ok((used, next));
+            }
+        }
+    }
+
+    /// Processes what waits in `incoming`, then does `action` (which needs the handshake done and our
+    /// side still open).
+    fn act(&mut self, action: Action<'_>) -> io::Result<()> {
+        let mut incoming = mem::take(&mut self.incoming);
+        let r = self.process(&mut incoming, None, action);
+        if let Ok((used, _)) = &r {
+            incoming.drain(..*used);
+        }
+        if !incoming.is_empty() && !self.read_closed {
+            self.incoming = incoming;
+        }
+        match r?.1 {
+            Next::Traffic => Ok(()),
+            Next::Closed => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the TLS connection is closed",
+            )),
+            Next::MoreData => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the TLS handshake is not finished",
+            )),
+        }
+    }
+
+    /// Writes what waits in `outgoing`; frees it once all of it is out.
+    fn poll_send_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.out_at < self.outgoing.len() {
+            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.outgoing[self.out_at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.out_at += n;
+        }
+        self.outgoing = Vec::new();
+        self.out_at = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Gives the reader what `plain` holds; frees it once all of it is taken.
+    fn take_plain(&mut self, buf: &mut ReadBuf<'_>) {
+        let n = buf.remaining().min(self.plain.len() - self.plain_at);
+        buf.put_slice(&self.plain[self.plain_at..self.plain_at + n]);
+        self.plain_at += n;
+        if self.plain_at == self.plain.len() {
+            self.plain = Vec::new();
+            self.plain_at = 0;
+        }
+    }
+}
+
+/// Puts `bytes` into `out` as far as it has room (only when nothing waits in `plain`, to keep the order),
+/// and the rest at the end of `plain`.
+fn deliver(bytes: &[u8], out: Option<&mut ReadBuf<'_>>, plain: &mut Vec<u8>, plain_at: usize) {
+    let mut rest = bytes;
+    if let Some(out) = out {
+        if plain.len() == plain_at {
+            let n = out.remaining().min(rest.len());
+            out.put_slice(&rest[..n]);
+            rest = &rest[n..];
+        }
+    }
+    plain.extend_from_slice(rest);
+}
+
+impl AsyncRead for TlsStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        // What rustls queued while reading (an alert, a key update) leaves when the socket takes it; a
+        // socket that does not take it yet wakes this task when it will.
+        if let Poll::Ready(Err(e)) = this.poll_send_pending(cx) {
+            return Poll::Ready(Err(e));
+        }
+        loop {
+            if this.plain_at < this.plain.len() {
+                this.take_plain(buf);
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_closed {
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection without sending a TLS close_notify",
+                )));
+            }
+            let mut stack = [MaybeUninit::<u8>::uninit(); READ_SIZE];
+            let mut rb = ReadBuf::uninit(&mut stack);
+            ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut rb))?;
+            if rb.filled().is_empty() {
+                this.eof = true;
+                continue;
+            }
+            let before = buf.filled().len();
+            this.absorb(rb.filled_mut(), Some(buf))?;
+            if let Poll::Ready(Err(e)) = this.poll_send_pending(cx) {
+                return Poll::Ready(Err(e));
+            }
+            if buf.filled().len() > before {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TlsStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        // Earlier bytes first: a socket that takes nothing holds back what comes next.
+        ready!(this.poll_send_pending(cx))?;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        this.act(Action::Encrypt(data))?;
+        // Sent at once if the socket takes it; otherwise it waits in `outgoing` for the next call.
+        if let Poll::Ready(Err(e)) = this.poll_send_pending(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send_pending(cx))?;
+        Pin::new(&mut this.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.close_notify_queued {
+            ready!(this.poll_send_pending(cx))?;
+            this.close_notify_queued = true;
+            match this.act(Action::CloseNotify) {
+                // Closed both ways already: nothing more to say.
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+                r => r?,
+            }
+        }
+        ready!(this.poll_send_pending(cx))?;
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+impl TlsStream {
+    /// Heap bytes the stream holds for its buffers.
+    fn held(&self) -> usize {
+        self.incoming.capacity() + self.plain.capacity() + self.outgoing.capacity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+    use rustls::{RootCertStore, ServerConfig};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    type Server = tokio_rustls::server::TlsStream<TcpStream>;
+
+    /// A TLS client (ours) and a rustls server (through tokio-rustls) over loopback TCP.
+    async fn pair() -> (TlsStream, Server) {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = CertificateDer::from(certified.cert.der().to_vec());
+        let key = PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der());
+        let server = ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key.into())
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let accepted = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            acceptor.accept(tcp).await.unwrap()
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let ours = TlsStream::connect(Arc::new(client), name, tcp).await.unwrap();
+        (ours, accepted.await.unwrap())
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn exchanges_bytes_both_ways_and_holds_no_buffer_once_idle() {
+        let (mut ours, mut server) = pair().await;
+        ours.write_all(b"PUBLISH").await.unwrap();
+        ours.flush().await.unwrap();
+        let mut got = [0u8; 7];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"PUBLISH");
+        server.write_all(b"PUBACK").await.unwrap();
+        server.flush().await.unwrap();
+        let mut got = [0u8; 6];
+        ours.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"PUBACK");
+        assert_eq!(ours.held(), 0, "an idle connection keeps no buffer");
+    }
+
+    #[tokio::test]
+    async fn many_records_arrive_intact_through_a_small_reader_buffer() {
+        let (mut ours, mut server) = pair().await;
+        let data = pattern(1 << 20);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            server.write_all(&sent).await.unwrap();
+            server.shutdown().await.unwrap();
+            server
+        });
+        let mut got = Vec::new();
+        let mut small = [0u8; 1000];
+        loop {
+            match ours.read(&mut small).await.unwrap() {
+                0 => break,
+                n => got.extend_from_slice(&small[..n]),
+            }
+        }
+        assert!(got == data, "bytes changed, lost or reordered");
+        assert_eq!(ours.held(), 0);
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn bulk_writes_arrive_intact() {
+        let (mut ours, mut server) = pair().await;
+        let data = pattern(3 << 20);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        for chunk in data.chunks(64 * 1024 + 17) {
+            ours.write_all(chunk).await.unwrap();
+        }
+        ours.shutdown().await.unwrap();
+        assert!(reader.await.unwrap() == data, "bytes changed, lost or reordered");
+    }
+
+    #[tokio::test]
+    async fn half_close_sends_close_notify_and_the_other_direction_keeps_flowing() {
+        let (mut ours, mut server) = pair().await;
+        ours.write_all(b"last words").await.unwrap();
+        ours.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        // tokio-rustls reads a close_notify as the end of the stream (and a bare FIN as an error).
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last words");
+        server.write_all(b"late reply").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        ours.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"late reply");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_closes_tcp_without_close_notify_is_an_unexpected_eof() {
+        let (mut ours, server) = pair().await;
+        let (tcp, _) = server.into_inner();
+        drop(tcp);
+        let mut b = [0u8; 16];
+        let e = ours.read(&mut b).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+    }
+}
