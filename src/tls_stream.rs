@@ -31,7 +31,9 @@ const MAX_FRAGMENT: usize = 16 * 1024;
 
 /// A client TLS connection over TCP. Reads and writes carry application data; `poll_shutdown` sends a
 /// close_notify and then a FIN, and the peer's close_notify reads as the end of the stream (a FIN without
-/// it as `UnexpectedEof`, as tokio-rustls reports it).
+/// it as `UnexpectedEof`, as tokio-rustls reports it). Both directions must be driven from one task (as
+/// the copy loop does): reading may write (a key update's answer), and the socket keeps one waker per
+/// direction.
 pub struct TlsStream {
     tcp: TcpStream,
     conn: UnbufferedClientConnection,
@@ -163,7 +165,14 @@ impl TlsStream {
         loop {
             let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut data[used..]);
             let mut extra = 0;
-            let next = match state.map_err(tls_error)? {
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => {
+                    self.send_alert_best_effort();
+                    return Err(tls_error(e));
+                }
+            };
+            let next = match state {
                 ConnectionState::EncodeTlsData(mut e) => {
                     let at = self.outgoing.len();
                     self.outgoing.resize(at + MAX_FRAGMENT + RECORD_OVERHEAD, 0);
@@ -236,6 +245,18 @@ impl TlsStream {
                 return Ok((used, next));
             }
         }
+    }
+
+    /// rustls queued a fatal alert with the error it returned: hand it to the socket if it takes it now.
+    fn send_alert_best_effort(&mut self) {
+        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+        if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
+            let mut alert = [0u8; RECORD_OVERHEAD];
+            if let Ok(n) = e.encode(&mut alert) {
+                self.outgoing.extend_from_slice(&alert[..n]);
+            }
+        }
+        let _ = self.tcp.try_write(&self.outgoing[self.out_at..]);
     }
 
     /// Processes what waits in `incoming`, then does `action` (which needs the handshake done and our
@@ -351,6 +372,8 @@ impl AsyncWrite for TlsStream {
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
+        // One call encrypts at most a few records: the caller keeps the rest, `outgoing` stays bounded.
+        let data = &data[..data.len().min(4 * MAX_FRAGMENT)];
         this.act(Action::Encrypt(data))?;
         // Sent at once if the socket takes it; otherwise it waits in `outgoing` for the next call.
         if let Poll::Ready(Err(e)) = this.poll_send_pending(cx) {
@@ -513,5 +536,332 @@ mod tests {
         let mut b = [0u8; 16];
         let e = ours.read(&mut b).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+    }
+}
+
+/// Whole conversations against an in-process rustls server: TLS 1.2 and 1.3, records split anywhere,
+/// tiny records, key updates and session tickets mixed into the data, rejected certificates, and what
+/// one write may hold.
+#[cfg(test)]
+mod conversations {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use rustls::server::WebPkiClientVerifier;
+    use rustls::{RootCertStore, ServerConfig, SupportedProtocolVersion};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
+
+    type Server = tokio_rustls::server::TlsStream<TcpStream>;
+
+    fn cert(name: &str) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let c = rcgen::generate_simple_self_signed(vec![name.into()]).unwrap();
+        (
+            CertificateDer::from(c.cert.der().to_vec()),
+            PrivatePkcs8KeyDer::from(c.key_pair.serialize_der()).into(),
+        )
+    }
+
+    fn roots(c: &CertificateDer<'static>) -> Arc<RootCertStore> {
+        let mut r = RootCertStore::empty();
+        r.add(c.clone()).unwrap();
+        Arc::new(r)
+    }
+
+    #[derive(Clone, Copy)]
+    struct Opts {
+        versions: &'static [&'static SupportedProtocolVersion],
+        frag: Option<usize>,
+        tickets: usize,
+        trickle: bool,
+        server_rejects_client: bool,
+        client_distrusts_server: bool,
+    }
+
+    impl Opts {
+        fn v(versions: &'static [&'static SupportedProtocolVersion]) -> Opts {
+            Opts {
+                versions,
+                frag: None,
+                tickets: 2,
+                trickle: false,
+                server_rejects_client: false,
+                client_distrusts_server: false,
+            }
+        }
+    }
+
+    /// Copies `from` to `to` a few bytes at a time, so that reads see records split anywhere.
+    async fn trickle(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf) {
+        let mut buf = [0u8; 4096];
+        let mut k = 0usize;
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let mut at = 0;
+            while at < n {
+                k += 1;
+                let step = (k % 7 + 1).min(n - at);
+                if to.write_all(&buf[at..at + step]).await.is_err() {
+                    return;
+                }
+                at += step;
+                tokio::task::yield_now().await;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    async fn setup(o: Opts) -> (io::Result<TlsStream>, JoinHandle<io::Result<Server>>) {
+        let (scert, skey) = cert("localhost");
+        let (ccert, ckey) = cert("client");
+        let (other, _) = cert("other");
+        let builder = ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(o.versions)
+            .unwrap();
+        let mut server = if o.server_rejects_client {
+            let v = WebPkiClientVerifier::builder_with_provider(roots(&other), crate::tls::provider())
+                .build()
+                .unwrap();
+            builder
+                .with_client_cert_verifier(v)
+                .with_single_cert(vec![scert.clone()], skey)
+                .unwrap()
+        } else {
+            builder
+                .with_no_client_auth()
+                .with_single_cert(vec![scert.clone()], skey)
+                .unwrap()
+        };
+        server.max_fragment_size = o.frag;
+        server.send_tls13_tickets = o.tickets;
+        let client_roots = if o.client_distrusts_server {
+            roots(&other)
+        } else {
+            roots(&scert)
+        };
+        let client = ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(o.versions)
+            .unwrap()
+            .with_root_certificates(client_roots);
+        let client = if o.server_rejects_client {
+            client.with_client_auth_cert(vec![ccert], ckey).unwrap()
+        } else {
+            client.with_no_client_auth()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let accepted = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            acceptor.accept(tcp).await
+        });
+        if o.trickle {
+            let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let server_addr = addr;
+            addr = relay.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (a, _) = relay.accept().await.unwrap();
+                let b = TcpStream::connect(server_addr).await.unwrap();
+                a.set_nodelay(true).unwrap();
+                b.set_nodelay(true).unwrap();
+                let (ar, aw) = a.into_split();
+                let (br, bw) = b.into_split();
+                tokio::spawn(trickle(br, aw));
+                tokio::spawn(trickle(ar, bw));
+            });
+        }
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        (TlsStream::connect(Arc::new(client), name, tcp).await, accepted)
+    }
+
+    fn pattern(n: usize, seed: usize) -> Vec<u8> {
+        (0..n).map(|i| ((i + seed) * 31 % 251) as u8).collect()
+    }
+
+    /// Server sends `down` in chunks (a KeyUpdate after each, TLS 1.3), reads `up`, then closes; the client
+    /// reads through a small buffer, answers, reads EOF, closes.
+    async fn conversation(o: Opts) {
+        let (ours, accepted) = setup(o).await;
+        let mut ours = ours.unwrap();
+        let mut server = accepted.await.unwrap().unwrap();
+        let tls13 = server.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+        let down = pattern(300_000, 1);
+        let up = pattern(120_000, 7);
+        let (d2, u2) = (down.clone(), up.clone());
+        let srv = tokio::spawn(async move {
+            for (i, chunk) in d2.chunks(30_001).enumerate() {
+                server.write_all(chunk).await.unwrap();
+                if tls13 && i % 2 == 0 {
+                    server.get_mut().1.refresh_traffic_keys().unwrap();
+                }
+                server.flush().await.unwrap();
+            }
+            let mut got = vec![0u8; u2.len()];
+            server.read_exact(&mut got).await.unwrap();
+            assert!(got == u2, "server got changed bytes");
+            server.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.unwrap();
+            rest.len()
+        });
+        let mut got = Vec::new();
+        let mut small = [0u8; 700];
+        while got.len() < down.len() {
+            let n = ours.read(&mut small).await.unwrap();
+            assert!(n > 0, "early eof at {}", got.len());
+            got.extend_from_slice(&small[..n]);
+        }
+        assert!(got == down, "client got changed bytes");
+        for c in up.chunks(9_999) {
+            ours.write_all(c).await.unwrap();
+        }
+        ours.flush().await.unwrap();
+        let mut rest = Vec::new();
+        ours.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        ours.shutdown().await.unwrap();
+        assert_eq!(srv.await.unwrap(), 0);
+        assert_eq!(ours.held(), 0, "buffers held after the conversation");
+    }
+
+    const V12: &[&SupportedProtocolVersion] = &[&rustls::version::TLS12];
+    const V13: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+    #[tokio::test]
+    async fn tls12_conversation_passes_every_byte_and_ends_holding_nothing() {
+        conversation(Opts::v(V12)).await
+    }
+    #[tokio::test]
+    async fn tls13_key_updates_and_tickets_amid_the_data_lose_nothing() {
+        conversation(Opts {
+            tickets: 40,
+            ..Opts::v(V13)
+        })
+        .await
+    }
+    #[tokio::test]
+    async fn tls12_tiny_records_lose_nothing() {
+        conversation(Opts {
+            frag: Some(32),
+            ..Opts::v(V12)
+        })
+        .await
+    }
+    #[tokio::test]
+    async fn tls13_tiny_records_and_many_tickets_lose_nothing() {
+        conversation(Opts {
+            frag: Some(32),
+            tickets: 40,
+            ..Opts::v(V13)
+        })
+        .await
+    }
+    #[tokio::test]
+    async fn tls12_records_split_anywhere_are_joined() {
+        conversation(Opts {
+            trickle: true,
+            frag: Some(100),
+            ..Opts::v(V12)
+        })
+        .await
+    }
+    #[tokio::test]
+    async fn tls13_records_split_anywhere_are_joined() {
+        conversation(Opts {
+            trickle: true,
+            tickets: 10,
+            ..Opts::v(V13)
+        })
+        .await
+    }
+
+    fn inner_rustls(e: &io::Error) -> Option<rustls::Error> {
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()).cloned()
+    }
+
+    #[tokio::test]
+    async fn tls13_rejected_client_certificate_surfaces_as_a_rustls_error_on_read() {
+        let (ours, accepted) = setup(Opts {
+            server_rejects_client: true,
+            ..Opts::v(V13)
+        })
+        .await;
+        let mut ours = ours.expect("TLS 1.3: the client's handshake completes");
+        let _ = accepted.await.unwrap().expect_err("server rejects");
+        let _ = ours.write_all(b"CONNECT").await;
+        let _ = ours.flush().await;
+        let e = ours.read(&mut [0u8; 64]).await.unwrap_err();
+        assert!(
+            matches!(inner_rustls(&e), Some(rustls::Error::AlertReceived(_))),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn tls12_rejected_client_certificate_fails_the_handshake_with_a_rustls_error() {
+        let (ours, accepted) = setup(Opts {
+            server_rejects_client: true,
+            ..Opts::v(V12)
+        })
+        .await;
+        let e = ours.err().expect("TLS 1.2: rejected in the handshake");
+        let _ = accepted.await.unwrap().expect_err("server rejects");
+        assert!(
+            matches!(inner_rustls(&e), Some(rustls::Error::AlertReceived(_))),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_broker_learns_why_its_certificate_was_refused() {
+        for versions in [V12, V13] {
+            let (ours, accepted) = setup(Opts {
+                client_distrusts_server: true,
+                ..Opts::v(versions)
+            })
+            .await;
+            let ours_err = ours.err().expect("untrusted broker");
+            assert!(inner_rustls(&ours_err).is_some(), "{ours_err:?}");
+            let server_err = accepted.await.unwrap().expect_err("handshake fails");
+            assert!(
+                matches!(inner_rustls(&server_err), Some(rustls::Error::AlertReceived(_))),
+                "the broker was not told why: {server_err:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn closing_after_a_key_update_request_still_sends_close_notify() {
+        let (ours, accepted) = setup(Opts::v(V13)).await;
+        let mut ours = ours.unwrap();
+        let mut server = accepted.await.unwrap().unwrap();
+        server.get_mut().1.refresh_traffic_keys().unwrap();
+        server.write_all(b"x").await.unwrap();
+        server.flush().await.unwrap();
+        let mut one = [0u8; 1];
+        ours.read_exact(&mut one).await.unwrap();
+        ours.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        server
+            .read_to_end(&mut rest)
+            .await
+            .expect("clean close_notify after the key update");
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn one_large_write_holds_a_few_records_at_most() {
+        let (ours, accepted) = setup(Opts::v(V13)).await;
+        let mut ours = ours.unwrap();
+        let _server = accepted.await.unwrap().unwrap(); // never reads
+        let big = vec![5u8; 32 << 20];
+        let n = ours.write(&big).await.unwrap();
+        assert!(n <= 4 * MAX_FRAGMENT, "one write took {n} bytes");
+        assert!(ours.held() < 1 << 20, "one write buffered {} bytes", ours.held());
     }
 }
