@@ -86,8 +86,7 @@ impl Proxy {
     pub async fn bind(config: &Config, generation: Generation) -> io::Result<Proxy> {
         let mut listeners = Vec::new();
         for addr in config.all_listen_addresses() {
-            let l = TcpListener::bind(addr)
-                .await
+            let l = socket::listen(addr, generation.listen.max_connections)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             listeners.push((addr, l));
         }
