@@ -38,10 +38,12 @@ def main(src, dst):
     panels = [
         (f"Memory per idle connection\n(KiB, N = {n_max:,}; lower is better)", lambda c: mem_at(c, n_max), True),
         ("QoS 1 round trip, 32 B, p50\n(µs; lower is better)", lambda c: get(c, "latency", "32", "p50_us"), False),
-        ("Latency added vs direct TLS, 32 B, p50\n(µs, paired; lower is better)",
+        ("Latency added vs direct TLS, 32 B, p50\n(µs, interleaved; lower is better)",
          lambda c: get(c, "latency", "32", "added_p50_us"), False),
-        (f"Connection setup rate, {plan['setup_in_flight']} in flight\n(conn/s; higher is better)",
+        (f"Setup rate with session resumption\n({plan['setup_in_flight']} in flight; conn/s; higher is better)",
          lambda c: get(c, "setup", "per_second"), False),
+        (f"Setup rate without session resumption\n({plan['setup_in_flight']} in flight; conn/s; higher is better)",
+         lambda c: get(c, "setup_no_resumption", "per_second"), False),
         (f"Reconnect storm, {plan['storm_devices']:,} devices\n(s until all connected; lower is better)",
          lambda c: get(c, "storm", "all_connected_s"), False),
         ("Bulk throughput to a TLS sink\n(MB/s; higher is better)", lambda c: get(c, "throughput", "mb_per_s"), False),
@@ -69,12 +71,11 @@ def main(src, dst):
             ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
     plain = get(data, "plain_tcp", "throughput", "mb_per_s")
     if plain is not None:
-        axes[5].set_title(f"Bulk throughput to a TLS sink\n(MB/s; higher is better; plain TCP: {plain:,.0f})", fontsize=10)
-    axes[-1].axis("off")
+        axes[6].set_title(f"Bulk throughput to a TLS sink\n(MB/s; higher is better; plain TCP: {plain:,.0f})", fontsize=10)
     meta = data["meta"]
-    axes[-1].text(0, 0.5, f"mqtls benchmark\n{meta.get('date', '')}\ncommit {meta.get('commit', '')}\n"
-                  f"{meta.get('cpus', '?')} CPUs, loopback\nupstream: Mosquitto, mutual TLS\n"
-                  "one client certificate for all", fontsize=10, va="center")
+    fig.suptitle(f"mqtls benchmark, {meta.get('date', '')}, commit {meta.get('commit', '')}: "
+                 f"{meta.get('cpus', '?')} CPUs, loopback, upstream Mosquitto with mutual TLS, "
+                 "one client certificate for all", fontsize=11)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
     print(f"chart: {dst}")

@@ -183,8 +183,7 @@ impl Proxy {
         for addr in config.all_listen_addresses() {
             let l = match adopted.iter().position(|(a, _)| *a == addr) {
                 Some(i) => adopt(adopted.swap_remove(i).1, addr)?,
-                None => bind(addr)
-                    .await
+                None => bind(addr, generation.listen.max_connections)
                     .map_err(|e| io::Error::new(e.source.kind(), e.to_string()))?,
             };
             listeners.push((addr, l));
@@ -316,7 +315,7 @@ impl ProxyHandle {
         };
         let mut added = Vec::new();
         for addr in wanted.iter().filter(|a| !held.contains(a)) {
-            added.push((*addr, bind(*addr).await?));
+            added.push((*addr, bind(*addr, generation.listen.max_connections)?));
         }
         let max_connections = generation.listen.max_connections;
         self.shared.metrics.install_devices(&generation.table);
@@ -356,10 +355,9 @@ impl ProxyHandle {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, ReplaceError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ReplaceError { address: addr, source })
+/// Listens on `addr` with room in the accept queue for `backlog` connections (a reconnect storm).
+fn bind(addr: SocketAddr, backlog: usize) -> Result<TcpListener, ReplaceError> {
+    socket::listen(addr, backlog).map_err(|source| ReplaceError { address: addr, source })
 }
 
 #[derive(Clone)]
