@@ -26,17 +26,13 @@ const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time a client has, in all, to send its request and take the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often histogram samples are folded into buckets when nobody scrapes.
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Serves `GET /metrics` on `listener` until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let clients = Arc::new(Semaphore::new(MAX_CLIENTS));
-    let mut upkeep = tokio::time::interval(UPKEEP_INTERVAL);
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = upkeep.tick() => { metrics.upkeep(); continue; }
             p = clients.clone().acquire_owned() => p.expect("the semaphore is never closed"),
         };
         let (stream, peer) = tokio::select! {

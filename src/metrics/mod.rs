@@ -79,6 +79,8 @@ const FAILURES: [Failure; 5] = [
     Failure::QueueTimeout,
 ];
 
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Seconds: a handshake on a LAN takes milliseconds; one over a satellite link or to a loaded cloud
 /// broker can take seconds, and the default limit is 10 s.
 const HANDSHAKE_BUCKETS: [f64; 12] = [0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -340,10 +342,20 @@ impl Metrics {
         series.stats.entry(name.clone()).or_default().clone()
     }
 
-    /// Drains histogram samples into their buckets; must run regularly, or samples pile up between
-    /// scrapes (see [`endpoint::serve`], which runs it).
+    /// Drains histogram samples into their buckets; must run regularly, or samples pile up (see
+    /// [`Metrics::keep_up`], which the proxy runs).
     pub fn upkeep(&self) {
         self.handle.run_upkeep();
+    }
+
+    /// Runs [`Metrics::upkeep`] every few seconds, forever: with or without a scrape endpoint, a
+    /// daemon that records a sample per connection must not keep them all.
+    pub async fn keep_up(self: Arc<Self>) {
+        let mut every = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            every.tick().await;
+            self.upkeep();
+        }
     }
 
     /// The whole exposition, in the Prometheus text format.
