@@ -34,7 +34,7 @@ use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
 
 use crate::config::{Config, PendingDevice, DEVICE_DIR_CERT, DEVICE_DIR_CSR, DEVICE_DIR_KEY, DEVICE_DIR_SETTINGS};
-use crate::tls::{key_mode_is_open, CertSummary};
+use crate::tls::{key_mode_exposure, key_mode_is_open, CertSummary};
 
 mod owner;
 pub use owner::{Owner, GROUP_FILE, PASSWD_FILE};
@@ -556,8 +556,9 @@ fn load_ca(dir: &Path) -> Result<Ca, CertsError> {
         return Err(file_error(
             &key_path,
             format!(
-                "the CA's private key is readable by group or others (mode {mode:04o}); run `chmod 600 {}` \
+                "the CA's private key is {} (mode {mode:04o}); run `chmod 600 {}` \
                  (and consider whether someone else has copied it)",
+                key_mode_exposure(mode),
                 key_path.display()
             ),
         ));

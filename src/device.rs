@@ -262,10 +262,11 @@ impl DeviceTable {
                     }
                     false => "allowed by upstream.allow_readable_keys",
                 };
+                let mode = row.key_mode.unwrap_or_default();
                 w.push(format!(
-                    "device \"{}\": its private key is readable by group or others (mode {:04o}; {allowed})",
+                    "device \"{}\": its private key is {} (mode {mode:04o}; {allowed})",
                     row.name,
-                    row.key_mode.unwrap_or_default()
+                    crate::tls::key_mode_exposure(mode),
                 ));
             }
         }

@@ -111,7 +111,8 @@ fn check_key_permissions(path: &Path, allow_readable: bool) -> Result<u32, TlsFi
             "key",
             path,
             format!(
-                "private key is readable by group or others (mode {mode:04o}); run `chmod 600 {}` or set upstream.allow_readable_keys = true",
+                "private key is {} (mode {mode:04o}); run `chmod 600 {}` or set upstream.allow_readable_keys = true",
+                key_mode_exposure(mode),
                 path.display()
             ),
         ));
@@ -122,6 +123,18 @@ fn check_key_permissions(path: &Path, allow_readable: bool) -> Result<u32, TlsFi
 /// Whether permission bits let group or others read (or write) a private key.
 pub fn key_mode_is_open(mode: u32) -> bool {
     mode & 0o077 != 0
+}
+
+/// What open permission bits let group or others do to a key, in words: a key that others can replace
+/// is as bad as one they can read.
+pub fn key_mode_exposure(mode: u32) -> &'static str {
+    if mode & 0o044 != 0 {
+        "readable by group or others"
+    } else if mode & 0o022 != 0 {
+        "writable by group or others"
+    } else {
+        "open to group or others"
+    }
 }
 
 /// What an operator needs to know about a certificate.

@@ -62,6 +62,7 @@ impl Fixture {
         let key2 = std::fs::read(dir.join("devices/boiler-2/key.pem")).expect("read key");
         write_file(&dir.join("devices/boiler-2/key-0644.pem"), &key2, 0o644);
         write_file(&dir.join("devices/boiler-2/key-0640.pem"), &key2, 0o640);
+        write_file(&dir.join("devices/boiler-2/key-0620.pem"), &key2, 0o620);
         write_file(&dir.join("not-pem.txt"), b"this is not a certificate\n", 0o644);
         write_file(&dir.join("not-a-key.pem"), b"this is not a key\n", 0o600);
         // A device directory whose only entry lacks its key.
@@ -333,6 +334,9 @@ rejected! {
     key_readable_by_group_is_refused:
         [Set(r#"key = "devices/boiler-2/key.pem""#, r#"key = "devices/boiler-2/key-0640.pem""#)]
         => [r#"{config}: device "boiler-2": `key`: {dir}/devices/boiler-2/key-0640.pem: private key is readable by group or others (mode 0640)"#];
+    key_writable_by_group_is_refused_as_writable:
+        [Set(r#"key = "devices/boiler-2/key.pem""#, r#"key = "devices/boiler-2/key-0620.pem""#)]
+        => [r#"{config}: device "boiler-2": `key`: {dir}/devices/boiler-2/key-0620.pem: private key is writable by group or others (mode 0620)"#];
     missing_ca_file_is_named:
         [Set(r#"ca_file = "ca.pem""#, r#"ca_file = "missing-ca.pem""#)]
         => ["{config}: `upstream.ca_file`: {dir}/missing-ca.pem: cannot read"];

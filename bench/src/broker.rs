@@ -26,10 +26,18 @@ pub struct BrokerFiles<'a> {
     pub ca: &'a Path,
     pub cert: &'a Path,
     pub key: &'a Path,
-    /// Add `set_tcp_nodelay true` when the recipe does not say.
-    pub nodelay: bool,
+    /// Drop the recipe's `set_tcp_nodelay` line, to measure what the delayed ACK costs without it.
+    pub without_nodelay: bool,
     /// Issue TLS session tickets (OpenSSL's default). Without them no client can resume a TLS 1.3 session.
     pub tickets: bool,
+}
+
+/// Whether the shipped recipe turns Nagle off (`set_tcp_nodelay true`), which the report states.
+pub fn recipe_sets_nodelay(repo: &Path) -> bool {
+    fs::read_to_string(repo.join("deploy/mosquitto/mosquitto.conf")).is_ok_and(|conf| {
+        conf.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["set_tcp_nodelay", "true"])
+    })
 }
 
 impl Broker {
@@ -55,17 +63,13 @@ impl Broker {
                 "log_dest" | "persistence" | "persistence_location" | "pid_file" | "user" | "include_dir" => {
                     format!("# (dropped by the bench) {line}")
                 }
+                "set_tcp_nodelay" if files.without_nodelay => format!("# (dropped by the bench) {line}"),
                 _ => line.to_owned(),
             };
             out.push_str(&replaced);
             out.push('\n');
         }
         out.push_str(&format!("persistence false\nlog_dest file {}\n", log.display()));
-        // Without it Mosquitto's CONNACK waits behind its TLS session tickets for the device's delayed
-        // ACK (about 40 ms on Linux), which would hide every contender's own connection set-up cost.
-        if files.nodelay && !conf.lines().any(|l| l.trim_start().starts_with("set_tcp_nodelay")) {
-            out.push_str("set_tcp_nodelay true\n");
-        }
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             // Otherwise mosquitto drops to its own user and cannot read the 0600 keys.

@@ -112,12 +112,12 @@ struct Args {
     json: PathBuf,
     markdown: Option<PathBuf>,
     repo: PathBuf,
-    broker_as_shipped: bool,
+    broker_without_nodelay: bool,
     from_json: Option<PathBuf>,
 }
 
 const USAGE: &str = "usage: mqtls-bench [--mode full|smoke] [--only mqtls,stunnel,haproxy,socat,direct]
-                   [--skip memory,latency,setup,storm,throughput,cpu] [--json PATH] [--markdown PATH|-] [--broker-as-shipped]
+                   [--skip memory,latency,setup,storm,throughput,cpu] [--json PATH] [--markdown PATH|-] [--broker-without-nodelay]
                    [--memory-n 1000,9000]
                    [--from-json PATH]   (no measuring: the report of an earlier run's JSON)";
 
@@ -131,7 +131,7 @@ fn parse_args() -> Result<Args> {
     let mut skip: Vec<String> = Vec::new();
     let mut json_path = None;
     let mut markdown = None;
-    let mut broker_as_shipped = false;
+    let mut broker_without_nodelay = false;
     let mut from_json = None;
     let mut memory_n: Option<Vec<usize>> = None;
     let mut it = std::env::args().skip(1);
@@ -148,7 +148,10 @@ fn parse_args() -> Result<Args> {
             "--skip" => skip = value()?.split(',').map(|s| s.trim().to_owned()).collect(),
             "--json" => json_path = Some(PathBuf::from(value()?)),
             "--markdown" => markdown = Some(value()?),
-            "--broker-as-shipped" => broker_as_shipped = true,
+            "--broker-without-nodelay" => broker_without_nodelay = true,
+            // Once "add set_tcp_nodelay unless told not to"; the recipe now sets it, so the broker always
+            // runs as shipped. Still accepted for scripts that pass it.
+            "--broker-as-shipped" => {}
             "--from-json" => from_json = Some(PathBuf::from(value()?)),
             "--memory-n" => {
                 memory_n = Some(
@@ -207,7 +210,7 @@ fn parse_args() -> Result<Args> {
         json,
         markdown,
         repo,
-        broker_as_shipped,
+        broker_without_nodelay,
         from_json,
     })
 }
@@ -257,7 +260,7 @@ struct Env {
     broker_key: PathBuf,
     client_config: Arc<rustls::ClientConfig>,
     sinks: Option<Sinks>,
-    broker_nodelay: bool,
+    broker_without_nodelay: bool,
     _pki: Pki,
 }
 
@@ -309,7 +312,7 @@ async fn run(args: &Args) -> Result<Value> {
         broker_key: broker_cert.key.clone(),
         client_config: pki.rustls_client_config(Some(&client)),
         sinks,
-        broker_nodelay: !args.broker_as_shipped,
+        broker_without_nodelay: args.broker_without_nodelay,
         _pki: pki,
     };
 
@@ -434,7 +437,7 @@ impl Lineup {
             ca: &env.ca,
             cert: &env.broker_cert,
             key: &env.broker_key,
-            nodelay: env.broker_nodelay,
+            without_nodelay: env.broker_without_nodelay,
             tickets,
         };
         let tag = if tickets { "paired" } else { "paired-no-tickets" };
@@ -751,7 +754,7 @@ async fn start_with_broker(kind: Kind, env: &Env) -> Result<(Broker, Option<Runn
         ca: &env.ca,
         cert: &env.broker_cert,
         key: &env.broker_key,
-        nodelay: env.broker_nodelay,
+        without_nodelay: env.broker_without_nodelay,
         tickets: true,
     };
     let broker = Broker::start(&files, &env.setup.dir, kind.name()).await?;
@@ -813,7 +816,7 @@ fn meta(args: &Args, elapsed: Duration) -> Value {
             "socat": version("socat", &["-V"], |l| l.starts_with("socat version")),
             "openssl": version("openssl", &["version"], |l| l.starts_with("OpenSSL")),
         },
-        "broker_tcp_nodelay": !args.broker_as_shipped,
+        "broker_tcp_nodelay": !args.broker_without_nodelay && broker::recipe_sets_nodelay(&args.repo),
         "plan": {
             "settle_s": p.settle.as_secs_f64(),
             "memory_n": p.mem_ns,
