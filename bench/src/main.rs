@@ -264,6 +264,20 @@ struct Env {
     _pki: Pki,
 }
 
+impl Env {
+    /// The broker recipe's files for this run; `tickets`: whether it issues TLS session tickets.
+    fn broker_files(&self, tickets: bool) -> BrokerFiles<'_> {
+        BrokerFiles {
+            repo: &self.setup.repo,
+            ca: &self.ca,
+            cert: &self.broker_cert,
+            key: &self.broker_key,
+            without_nodelay: self.broker_without_nodelay,
+            tickets,
+        }
+    }
+}
+
 async fn run(args: &Args) -> Result<Value> {
     let started = Instant::now();
     let plan = &args.plan;
@@ -432,14 +446,7 @@ struct Lineup {
 
 impl Lineup {
     async fn start(kinds: &[Kind], env: &Env, tickets: bool) -> Result<Lineup> {
-        let files = BrokerFiles {
-            repo: &env.setup.repo,
-            ca: &env.ca,
-            cert: &env.broker_cert,
-            key: &env.broker_key,
-            without_nodelay: env.broker_without_nodelay,
-            tickets,
-        };
+        let files = env.broker_files(tickets);
         let tag = if tickets { "paired" } else { "paired-no-tickets" };
         let broker = Broker::start(&files, &env.setup.dir, tag).await?;
         let mut lineup = Lineup {
@@ -749,14 +756,7 @@ async fn run_contender(kind: Kind, args: &Args, env: &Env, out: &mut Map<String,
 /// A fresh broker, the contender in front of it (none for direct), and one full MQTT connection
 /// through it as a check that the chain works.
 async fn start_with_broker(kind: Kind, env: &Env) -> Result<(Broker, Option<Running>, Target)> {
-    let files = BrokerFiles {
-        repo: &env.setup.repo,
-        ca: &env.ca,
-        cert: &env.broker_cert,
-        key: &env.broker_key,
-        without_nodelay: env.broker_without_nodelay,
-        tickets: true,
-    };
+    let files = env.broker_files(true);
     let broker = Broker::start(&files, &env.setup.dir, kind.name()).await?;
     let (running, target) = if kind.is_proxy() {
         let r = contender::start(kind, broker.addr, &env.setup, "broker").await?;
