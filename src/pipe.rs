@@ -25,10 +25,10 @@ use tokio::time::{Instant, Sleep};
 /// Size of a copy buffer while bytes are in flight: one full TLS record of plaintext.
 pub const COPY_BUFFER_SIZE: usize = 16 * 1024;
 /// Size a copy buffer grows to once a read has filled it: four TLS records, written to the socket at once.
-pub const BULK_BUFFER_SIZE: usize = 64 * 1024;
+const BULK_BUFFER_SIZE: usize = 64 * 1024;
 /// Bulk buffers that may exist at once in the process (64 MiB in all); beyond it, bursts keep
 /// [`COPY_BUFFER_SIZE`] buffers.
-pub const MAX_BULK_BUFFERS: usize = 1024;
+const MAX_BULK_BUFFERS: usize = 1024;
 
 /// A count of bulk buffers in use, with a ceiling.
 struct BulkBudget {

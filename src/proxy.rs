@@ -64,7 +64,7 @@ impl Generation {
     ) -> Result<Generation, crate::config::ConfigErrors> {
         Ok(Generation {
             table: DeviceTable::build_after(config, previous.map(|g| &g.table))?,
-            connector: Connector::new(&config.upstream),
+            connector: Connector::new_after(&config.upstream, previous.map(|g| &g.connector)),
             listen: config.listen.clone(),
         })
     }
@@ -81,12 +81,12 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Listeners being served, by configured address, each with the token that stops its accept loop.
     listeners: Mutex<Vec<Served>>,
-    /// Listeners bound but not yet served (before [`Proxy::run`]).
-    unserved: Mutex<Vec<(SocketAddr, TcpListener)>>,
+    /// Listeners bound but not yet served, until [`Proxy::run`] takes them (`None` from then on: a
+    /// listener added later is served at once).
+    unserved: Mutex<Option<Vec<(SocketAddr, TcpListener)>>>,
     /// Listen addresses whose sockets systemd passed (socket activation): mqtls cannot give them back,
     /// so a reload never closes them.
     adopted: Vec<SocketAddr>,
-    running: std::sync::atomic::AtomicBool,
     accept_loops: TaskTracker,
     connections_open: TaskTracker,
     /// Cancelled when the proxy stops accepting (shutdown).
@@ -200,9 +200,8 @@ impl Proxy {
             generation: RwLock::new(Arc::new(generation)),
             metrics,
             listeners: Mutex::new(Vec::new()),
-            unserved: Mutex::new(listeners),
+            unserved: Mutex::new(Some(listeners)),
             adopted: adopted_addresses,
-            running: Default::default(),
             accept_loops: TaskTracker::new(),
             connections_open: TaskTracker::new(),
             stop_accepting: CancellationToken::new(),
@@ -235,8 +234,7 @@ impl Proxy {
     /// `grace`, and closes the rest.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
         let shared = self.shared;
-        shared.running.store(true, std::sync::atomic::Ordering::SeqCst);
-        let unserved = std::mem::take(&mut *lock(&shared.unserved));
+        let unserved = lock(&shared.unserved).take().unwrap_or_default();
         for (configured, listener) in unserved {
             shared.serve(configured, listener);
         }
@@ -286,7 +284,7 @@ impl ProxyHandle {
         served
             .iter()
             .map(|s| s.local)
-            .chain(unserved.iter().filter_map(|(_, l)| l.local_addr().ok()))
+            .chain(unserved.iter().flatten().filter_map(|(_, l)| l.local_addr().ok()))
             .collect()
     }
 
@@ -312,7 +310,7 @@ impl ProxyHandle {
             served
                 .iter()
                 .map(|s| s.configured)
-                .chain(unserved.iter().map(|(a, _)| *a))
+                .chain(unserved.iter().flatten().map(|(a, _)| *a))
                 .collect()
         };
         let mut added = Vec::new();
@@ -344,14 +342,21 @@ impl ProxyHandle {
             }
             kept
         });
-        lock(&self.shared.unserved).retain(|(a, _)| keep(a));
-        for (addr, listener) in added {
+        for (addr, _) in &added {
             info!(listener = %addr, "listening (added by the new configuration)");
-            if self.shared.running.load(std::sync::atomic::Ordering::SeqCst) {
-                self.shared.serve(addr, listener);
-            } else {
-                lock(&self.shared.unserved).push((addr, listener));
+        }
+        // Decided under the lock that `run` takes the list under: a listener is either in the list `run`
+        // serves or served here, never left behind.
+        let to_serve = match lock(&self.shared.unserved).as_mut() {
+            Some(unserved) => {
+                unserved.retain(|(a, _)| keep(a));
+                unserved.extend(added);
+                Vec::new()
             }
+            None => added,
+        };
+        for (addr, listener) in to_serve {
+            self.shared.serve(addr, listener);
         }
         Ok(())
     }

@@ -177,11 +177,6 @@ impl Reloader {
         self
     }
 
-    /// The configuration in force.
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
     /// Reads the configuration again and puts it in force if every part of it is valid. Errors are
     /// logged and counted here; the old configuration then stays in force.
     pub async fn reload(&mut self, trigger: Trigger) -> Result<Changes, ReloadError> {

@@ -61,16 +61,13 @@ mod tests {
     #[tokio::test]
     async fn the_accept_queue_holds_more_than_tokios_default_of_1024() {
         let somaxconn = proc_number("/proc/sys/net/core/somaxconn", |l| Some(l)).unwrap_or(0);
-        let open_files = proc_number("/proc/self/limits", |l| {
-            l.strip_prefix("Max open files")?.split_whitespace().next()
-        })
-        .unwrap_or(0);
+        let open_files = crate::metrics::process::open_files_limit().unwrap_or(0) as usize;
         // Where the kernel or the open-files limit allows no more, there is nothing to tell apart.
         let n = 1100.min(somaxconn).min(open_files.saturating_sub(100));
         let listener = listen("127.0.0.1:0".parse().unwrap(), 4096).unwrap();
         let addr = listener.local_addr().unwrap();
-        // None is accepted yet: each completes only if the queue has room (a dropped SYN is resent after 1 s,
-        // then 3 s: far beyond the deadline).
+        // Nothing accepts: a connection completes only if the queue has room for it, and the SYNs of one
+        // that does not fit are dropped again at every resend, until the deadline.
         let connects: Vec<_> = (0..n)
             .map(|_| tokio::spawn(tokio::time::timeout(Duration::from_secs(20), TcpStream::connect(addr))))
             .collect();

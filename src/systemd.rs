@@ -108,11 +108,6 @@ impl Notifier {
         ));
     }
 
-    /// A free-form status line for `systemctl status`.
-    pub fn status(&self, status: &str) {
-        self.send(&format!("STATUS={}", one_line(status)));
-    }
-
     /// `WATCHDOG=1`: still alive.
     pub fn watchdog(&self) {
         self.send("WATCHDOG=1");

@@ -20,6 +20,7 @@ use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedS
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
 
 /// Bytes read from the socket at once, into a buffer on the stack: a full TLS record and its overhead.
 const READ_SIZE: usize = 16 * 1024 + 512;
@@ -116,20 +117,37 @@ impl TlsStream {
                         "the TLS connection closed during the handshake",
                     )))
                 }
-                Next::MoreData => {
-                    let mut stack = [MaybeUninit::<u8>::uninit(); READ_SIZE];
-                    let mut rb = ReadBuf::uninit(&mut stack);
-                    ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut rb))?;
-                    if rb.filled().is_empty() {
+                Next::MoreData => match ready!(self.poll_receive(cx, None))? {
+                    Some(n) => next = n,
+                    None => {
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             "the peer closed the connection during the TLS handshake",
-                        )));
+                        )))
                     }
-                    next = self.absorb(rb.filled_mut(), None)?;
-                }
+                },
             }
         }
+    }
+
+    /// Reads from the socket and processes what arrived (`None`: end of stream). Bytes land on the stack
+    /// and are processed there, unless a record's start waits in `incoming`: then they land right after
+    /// it, so that neither is copied again to join them.
+    fn poll_receive(&mut self, cx: &mut Context<'_>, out: Option<&mut ReadBuf<'_>>) -> Poll<io::Result<Option<Next>>> {
+        if !self.incoming.is_empty() {
+            self.incoming.reserve(READ_SIZE);
+            if ready!(poll_read_buf(Pin::new(&mut self.tcp), cx, &mut self.incoming))? == 0 {
+                return Poll::Ready(Ok(None));
+            }
+            return Poll::Ready(self.absorb(&mut [], out).map(Some));
+        }
+        let mut stack = [MaybeUninit::<u8>::uninit(); READ_SIZE];
+        let mut rb = ReadBuf::uninit(&mut stack);
+        ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut rb))?;
+        if rb.filled().is_empty() {
+            return Poll::Ready(Ok(None));
+        }
+        Poll::Ready(self.absorb(rb.filled_mut(), out).map(Some))
     }
 
     /// Processes `fresh` bytes from the peer (after any kept from before). Decrypted bytes go to `out`
@@ -345,15 +363,11 @@ impl AsyncRead for TlsStream {
                     "the peer closed the connection without sending a TLS close_notify",
                 )));
             }
-            let mut stack = [MaybeUninit::<u8>::uninit(); READ_SIZE];
-            let mut rb = ReadBuf::uninit(&mut stack);
-            ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut rb))?;
-            if rb.filled().is_empty() {
+            let before = buf.filled().len();
+            if ready!(this.poll_receive(cx, Some(&mut *buf)))?.is_none() {
                 this.eof = true;
                 continue;
             }
-            let before = buf.filled().len();
-            this.absorb(rb.filled_mut(), Some(buf))?;
             if let Poll::Ready(Err(e)) = this.poll_send_pending(cx) {
                 return Poll::Ready(Err(e));
             }

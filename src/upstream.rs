@@ -50,6 +50,15 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Every failure, in declaration order (`failure as usize` indexes it).
+    pub const ALL: [Failure; 5] = [
+        Failure::QueueTimeout,
+        Failure::Resolve,
+        Failure::Connect,
+        Failure::HandshakeTimeout,
+        Failure::Tls,
+    ];
+
     /// A short, stable label.
     pub fn label(self) -> &'static str {
         match self {
@@ -107,12 +116,22 @@ pub struct Connector {
 impl Connector {
     /// A connector for the `[upstream]` settings.
     pub fn new(upstream: &Upstream) -> Self {
+        Connector::new_after(upstream, None)
+    }
+
+    /// Like [`Connector::new`], sharing `previous`'s turns when `max_connecting` is unchanged: the limit
+    /// holds for the process across a reload, not for each configuration generation.
+    pub fn new_after(upstream: &Upstream, previous: Option<&Connector>) -> Self {
+        let turns = match previous {
+            Some(p) if p.max_connecting == upstream.max_connecting => p.turns.clone(),
+            _ => Arc::new(Semaphore::new(upstream.max_connecting)),
+        };
         Connector {
             addresses: upstream.addresses.clone(),
             server_name: upstream.server_name.clone(),
             connect_timeout: upstream.connect_timeout,
             handshake_timeout: upstream.handshake_timeout,
-            turns: Arc::new(Semaphore::new(upstream.max_connecting)),
+            turns,
             max_connecting: upstream.max_connecting,
         }
     }
@@ -286,7 +305,11 @@ mod tests {
     use tokio::net::TcpListener;
 
     fn connector(port: u16, max_connecting: usize, handshake_timeout: Duration) -> Connector {
-        Connector::new(&Upstream {
+        Connector::new(&upstream(port, max_connecting, handshake_timeout))
+    }
+
+    fn upstream(port: u16, max_connecting: usize, handshake_timeout: Duration) -> Upstream {
+        Upstream {
             addresses: vec![HostPort {
                 host: "127.0.0.1".into(),
                 port,
@@ -298,7 +321,21 @@ mod tests {
             max_connecting,
             alpn: Vec::new(),
             allow_readable_keys: false,
-        })
+        }
+    }
+
+    #[test]
+    fn a_reloaded_connector_shares_the_turns_unless_their_number_changed() {
+        let old = connector(1, 2, Duration::from_secs(10));
+        let _taken = old.turns.clone().try_acquire_owned().unwrap();
+        let same = Connector::new_after(&upstream(2, 2, Duration::from_secs(5)), Some(&old));
+        assert_eq!(
+            same.turns.available_permits(),
+            1,
+            "the turn taken under the old configuration counts"
+        );
+        let resized = Connector::new_after(&upstream(1, 3, Duration::from_secs(10)), Some(&old));
+        assert_eq!(resized.turns.available_permits(), 3);
     }
 
     fn client_config() -> Arc<ClientConfig> {

@@ -71,14 +71,6 @@ impl Refused {
     }
 }
 
-const FAILURES: [Failure; 5] = [
-    Failure::Resolve,
-    Failure::Connect,
-    Failure::Tls,
-    Failure::HandshakeTimeout,
-    Failure::QueueTimeout,
-];
-
 /// How often histogram samples are folded into their buckets.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Seconds: a handshake on a LAN takes milliseconds; one over a satellite link or to a loaded cloud
@@ -142,7 +134,7 @@ pub struct Metrics {
     handle: PrometheusHandle,
     accepted: Counter,
     refused: [Counter; Refused::ALL.len()],
-    upstream_failures: [Counter; FAILURES.len()],
+    upstream_failures: [Counter; Failure::ALL.len()],
     handshake: Histogram,
     duration: Histogram,
     reloads_success: Counter,
@@ -223,7 +215,7 @@ impl Metrics {
                 &[("reason", reason.label())],
             )
         });
-        let upstream_failures = FAILURES.map(|failure| {
+        let upstream_failures = Failure::ALL.map(|failure| {
             r.counter(
                 "mqtls_upstream_connect_failures_total",
                 "Failed attempts to reach a broker address (a failover that then succeeds counts its failed attempts), by reason.",
@@ -276,9 +268,7 @@ impl Metrics {
 
     /// One attempt to reach a broker address failed.
     pub fn upstream_failure(&self, failure: Failure) {
-        if let Some(i) = FAILURES.iter().position(|f| *f == failure) {
-            self.upstream_failures[i].increment(1);
-        }
+        self.upstream_failures[failure as usize].increment(1);
     }
 
     /// The broker was reached in `took`.
@@ -315,16 +305,13 @@ impl Metrics {
             .all()
             .map(|d| (d.name.clone(), d.identity.summary.not_after))
             .collect();
+        let series = &mut *series;
         let current: std::collections::HashSet<&Arc<str>> = series.current.iter().map(|(n, _)| n).collect();
-        let keep: HashMap<Arc<str>, Arc<DeviceStats>> = series
+        series
             .stats
-            .iter()
-            .filter(|(name, stats)| current.contains(name) || stats.is_active())
-            .map(|(n, s)| (n.clone(), s.clone()))
-            .collect();
-        series.stats = keep;
-        for (name, _) in series.current.clone() {
-            series.stats.entry(name).or_default();
+            .retain(|name, stats| current.contains(name) || stats.is_active());
+        for (name, _) in &series.current {
+            series.stats.entry(name.clone()).or_default();
         }
         self.devices_configured.set(table.devices().len() as f64);
     }
@@ -344,7 +331,7 @@ impl Metrics {
 
     /// Drains histogram samples into their buckets; must run regularly, or samples pile up (see
     /// [`Metrics::keep_up`], which the proxy runs).
-    pub fn upkeep(&self) {
+    fn upkeep(&self) {
         self.handle.run_upkeep();
     }
 
@@ -526,6 +513,13 @@ fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_upstream_failure_has_its_own_counter() {
+        for (i, failure) in Failure::ALL.into_iter().enumerate() {
+            assert_eq!(failure as usize, i, "{failure:?} out of place in Failure::ALL");
+        }
+    }
 
     #[test]
     fn label_values_are_escaped() {

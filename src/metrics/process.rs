@@ -1,7 +1,7 @@
 //! The standard `process_*` series, read from `/proc/self` at scrape time, so an operator can follow
 //! memory and descriptors per connection without another exporter on the gateway.
 
-use std::fmt::Write as _;
+use super::{family, sample};
 
 /// Kernel clock ticks per second for `/proc/<pid>/stat` times (USER_HZ, 100 on every Linux ABI).
 const TICKS_PER_SECOND: f64 = 100.0;
@@ -31,12 +31,9 @@ pub(super) fn render(out: &mut String) {
         );
     }
     if let Some((cpu, start)) = stat_times() {
-        let _ = writeln!(
-            out,
-            "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds."
-        );
-        let _ = writeln!(out, "# TYPE process_cpu_seconds_total counter");
-        let _ = writeln!(out, "process_cpu_seconds_total {cpu}");
+        let name = "process_cpu_seconds_total";
+        family(out, name, "counter", "Total user and system CPU time spent in seconds.");
+        sample(out, name, &[], cpu);
         if let Some(start) = start {
             gauge(
                 out,
@@ -49,7 +46,8 @@ pub(super) fn render(out: &mut String) {
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, value: f64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+    family(out, name, "gauge", help);
+    sample(out, name, &[], value);
 }
 
 fn status_kib(status: &str, field: &str) -> Option<u64> {
