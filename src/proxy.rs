@@ -23,7 +23,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use crate::config::{Config, Listen};
 use crate::device::DeviceTable;
-use crate::metrics::{ActiveGuard, DeviceStats, Metered, Metrics, Refused};
+use crate::metrics::{ActiveGuard, Metered, Metrics, Refused};
 use crate::mqtt::{self, Connect, ProtocolVersion, Refusal};
 use crate::pipe;
 use crate::socket;
@@ -539,9 +539,8 @@ struct Open {
     broker: BrokerStream,
     session: Session,
     started: Instant,
-    stats: Arc<DeviceStats>,
-    /// Counts the connection in `mqtls_connections_active` until it ends.
-    _active: ActiveGuard,
+    /// The device's counters; counts the connection in `mqtls_connections_active` until it ends.
+    stats: ActiveGuard,
 }
 
 impl Open {
@@ -673,8 +672,7 @@ impl Connection {
             broker,
             session,
             started,
-            _active: stats.open(),
-            stats,
+            stats: stats.open(),
         })
     }
 

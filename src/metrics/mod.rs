@@ -116,6 +116,14 @@ impl DeviceStats {
 #[derive(Debug)]
 pub struct ActiveGuard(Arc<DeviceStats>);
 
+impl std::ops::Deref for ActiveGuard {
+    type Target = DeviceStats;
+
+    fn deref(&self) -> &DeviceStats {
+        &self.0
+    }
+}
+
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
