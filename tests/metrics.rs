@@ -209,11 +209,11 @@ async fn device_labels_can_be_switched_off() {
 #[tokio::test]
 async fn a_metrics_address_on_a_device_port_is_a_config_error() {
     let pki = Pki::new();
-    let mut config = ProxyConfig::new(&pki, "127.0.0.1:1".parse().unwrap()).device(DeviceEntry::new(&pki.client("x")));
+    let mut config = ProxyConfig::new(&pki, "127.0.0.1:1".parse().unwrap())
+        .listen("127.0.0.1:1883".parse().unwrap())
+        .device(DeviceEntry::new(&pki.client("x")));
     config.extra.push_str("\n[metrics]\naddress = \"0.0.0.0:1883\"\n");
-    let text = config.toml().replace("127.0.0.1:0", "127.0.0.1:1883");
-    let path = pki.dir().join("clash.toml");
-    std::fs::write(&path, text).unwrap();
+    let path = config.write(pki.dir());
     let out = std::process::Command::new(common::daemon::BIN)
         .args(["check", "--config", path.to_str().unwrap()])
         .output()
