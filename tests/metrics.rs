@@ -4,10 +4,9 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::daemon::{Daemon, GUARD};
-use common::metrics::{http_get, Scrape};
+use common::metrics::{http_get, scrape_until, Scrape};
 use common::proxy::{DeviceEntry, ProxyConfig};
 use common::raw::{self, Version};
 use common::{Mosquitto, Pki};
@@ -22,18 +21,6 @@ fn not_after(cert: &Path) -> i64 {
     let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
     let cert = pem.parse_x509().unwrap();
     cert.validity().not_after.timestamp()
-}
-
-async fn scrape_until(addr: std::net::SocketAddr, what: &str, cond: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = Instant::now() + GUARD;
-    loop {
-        let s = Scrape::take(addr).await;
-        if cond(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "never: {what}; last scrape:\n{}", s.0);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
