@@ -8,7 +8,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use common::daemon::{Daemon, GUARD};
 use common::metrics::Scrape;
@@ -17,7 +16,7 @@ use common::raw::{self, Version};
 use common::{EchoMode, Pki, TlsEcho};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{timeout, Instant};
+use tokio::time::timeout;
 
 const NO_WATCH: &str = "\n[reload]\nwatch = false\n\n[metrics]\naddress = \"127.0.0.1:0\"\n";
 const FAST_WATCH: &str = "\n[reload]\nwatch_interval = \"100ms\"\n\n[metrics]\naddress = \"127.0.0.1:0\"\n";
@@ -65,19 +64,6 @@ fn echo_config(pki: &Pki, echo: &TlsEcho, extra: &str) -> ProxyConfig {
 async fn reloads(daemon: &Daemon, result: &str) -> f64 {
     let s = Scrape::take(daemon.metrics_addr().await).await;
     s.get(&format!("mqtls_config_reloads_total{{result=\"{result}\"}}"))
-}
-
-/// Waits for the `n`th stderr line holding every needle.
-async fn wait_nth_line(daemon: &Daemon, needles: &[&str], n: usize) {
-    let deadline = Instant::now() + GUARD;
-    while daemon.count_lines(needles) < n {
-        assert!(
-            Instant::now() < deadline,
-            "fewer than {n} lines with {needles:?}; stderr:\n{}",
-            daemon.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]
@@ -140,7 +126,7 @@ async fn an_invalid_configuration_is_refused_and_the_old_one_keeps_serving() {
     common::pki::write_file(&device.key, &good_key, 0o600);
     std::fs::write(&path, config.toml().replace("connect_timeout", "conect_timeout")).unwrap();
     daemon.signal("HUP");
-    wait_nth_line(&daemon, &["configuration NOT reloaded"], 2).await;
+    daemon.wait_nth_line(&["configuration NOT reloaded"], 2).await;
     let problem = daemon.wait_line(&["conect_timeout"]).await;
     assert!(problem.contains(&path.display().to_string()), "{problem}");
     assert_eq!(reloads(&daemon, "failure").await, 2.0);
@@ -312,7 +298,7 @@ async fn a_reload_resizes_the_connection_limit() {
     config.max_connections = 1;
     write(&path, &config);
     daemon.signal("HUP");
-    wait_nth_line(&daemon, &["configuration reloaded"], 1).await;
+    daemon.wait_line(&["configuration reloaded"]).await;
     let mut busy = raw::device(addr).await;
     busy.write_all(&raw::connect(Version::V311, "limited", 0))
         .await
@@ -322,7 +308,7 @@ async fn a_reload_resizes_the_connection_limit() {
     config.max_connections = 3;
     write(&path, &config);
     daemon.signal("HUP");
-    wait_nth_line(&daemon, &["configuration reloaded"], 2).await;
+    daemon.wait_nth_line(&["configuration reloaded"], 2).await;
     Session::open(addr, "limited").await.roundtrip("room again").await;
 }
 
