@@ -321,10 +321,7 @@ async fn start_mqtls(config: &std::path::Path) -> Result<(Child, Log, SocketAddr
             println!("   mqtls | {line}");
             let plain = common::daemon::strip_ansi(&line);
             if plain.contains("metrics endpoint") {
-                metrics = plain
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("address="))
-                    .and_then(|a| a.parse::<SocketAddr>().ok());
+                metrics = common::daemon::logged_addr(&plain, "address");
             }
             if plain.contains("mqtls ready") {
                 if let (Some(tx), Some(addr)) = (ready_tx.take(), metrics) {

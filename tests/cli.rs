@@ -204,10 +204,13 @@ fn check_missing_file_exits_1_naming_the_file() {
 
 /// A config with no broker behind it (nothing connects in the tests that use it).
 fn idle_config(pki: &Pki) -> PathBuf {
+    idle(pki).write(pki.dir())
+}
+
+/// [`idle_config`] before it is written.
+fn idle(pki: &Pki) -> ProxyConfig {
     let broker: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    ProxyConfig::new(pki, broker)
-        .device(DeviceEntry::new(&pki.client("idle-1")))
-        .write(pki.dir())
+    ProxyConfig::new(pki, broker).device(DeviceEntry::new(&pki.client("idle-1")))
 }
 
 #[tokio::test]
@@ -318,11 +321,7 @@ async fn run_on_a_taken_port_exits_1_naming_the_address() {
     let pki = Pki::new();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let text = std::fs::read_to_string(idle_config(&pki))
-        .unwrap()
-        .replace("address = \"127.0.0.1:0\"", &format!("address = \"{addr}\""));
-    let config = pki.dir().join("taken.toml");
-    std::fs::write(&config, text).unwrap();
+    let config = idle(&pki).listen(addr).write(pki.dir());
     let mut daemon = Daemon::spawn(&config);
     let status = daemon.wait_exit(GUARD).await.expect("mqtls kept running");
     assert_eq!(status.code(), Some(1), "{status:?}");
@@ -337,9 +336,7 @@ async fn a_closed_stderr_does_not_stop_the_daemon() {
     let pki = Pki::new();
     let port = common::mosquitto::free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let text = std::fs::read_to_string(idle_config(&pki)).unwrap();
-    let config = pki.dir().join("closed-stderr.toml");
-    std::fs::write(&config, text.replace("127.0.0.1:0", &addr.to_string())).unwrap();
+    let config = idle(&pki).listen(addr).write(pki.dir());
     let mut child = Daemon::command(&config)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

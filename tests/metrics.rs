@@ -4,10 +4,9 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::daemon::{Daemon, GUARD};
-use common::metrics::{http_get, Scrape};
+use common::metrics::{http_get, scrape_until, Scrape};
 use common::proxy::{DeviceEntry, ProxyConfig};
 use common::raw::{self, Version};
 use common::{Mosquitto, Pki};
@@ -22,18 +21,6 @@ fn not_after(cert: &Path) -> i64 {
     let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
     let cert = pem.parse_x509().unwrap();
     cert.validity().not_after.timestamp()
-}
-
-async fn scrape_until(addr: std::net::SocketAddr, what: &str, cond: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = Instant::now() + GUARD;
-    loop {
-        let s = Scrape::take(addr).await;
-        if cond(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "never: {what}; last scrape:\n{}", s.0);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -209,11 +196,11 @@ async fn device_labels_can_be_switched_off() {
 #[tokio::test]
 async fn a_metrics_address_on_a_device_port_is_a_config_error() {
     let pki = Pki::new();
-    let mut config = ProxyConfig::new(&pki, "127.0.0.1:1".parse().unwrap()).device(DeviceEntry::new(&pki.client("x")));
+    let mut config = ProxyConfig::new(&pki, "127.0.0.1:1".parse().unwrap())
+        .listen("127.0.0.1:1883".parse().unwrap())
+        .device(DeviceEntry::new(&pki.client("x")));
     config.extra.push_str("\n[metrics]\naddress = \"0.0.0.0:1883\"\n");
-    let text = config.toml().replace("127.0.0.1:0", "127.0.0.1:1883");
-    let path = pki.dir().join("clash.toml");
-    std::fs::write(&path, text).unwrap();
+    let path = config.write(pki.dir());
     let out = std::process::Command::new(common::daemon::BIN)
         .args(["check", "--config", path.to_str().unwrap()])
         .output()

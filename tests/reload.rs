@@ -8,16 +8,15 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use common::daemon::{Daemon, GUARD};
-use common::metrics::Scrape;
+use common::metrics::{scrape_until, Scrape};
 use common::proxy::{DeviceEntry, ProxyConfig};
 use common::raw::{self, Version};
 use common::{EchoMode, Pki, TlsEcho};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{timeout, Instant};
+use tokio::time::timeout;
 
 const NO_WATCH: &str = "\n[reload]\nwatch = false\n\n[metrics]\naddress = \"127.0.0.1:0\"\n";
 const FAST_WATCH: &str = "\n[reload]\nwatch_interval = \"100ms\"\n\n[metrics]\naddress = \"127.0.0.1:0\"\n";
@@ -65,19 +64,6 @@ fn echo_config(pki: &Pki, echo: &TlsEcho, extra: &str) -> ProxyConfig {
 async fn reloads(daemon: &Daemon, result: &str) -> f64 {
     let s = Scrape::take(daemon.metrics_addr().await).await;
     s.get(&format!("mqtls_config_reloads_total{{result=\"{result}\"}}"))
-}
-
-/// Waits for the `n`th stderr line holding every needle.
-async fn wait_nth_line(daemon: &Daemon, needles: &[&str], n: usize) {
-    let deadline = Instant::now() + GUARD;
-    while daemon.count_lines(needles) < n {
-        assert!(
-            Instant::now() < deadline,
-            "fewer than {n} lines with {needles:?}; stderr:\n{}",
-            daemon.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]
@@ -140,7 +126,7 @@ async fn an_invalid_configuration_is_refused_and_the_old_one_keeps_serving() {
     common::pki::write_file(&device.key, &good_key, 0o600);
     std::fs::write(&path, config.toml().replace("connect_timeout", "conect_timeout")).unwrap();
     daemon.signal("HUP");
-    wait_nth_line(&daemon, &["configuration NOT reloaded"], 2).await;
+    daemon.wait_nth_line(&["configuration NOT reloaded"], 2).await;
     let problem = daemon.wait_line(&["conect_timeout"]).await;
     assert!(problem.contains(&path.display().to_string()), "{problem}");
     assert_eq!(reloads(&daemon, "failure").await, 2.0);
@@ -237,14 +223,38 @@ async fn a_removed_device_is_refused_while_its_open_connection_goes_on() {
     let path = config.write(pki.dir());
     let daemon = Daemon::spawn(&path);
     let addr = daemon.ready().await;
+    let metrics = daemon.metrics_addr().await;
     daemon.wait_signal_handlers().await;
     let mut open = Session::open(addr, "leaving").await;
+    let mut kept = Session::open(addr, "staying").await;
+    kept.roundtrip("counted before the reload").await;
+    let staying_bytes = |s: &Scrape| {
+        ["to_broker", "to_device"]
+            .map(|d| s.value(&format!("mqtls_bytes_total{{device=\"staying\",direction=\"{d}\"}}")))
+    };
+    let before = scrape_until(metrics, "staying's bytes counted both ways", |s| {
+        staying_bytes(s).iter().all(|v| v.is_some_and(|v| v > 0.0))
+    })
+    .await;
 
     let mut smaller = config.clone();
     smaller.devices.retain(|d| d.name != "leaving");
     write(&path, &smaller);
     daemon.signal("HUP");
     daemon.wait_line(&["configuration reloaded", "removed=leaving"]).await;
+
+    let after = Scrape::take(metrics).await;
+    for (b, a) in staying_bytes(&before).into_iter().zip(staying_bytes(&after)) {
+        let (b, a) = (
+            b.unwrap(),
+            a.unwrap_or_else(|| panic!("staying's bytes are gone:\n{}", after.0)),
+        );
+        assert!(
+            a >= b,
+            "a device kept across the reload has its bytes counter reset: {b} -> {a}"
+        );
+    }
+    kept.roundtrip("after the reload").await;
 
     open.roundtrip("the open connection is not dropped").await;
     let mut again = raw::device(addr).await;
@@ -254,13 +264,96 @@ async fn a_removed_device_is_refused_while_its_open_connection_goes_on() {
         .unwrap();
     assert_eq!(raw::expect_connack(&mut again, Version::V311, GUARD).await.code, 2);
     Session::open(addr, "staying").await;
-    let s = Scrape::take(daemon.metrics_addr().await).await;
+    let s = Scrape::take(metrics).await;
     assert_eq!(
         s.value("mqtls_device_cert_expiry_timestamp_seconds{device=\"leaving\"}"),
         None
     );
     assert_eq!(s.get("mqtls_connections_active{device=\"leaving\"}"), 1.0, "still open");
+    assert!(s.get("mqtls_bytes_total{device=\"leaving\",direction=\"to_broker\"}") > 0.0);
     assert_eq!(s.get("mqtls_devices"), 1.0);
+
+    // Once its last connection has closed, the removed device's series go.
+    drop(open);
+    let gone = scrape_until(metrics, "the removed device's series gone", |s| {
+        !s.0.lines()
+            .any(|l| !l.starts_with('#') && l.contains("device=\"leaving\""))
+    })
+    .await;
+    assert_eq!(gone.value("mqtls_connections_active{device=\"leaving\"}"), None);
+    assert_eq!(
+        gone.value("mqtls_bytes_total{device=\"leaving\",direction=\"to_broker\"}"),
+        None
+    );
+    assert!(gone
+        .value("mqtls_device_cert_expiry_timestamp_seconds{device=\"staying\"}")
+        .is_some());
+    assert_eq!(gone.get("mqtls_connections_active{device=\"staying\"}"), 1.0, "kept");
+    assert_eq!(gone.get("mqtls_devices"), 1.0);
+}
+
+#[tokio::test]
+async fn a_reload_that_cannot_listen_is_refused_and_the_old_configuration_keeps_serving() {
+    let pki = Pki::new();
+    let echo = TlsEcho::start(&pki, EchoMode::Echo).await;
+    let served = pki.client("served");
+    let config = echo_config(&pki, &echo, NO_WATCH).device(DeviceEntry::new(&served));
+    let path = config.write(pki.dir());
+    let daemon = Daemon::spawn(&path);
+    let addr = daemon.ready().await;
+    let metrics = daemon.metrics_addr().await;
+    daemon.wait_signal_handlers().await;
+    let mut open = Session::open(addr, "served").await;
+    let devices = Scrape::take(metrics).await.get("mqtls_devices");
+
+    // Another program holds the port the new device is to get.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap();
+    let blocked = pki.client("blocked");
+    let with_blocked = config
+        .clone()
+        .device(DeviceEntry::new(&blocked).client_id(None).listen(taken));
+    write(&path, &with_blocked);
+    daemon.signal("HUP");
+    let line = daemon.wait_line(&["configuration NOT reloaded"]).await;
+    assert!(
+        line.contains(&format!("cannot listen on {taken}")),
+        "the address is named: {line}"
+    );
+    assert_eq!(
+        daemon.count_lines(&["configuration reloaded"]),
+        0,
+        "{}",
+        daemon.stderr()
+    );
+
+    let s = Scrape::take(metrics).await;
+    assert_eq!(s.get("mqtls_config_reloads_total{result=\"failure\"}"), 1.0);
+    assert_eq!(s.get("mqtls_config_reloads_total{result=\"success\"}"), 0.0);
+    assert_eq!(
+        s.get("mqtls_devices"),
+        devices,
+        "the device count is that of the old configuration"
+    );
+    assert_eq!(
+        s.value("mqtls_device_cert_expiry_timestamp_seconds{device=\"blocked\"}"),
+        None
+    );
+
+    open.roundtrip("still here").await;
+    Session::open(addr, "served")
+        .await
+        .roundtrip("served by the old configuration")
+        .await;
+    // The device of the refused configuration is not served, on the shared listener either.
+    let mut refused = raw::device(addr).await;
+    refused
+        .write_all(&raw::connect(Version::V311, "blocked", 0))
+        .await
+        .unwrap();
+    assert_eq!(raw::expect_connack(&mut refused, Version::V311, GUARD).await.code, 2);
+    assert_eq!(echo.serials(), vec![served.serial.clone(), served.serial.clone()]);
+    drop(holder);
 }
 
 #[tokio::test]
@@ -312,7 +405,7 @@ async fn a_reload_resizes_the_connection_limit() {
     config.max_connections = 1;
     write(&path, &config);
     daemon.signal("HUP");
-    wait_nth_line(&daemon, &["configuration reloaded"], 1).await;
+    daemon.wait_line(&["configuration reloaded"]).await;
     let mut busy = raw::device(addr).await;
     busy.write_all(&raw::connect(Version::V311, "limited", 0))
         .await
@@ -322,7 +415,7 @@ async fn a_reload_resizes_the_connection_limit() {
     config.max_connections = 3;
     write(&path, &config);
     daemon.signal("HUP");
-    wait_nth_line(&daemon, &["configuration reloaded"], 2).await;
+    daemon.wait_nth_line(&["configuration reloaded"], 2).await;
     Session::open(addr, "limited").await.roundtrip("room again").await;
 }
 

@@ -290,11 +290,8 @@ fn activated(config: &Path, listener: &TcpListener) -> Command {
 
 /// A test configuration whose shared listener is `addr`.
 fn listening_on(config: &ProxyConfig, addr: SocketAddr, dir: &Path, name: &str) -> PathBuf {
-    let text = config
-        .toml()
-        .replace("address = \"127.0.0.1:0\"", &format!("address = \"{addr}\""));
     let path = dir.join(name);
-    std::fs::write(&path, text).expect("write config");
+    std::fs::write(&path, config.clone().listen(addr).toml()).expect("write config");
     path
 }
 

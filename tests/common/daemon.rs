@@ -1,11 +1,11 @@
 //! `mqtls run` as a subprocess, the way an operator runs it: stderr collected line by line, signals sent
 //! with `kill`, exit status awaited, and the addresses it logs when ready.
 
-use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,21 +45,13 @@ pub fn scrub_env(cmd: &mut Command) {
 pub struct Daemon {
     pub child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Set once stderr has ended (the process exited), after its last line was stored.
+    stderr_closed: Arc<AtomicBool>,
 }
 
 impl Daemon {
     pub fn spawn(config: &Path) -> Daemon {
-        Self::spawn_with(config, std::iter::empty::<(&str, &str)>())
-    }
-
-    /// Like [`Daemon::spawn`], with extra environment variables.
-    pub fn spawn_with<K: AsRef<OsStr>, V: AsRef<OsStr>>(
-        config: &Path,
-        env: impl IntoIterator<Item = (K, V)>,
-    ) -> Daemon {
-        let mut cmd = Daemon::command(config);
-        cmd.envs(env);
-        Daemon::start(cmd)
+        Daemon::start(Daemon::command(config))
     }
 
     /// `mqtls run --config <config>`, logging at info, with none of the [`INHERITED`] variables set.
@@ -80,13 +72,19 @@ impl Daemon {
             .expect("spawn mqtls run");
         let stderr = child.stderr.take().expect("stderr pipe");
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
+        let stderr_closed = Arc::new(AtomicBool::new(false));
+        let (sink, closed) = (lines.clone(), stderr_closed.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(strip_ansi(&line));
             }
+            closed.store(true, Ordering::Release);
         });
-        Daemon { child, lines }
+        Daemon {
+            child,
+            lines,
+            stderr_closed,
+        }
     }
 
     /// Every stderr line so far.
@@ -100,45 +98,77 @@ impl Daemon {
 
     /// The first stderr line containing every needle, waiting up to [`GUARD`].
     pub async fn wait_line(&self, needles: &[&str]) -> String {
+        self.wait_nth_line(needles, 1).await
+    }
+
+    /// The `n`th stderr line (counting from 1) containing every needle, waiting up to [`GUARD`]. Fails
+    /// at once if the daemon exits (its stderr ends) without having logged it.
+    pub async fn wait_nth_line(&self, needles: &[&str], n: usize) -> String {
+        assert!(n >= 1, "lines are counted from 1");
         let deadline = Instant::now() + GUARD;
         loop {
+            // Read before the lines: once set, every line the daemon wrote is stored.
+            let closed = self.stderr_closed.load(Ordering::Acquire);
             let found = self
                 .lines
                 .lock()
                 .unwrap()
                 .iter()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
+                .filter(|l| needles.iter().all(|needle| l.contains(needle)))
+                .nth(n - 1)
                 .cloned();
             if let Some(line) = found {
                 return line;
             }
             assert!(
+                !closed,
+                "mqtls exited (stderr closed) with fewer than {n} lines with {needles:?}; stderr:\n{}",
+                self.stderr()
+            );
+            assert!(
                 Instant::now() < deadline,
-                "no stderr line with {needles:?} within {GUARD:?}; stderr:\n{}",
+                "fewer than {n} stderr lines with {needles:?} within {GUARD:?}; stderr:\n{}",
                 self.stderr()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
+    /// Waits for the metrics endpoint's log line and returns its address.
+    pub async fn metrics_addr(&self) -> SocketAddr {
+        let line = self.wait_line(&["metrics endpoint"]).await;
+        logged_addr(&line, "address").unwrap_or_else(|| panic!("no address=<socket address> in {line:?}"))
+    }
+
+    /// How many stderr lines contain every needle.
+    pub fn count_lines(&self, needles: &[&str]) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+
     /// Waits for "mqtls ready" and returns the first address on it.
     pub async fn ready(&self) -> SocketAddr {
         let line = self.wait_line(&["mqtls ready"]).await;
-        let list = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("listen="))
-            .unwrap_or_else(|| panic!("no listen= in {line:?}"));
-        let first = list.trim_matches('"').split(',').next().unwrap();
+        let list = logged_value(&line, "listen").unwrap_or_else(|| panic!("no listen= in {line:?}"));
+        let first = list.split(',').next().unwrap();
         first
             .parse()
             .unwrap_or_else(|e| panic!("bad address {first:?} in {line:?}: {e}"))
     }
 
-    /// Waits until the process catches SIGINT and SIGTERM (`SigCgt` in /proc/<pid>/status). mqtls installs
-    /// them before it logs "mqtls ready" (`sigterm_right_after_ready_exits_0` holds it to that); the other
-    /// tests wait anyway so that each stays about one behaviour.
+    /// Waits until the process catches SIGHUP, SIGINT and SIGTERM (`SigCgt` in /proc/<pid>/status; bit
+    /// `signo - 1`). mqtls installs the three together before it logs "mqtls ready"
+    /// (`sigterm_right_after_ready_exits_0` holds it to that); the other tests wait anyway so that each
+    /// stays about one behaviour.
     pub async fn wait_signal_handlers(&self) {
-        const WANTED: u64 = (1 << (2 - 1)) | (1 << (15 - 1));
+        const fn bit(signo: u32) -> u64 {
+            1 << (signo - 1)
+        }
+        const WANTED: u64 = bit(1) | bit(2) | bit(15); // SIGHUP, SIGINT, SIGTERM
         let status = format!("/proc/{}/status", self.child.id());
         let deadline = Instant::now() + GUARD;
         loop {
@@ -151,7 +181,16 @@ impl Daemon {
             if caught & WANTED == WANTED {
                 return;
             }
-            assert!(Instant::now() < deadline, "SIGINT/SIGTERM handlers never installed");
+            assert!(
+                !self.stderr_closed.load(Ordering::Acquire),
+                "mqtls exited before catching SIGHUP/SIGINT/SIGTERM; stderr:\n{}",
+                self.stderr()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "SIGHUP/SIGINT/SIGTERM handlers never installed (SigCgt {caught:#x}); stderr:\n{}",
+                self.stderr()
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -207,73 +246,38 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
-impl Daemon {
-    /// Waits for the metrics endpoint's log line and returns its address.
-    pub async fn metrics_addr(&self) -> SocketAddr {
-        let line = self.wait_line(&["metrics endpoint"]).await;
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("address="))
-            .unwrap_or_else(|| panic!("no address= in {line:?}"));
-        addr.trim_matches('"')
-            .parse()
-            .unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"))
-    }
-
-    /// How many stderr lines contain every needle.
-    pub fn count_lines(&self, needles: &[&str]) -> usize {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| needles.iter().all(|n| l.contains(n)))
-            .count()
-    }
+/// The value of `key=` in a log line (logfmt as mqtls writes it), without quotes.
+pub fn logged_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let prefix = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+        .map(|v| v.trim_matches('"'))
 }
 
-/// Starts `mqtls run` with a metrics endpoint (no broker needed), takes one scrape of `/metrics` with a
-/// plain blocking client, and stops it: for tests that only need to know what mqtls exports.
+/// The socket address logged as `key=` in a log line (e.g. `address=` on "metrics endpoint").
+pub fn logged_addr(line: &str, key: &str) -> Option<SocketAddr> {
+    logged_value(line, key)?.parse().ok()
+}
+
+/// Starts `mqtls run` with a metrics endpoint (no broker needed), takes one scrape of `/metrics` and
+/// stops it: for tests that only need to know what mqtls exports. For plain `#[test]`s: it runs its own
+/// runtime.
 pub fn scrape_once() -> String {
-    use std::io::{Read, Write};
     let pki = super::Pki::new();
     let mut config = super::proxy::ProxyConfig::new(&pki, "127.0.0.1:1".parse().unwrap())
         .device(super::proxy::DeviceEntry::new(&pki.client("boiler-1")));
     config.extra.push_str("\n[metrics]\naddress = \"127.0.0.1:0\"\n");
-    let mut child = Daemon::command(&config.write(pki.dir()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mqtls run");
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let mut seen = Vec::new();
-    let mut addr = None;
-    for line in stderr.by_ref().map_while(Result::ok) {
-        let line = strip_ansi(&line);
-        if line.contains("metrics endpoint") {
-            addr = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("address="))
-                .and_then(|a| a.trim_matches('"').parse::<SocketAddr>().ok());
-            break;
-        }
-        seen.push(line);
-    }
-    // Keep reading: a daemon whose stderr pipe is closed fails at its next log line.
-    std::thread::spawn(move || stderr.for_each(drop));
-    let addr = addr.unwrap_or_else(|| {
-        let _ = child.kill();
-        panic!("no metrics endpoint line; stderr:\n{}", seen.join("\n"))
-    });
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
-    s.set_read_timeout(Some(GUARD)).expect("read timeout");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: mqtls\r\n\r\n")
-        .expect("request");
-    let mut response = String::new();
-    s.read_to_string(&mut response).expect("response");
-    let _ = child.kill();
-    let _ = child.wait();
-    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    // Dropped (killed) on the way out, also when a step panics.
+    let daemon = Daemon::spawn(&config.write(pki.dir()));
+    runtime.block_on(async {
+        let addr = daemon.metrics_addr().await;
+        tokio::time::timeout(GUARD, super::metrics::Scrape::take(addr))
+            .await
+            .expect("no /metrics answer in time")
+            .0
+    })
 }

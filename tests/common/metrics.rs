@@ -17,6 +17,24 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     (head.lines().next().unwrap_or_default().to_string(), body.to_string())
 }
 
+/// Scrapes `/metrics` until `cond` holds (`what` names it in the failure), waiting up to
+/// [`GUARD`](super::daemon::GUARD).
+pub async fn scrape_until(addr: SocketAddr, what: &str, cond: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = tokio::time::Instant::now() + super::daemon::GUARD;
+    loop {
+        let s = Scrape::take(addr).await;
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never: {what}; last scrape:\n{}",
+            s.0
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// One scrape of `/metrics`.
 #[derive(Debug, Clone)]
 pub struct Scrape(pub String);

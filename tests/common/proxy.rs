@@ -72,6 +72,8 @@ impl DeviceEntry {
 /// Builder for a test configuration.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
+    /// `listen.address`, the shared listener (`127.0.0.1:0` unless set).
+    pub listen: SocketAddr,
     pub upstream: Vec<String>,
     pub server_name: Option<String>,
     pub ca_file: PathBuf,
@@ -90,6 +92,7 @@ impl ProxyConfig {
     /// Upstream at `broker`, trusting `pki`'s CA, verifying the name `localhost`.
     pub fn new(pki: &Pki, broker: SocketAddr) -> ProxyConfig {
         ProxyConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
             upstream: vec![broker.to_string()],
             server_name: Some("localhost".into()),
             ca_file: pki.ca_pem_path().to_path_buf(),
@@ -103,6 +106,12 @@ impl ProxyConfig {
             devices: Vec::new(),
             extra: String::new(),
         }
+    }
+
+    /// `listen.address`.
+    pub fn listen(mut self, address: SocketAddr) -> Self {
+        self.listen = address;
+        self
     }
 
     /// `listen.shutdown_grace`, e.g. `"60s"`.
@@ -119,8 +128,9 @@ impl ProxyConfig {
     pub fn toml(&self) -> String {
         let upstream: Vec<String> = self.upstream.iter().map(|a| format!("{a:?}")).collect();
         let mut s = format!(
-            "[listen]\naddress = \"127.0.0.1:0\"\nconnect_timeout = {:?}\nmax_connections = {}\nmax_connect_size = {}\n\n\
+            "[listen]\naddress = \"{}\"\nconnect_timeout = {:?}\nmax_connections = {}\nmax_connect_size = {}\n\n\
              [upstream]\naddress = [{}]\nca_file = {:?}\nconnect_timeout = {:?}\nhandshake_timeout = {:?}\n",
+            self.listen,
             self.connect_timeout,
             self.max_connections,
             self.max_connect_size,
