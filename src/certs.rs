@@ -33,7 +33,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
 
-use crate::config::{Config, PendingDevice, DEVICE_DIR_CERT, DEVICE_DIR_CSR, DEVICE_DIR_KEY, DEVICE_DIR_SETTINGS};
+use crate::config::{
+    device_dir_entries, pending_device, Config, PendingDevice, DEVICE_DIR_CERT, DEVICE_DIR_CSR, DEVICE_DIR_KEY,
+    DEVICE_DIR_SETTINGS, FALLBACK_NAME,
+};
 use crate::tls::{key_mode_exposure, key_mode_is_open, CertSummary};
 
 mod owner;
@@ -1154,38 +1157,29 @@ pub fn rows_from_config(config: &Config, now: SystemTime, soon_days: u32) -> Vec
     let fallback = config
         .fallback
         .iter()
-        .map(|f| IdentityRow::inspect("fallback", &f.cert, &f.key, now, soon_days));
+        .map(|f| IdentityRow::inspect(FALLBACK_NAME, &f.cert, &f.key, now, soon_days));
     let pending = config.pending.iter().map(IdentityRow::pending);
     devices.chain(fallback).chain(pending).collect()
 }
 
 /// Every entry of a device directory, read without a configuration.
 pub fn rows_from_dir(dir: &Path, now: SystemTime, soon_days: u32) -> Result<Vec<IdentityRow>, CertsError> {
-    let entries = fs::read_dir(dir).map_err(|e| file_error(dir, format!("cannot read the directory: {e}")))?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.is_dir() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
-        .collect();
-    paths.sort();
+    let paths = device_dir_entries(dir).map_err(|e| file_error(dir, format!("cannot read the directory: {e}")))?;
     Ok(paths.iter().map(|p| dir_row(p, now, soon_days)).collect())
 }
 
 fn dir_row(entry: &Path, now: SystemTime, soon_days: u32) -> IdentityRow {
-    let name = entry.file_name().unwrap_or_default().to_string_lossy().into_owned();
-    let (cert, key, csr) = (
-        entry.join(DEVICE_DIR_CERT),
-        entry.join(DEVICE_DIR_KEY),
-        entry.join(DEVICE_DIR_CSR),
-    );
-    if !cert.exists() && key.is_file() && csr.is_file() {
-        return IdentityRow::pending(&PendingDevice {
-            name,
-            dir: entry.to_path_buf(),
-            key,
-        });
+    if let Some(p) = pending_device(entry) {
+        return IdentityRow::pending(&p);
     }
-    IdentityRow::inspect(&name, &cert, &key, now, soon_days)
+    let name = entry.file_name().unwrap_or_default().to_string_lossy();
+    IdentityRow::inspect(
+        &name,
+        &entry.join(DEVICE_DIR_CERT),
+        &entry.join(DEVICE_DIR_KEY),
+        now,
+        soon_days,
+    )
 }
 
 fn read_leaf(path: &Path) -> Result<CertSummary, String> {
