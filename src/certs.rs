@@ -29,15 +29,14 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SerialNumber,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::PrivatePkcs8KeyDer;
 use serde::Serialize;
 
 use crate::config::{
     device_dir_entries, pending_device, Config, PendingDevice, DEVICE_DIR_CERT, DEVICE_DIR_CSR, DEVICE_DIR_KEY,
     DEVICE_DIR_SETTINGS, FALLBACK_NAME,
 };
-use crate::tls::{key_mode_exposure, key_mode_is_open, CertSummary};
+use crate::tls::{certs_from_pem, key_mode_exposure, key_mode_is_open, read_certs, CertSummary, TlsFileError};
 
 mod owner;
 pub use owner::{Owner, GROUP_FILE, PASSWD_FILE};
@@ -123,6 +122,13 @@ fn file_error(path: &Path, reason: impl fmt::Display) -> CertsError {
     CertsError::File {
         path: path.to_path_buf(),
         reason: reason.to_string(),
+    }
+}
+
+fn tls_file_error(e: TlsFileError) -> CertsError {
+    CertsError::File {
+        path: e.path,
+        reason: e.reason,
     }
 }
 
@@ -530,10 +536,9 @@ fn load_ca(dir: &Path) -> Result<Ca, CertsError> {
             format!("cannot read: {e} (is --ca a directory made by `mqtls certs init-ca`?)"),
         )
     })?;
-    let der = CertificateDer::pem_slice_iter(&data)
-        .next()
-        .and_then(Result::ok)
-        .ok_or_else(|| file_error(&cert_path, "holds no PEM certificate (-----BEGIN CERTIFICATE-----)"))?;
+    let der = certs_from_pem("ca", &cert_path, &data)
+        .map_err(tls_file_error)?
+        .swap_remove(0);
     let (_, x509) = x509_parser::parse_x509_certificate(der.as_ref())
         .map_err(|e| file_error(&cert_path, format!("cannot parse X.509: {e}")))?;
     let is_ca = x509.basic_constraints().ok().flatten().is_some_and(|b| b.value.ca);
@@ -1183,12 +1188,8 @@ fn dir_row(entry: &Path, now: SystemTime, soon_days: u32) -> IdentityRow {
 }
 
 fn read_leaf(path: &Path) -> Result<CertSummary, String> {
-    let data = fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    let der = CertificateDer::pem_slice_iter(&data)
-        .next()
-        .and_then(Result::ok)
-        .ok_or_else(|| format!("{}: holds no PEM certificate", path.display()))?;
-    CertSummary::parse(&der).map_err(|e| format!("{}: {e}", path.display()))
+    let chain = read_certs("cert", path).map_err(|e| e.to_string())?;
+    CertSummary::parse(&chain[0]).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn file_mode(path: &Path) -> Option<u32> {
