@@ -39,7 +39,7 @@ use crate::config::{
 use crate::tls::{certs_from_pem, key_mode_exposure, key_mode_is_open, read_certs, CertSummary, TlsFileError};
 
 mod owner;
-pub use owner::{Owner, GROUP_FILE, PASSWD_FILE};
+pub use owner::Owner;
 
 /// The CA certificate inside the directory made by [`init_ca`].
 pub const CA_CERT_FILE: &str = "ca.pem";
@@ -165,7 +165,7 @@ impl KeyType {
     }
 
     /// A new private key of this type.
-    pub fn generate(self) -> Result<KeyPair, CertsError> {
+    fn generate(self) -> Result<KeyPair, CertsError> {
         match self {
             KeyType::EcdsaP256 => {
                 KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(crypto("ECDSA P-256 key"))
@@ -196,15 +196,11 @@ impl FromStr for KeyType {
 /// ring writes Ed25519 keys as PKCS#8 v2 (with the public key inside), which OpenSSL 3.0 cannot read; the
 /// RFC 8410 v1 form (the 32-byte seed alone) is read by everything, ring included.
 fn generate_ed25519() -> Result<KeyPair, CertsError> {
-    use ring::rand::SecureRandom as _;
     const PREFIX: [u8; 16] = [
         0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
     ];
     let mut pkcs8 = PREFIX.to_vec();
-    let mut seed = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut seed)
-        .map_err(|_| CertsError::Crypto("the system's random number generator failed".into()))?;
+    let seed: [u8; 32] = random_bytes()?;
     pkcs8.extend_from_slice(&seed);
     KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(pkcs8), &rcgen::PKCS_ED25519)
         .map_err(crypto("Ed25519 key"))
@@ -235,12 +231,18 @@ fn read_signing_key(path: &Path) -> Result<KeyPair, CertsError> {
     })
 }
 
-fn random_serial() -> Result<SerialNumber, CertsError> {
+/// `N` bytes from the system's random number generator.
+fn random_bytes<const N: usize>() -> Result<[u8; N], CertsError> {
     use ring::rand::SecureRandom as _;
-    let mut bytes = [0u8; 16];
+    let mut bytes = [0u8; N];
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| CertsError::Crypto("the system's random number generator failed".into()))?;
+    Ok(bytes)
+}
+
+fn random_serial() -> Result<SerialNumber, CertsError> {
+    let mut bytes: [u8; 16] = random_bytes()?;
     // Positive and exactly 16 bytes long once DER-encoded (no sign padding, no stripped leading zero).
     bytes[0] = (bytes[0] & 0x7f).max(1);
     Ok(SerialNumber::from_slice(&bytes))
@@ -250,7 +252,7 @@ fn random_serial() -> Result<SerialNumber, CertsError> {
 // Names
 
 /// Checks that `name` can be a device directory name and a certificate's Common Name.
-pub fn check_name(name: &str) -> Result<(), CertsError> {
+fn check_name(name: &str) -> Result<(), CertsError> {
     let bad = |reason: &str| {
         Err(CertsError::BadName {
             name: name.to_string(),
@@ -269,18 +271,27 @@ pub fn check_name(name: &str) -> Result<(), CertsError> {
     if name.starts_with('.') {
         return bad("must not start with `.` (the device directory skips hidden entries)");
     }
-    if name.chars().any(char::is_control) {
-        return bad("must not contain control characters");
+    if let Some(reason) = common_name_problem(name) {
+        return bad(&reason);
     }
     if name.trim() != name {
         return bad("must not start or end with white space");
     }
+    Ok(())
+}
+
+/// What keeps `name` from being a certificate's Common Name: a control character, or more characters
+/// than X.509 allows.
+fn common_name_problem(name: &str) -> Option<String> {
+    if name.chars().any(char::is_control) {
+        return Some("must not contain control characters".into());
+    }
     if name.chars().count() > MAX_NAME_CHARS {
-        return bad(&format!(
+        return Some(format!(
             "longer than {MAX_NAME_CHARS} characters (the X.509 limit for a Common Name)"
         ));
     }
-    Ok(())
+    None
 }
 
 fn check_client_id(id: &str) -> Result<(), CertsError> {
@@ -507,15 +518,10 @@ fn check_ca_name(name: &str) -> Result<(), CertsError> {
     if name.trim().is_empty() {
         return bad("a CA name is required");
     }
-    if name.chars().any(char::is_control) {
-        return bad("must not contain control characters");
+    match common_name_problem(name) {
+        Some(reason) => bad(&reason),
+        None => Ok(()),
     }
-    if name.chars().count() > MAX_NAME_CHARS {
-        return bad(&format!(
-            "longer than {MAX_NAME_CHARS} characters (the X.509 limit for a Common Name)"
-        ));
-    }
-    Ok(())
 }
 
 /// A CA loaded for signing.
@@ -869,7 +875,7 @@ pub enum Flag {
 
 impl Flag {
     /// The text printed in the FLAGS column.
-    pub fn label(self) -> &'static str {
+    fn label(self) -> &'static str {
         match self {
             Flag::Expired => "EXPIRED",
             Flag::ExpiresSoon => "EXPIRES SOON",
@@ -957,7 +963,7 @@ impl IdentityRow {
     }
 
     /// Reads `cert` and the permissions of `key` from disk.
-    pub fn inspect(name: &str, cert: &Path, key: &Path, now: SystemTime, soon_days: u32) -> Self {
+    fn inspect(name: &str, cert: &Path, key: &Path, now: SystemTime, soon_days: u32) -> Self {
         let key_mode = file_mode(key);
         let mut row = match read_leaf(cert) {
             Ok(summary) => IdentityRow::new(name, summary, key_mode, now, soon_days),
@@ -1004,11 +1010,14 @@ impl IdentityRow {
             Column::Issuer => summary.map_or_else(dash, |s| s.issuer.clone()),
             Column::Serial => summary.map_or_else(dash, |s| serial_hex(&s.serial)),
             Column::Flags => {
-                let mut labels: Vec<String> = self.flags.iter().map(|f| f.label().to_string()).collect();
-                if let Some(p) = &self.problem {
-                    labels.retain(|l| l != Flag::Invalid.label());
-                    labels.push(format!("INVALID: {p}"));
-                }
+                let labels: Vec<String> = self
+                    .flags
+                    .iter()
+                    .map(|f| match (f, &self.problem) {
+                        (Flag::Invalid, Some(p)) => format!("INVALID: {p}"),
+                        _ => f.label().to_string(),
+                    })
+                    .collect();
                 if labels.is_empty() {
                     dash()
                 } else {
