@@ -10,20 +10,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use common::daemon::{BIN, GUARD};
 use common::mqtt_client::{device_v4, is_puback_v4, observer_as, spawn_eventloop_v4, wait_connack_v4, MQTT_DEADLINE};
-use common::pki::{raw_serial, write_file, ClientCert};
+use common::pki::{load_certs, raw_serial, write_file, ClientCert};
 use common::proxy::{Logs, ProxyConfig, RunningProxy};
 use common::{Mosquitto, Pki};
 use rumqttc::QoS;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
+use rustls::pki_types::CertificateSigningRequestDer;
 use x509_parser::extensions::ParsedExtension;
 use x509_parser::prelude::FromDer;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mqtls");
 const KEY_TYPES: [&str; 3] = ["ecdsa-p256", "ed25519", "rsa2048"];
-/// Per-step bound for the end-to-end test. Only a guard against hangs.
-const GUARD: Duration = Duration::from_secs(20);
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -123,12 +121,7 @@ fn chmod(path: &Path, mode: u32) {
 }
 
 fn leaf_der(path: &Path) -> Vec<u8> {
-    CertificateDer::pem_file_iter(path)
-        .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()))
-        .next()
-        .expect("a certificate")
-        .expect("PEM")
-        .to_vec()
+    load_certs(path).swap_remove(0).to_vec()
 }
 
 fn file_names(dir: &Path) -> BTreeSet<String> {
