@@ -473,6 +473,22 @@ fn issue_refuses_a_directory_without_a_ca() {
 }
 
 #[test]
+fn issue_refuses_a_ca_key_that_does_not_match_its_certificate_and_writes_nothing() {
+    let site = Site::new();
+    site.init_ca();
+    site.ok(&["certs", "init-ca", "--out", "ca2"]);
+    std::fs::copy(site.path("ca2/ca.key"), site.path("ca/ca.key")).unwrap();
+    let out = site.mqtls(&["certs", "issue", "--ca", "ca", "boiler-7"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("ca/ca.key: does not match the CA certificate in ca/ca.pem"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!site.device("boiler-7").exists(), "a device directory was left behind");
+}
+
+#[test]
 fn issue_days_sets_the_validity_and_never_outlives_the_ca() {
     let site = Site::new();
     site.ok(&["certs", "init-ca", "--out", "ca", "--days", "90"]);
@@ -840,6 +856,36 @@ fn list_with_a_broken_config_exits_1_naming_the_problem() {
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(
         text(&out.stderr).contains("`device_dir.path`: cannot read"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn list_flags_a_certificate_that_is_not_pem_as_invalid_naming_the_file() {
+    let site = Site::new();
+    site.init_ca();
+    site.issue("fine", &[]);
+    site.issue("broken", &[]);
+    std::fs::write(site.device("broken").join("cert.pem"), "not a certificate\n").unwrap();
+    let out = site.mqtls(&["certs", "list", "--dir", "devices"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let table = text(&out.stdout);
+    assert!(
+        row(&table, "broken").contains("INVALID: devices/broken/cert.pem: "),
+        "{}",
+        describe(&out)
+    );
+    assert!(!row(&table, "fine").contains("INVALID"), "{}", describe(&out));
+}
+
+#[test]
+fn list_of_a_missing_directory_fails_naming_it() {
+    let site = Site::new();
+    let out = site.mqtls(&["certs", "list", "--dir", "no-such-devices"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("no-such-devices: cannot read the directory"),
         "{}",
         describe(&out)
     );
