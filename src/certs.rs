@@ -29,15 +29,17 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SerialNumber,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::PrivatePkcs8KeyDer;
 use serde::Serialize;
 
-use crate::config::{Config, PendingDevice, DEVICE_DIR_CERT, DEVICE_DIR_CSR, DEVICE_DIR_KEY, DEVICE_DIR_SETTINGS};
-use crate::tls::{key_mode_exposure, key_mode_is_open, CertSummary};
+use crate::config::{
+    device_dir_entries, pending_device, Config, PendingDevice, DEVICE_DIR_CERT, DEVICE_DIR_CSR, DEVICE_DIR_KEY,
+    DEVICE_DIR_SETTINGS, FALLBACK_NAME,
+};
+use crate::tls::{certs_from_pem, key_mode_exposure, key_mode_is_open, read_certs, CertSummary, TlsFileError};
 
 mod owner;
-pub use owner::{Owner, GROUP_FILE, PASSWD_FILE};
+pub use owner::Owner;
 
 /// The CA certificate inside the directory made by [`init_ca`].
 pub const CA_CERT_FILE: &str = "ca.pem";
@@ -123,6 +125,13 @@ fn file_error(path: &Path, reason: impl fmt::Display) -> CertsError {
     }
 }
 
+fn tls_file_error(e: TlsFileError) -> CertsError {
+    CertsError::File {
+        path: e.path,
+        reason: e.reason,
+    }
+}
+
 fn crypto(what: &str) -> impl Fn(rcgen::Error) -> CertsError + '_ {
     move |e| CertsError::Crypto(format!("{what}: {e}"))
 }
@@ -156,7 +165,7 @@ impl KeyType {
     }
 
     /// A new private key of this type.
-    pub fn generate(self) -> Result<KeyPair, CertsError> {
+    fn generate(self) -> Result<KeyPair, CertsError> {
         match self {
             KeyType::EcdsaP256 => {
                 KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(crypto("ECDSA P-256 key"))
@@ -187,15 +196,11 @@ impl FromStr for KeyType {
 /// ring writes Ed25519 keys as PKCS#8 v2 (with the public key inside), which OpenSSL 3.0 cannot read; the
 /// RFC 8410 v1 form (the 32-byte seed alone) is read by everything, ring included.
 fn generate_ed25519() -> Result<KeyPair, CertsError> {
-    use ring::rand::SecureRandom as _;
     const PREFIX: [u8; 16] = [
         0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
     ];
     let mut pkcs8 = PREFIX.to_vec();
-    let mut seed = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut seed)
-        .map_err(|_| CertsError::Crypto("the system's random number generator failed".into()))?;
+    let seed: [u8; 32] = random_bytes()?;
     pkcs8.extend_from_slice(&seed);
     KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(pkcs8), &rcgen::PKCS_ED25519)
         .map_err(crypto("Ed25519 key"))
@@ -226,12 +231,18 @@ fn read_signing_key(path: &Path) -> Result<KeyPair, CertsError> {
     })
 }
 
-fn random_serial() -> Result<SerialNumber, CertsError> {
+/// `N` bytes from the system's random number generator.
+fn random_bytes<const N: usize>() -> Result<[u8; N], CertsError> {
     use ring::rand::SecureRandom as _;
-    let mut bytes = [0u8; 16];
+    let mut bytes = [0u8; N];
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| CertsError::Crypto("the system's random number generator failed".into()))?;
+    Ok(bytes)
+}
+
+fn random_serial() -> Result<SerialNumber, CertsError> {
+    let mut bytes: [u8; 16] = random_bytes()?;
     // Positive and exactly 16 bytes long once DER-encoded (no sign padding, no stripped leading zero).
     bytes[0] = (bytes[0] & 0x7f).max(1);
     Ok(SerialNumber::from_slice(&bytes))
@@ -241,7 +252,7 @@ fn random_serial() -> Result<SerialNumber, CertsError> {
 // Names
 
 /// Checks that `name` can be a device directory name and a certificate's Common Name.
-pub fn check_name(name: &str) -> Result<(), CertsError> {
+fn check_name(name: &str) -> Result<(), CertsError> {
     let bad = |reason: &str| {
         Err(CertsError::BadName {
             name: name.to_string(),
@@ -260,18 +271,27 @@ pub fn check_name(name: &str) -> Result<(), CertsError> {
     if name.starts_with('.') {
         return bad("must not start with `.` (the device directory skips hidden entries)");
     }
-    if name.chars().any(char::is_control) {
-        return bad("must not contain control characters");
+    if let Some(reason) = common_name_problem(name) {
+        return bad(&reason);
     }
     if name.trim() != name {
         return bad("must not start or end with white space");
     }
+    Ok(())
+}
+
+/// What keeps `name` from being a certificate's Common Name: a control character, or more characters
+/// than X.509 allows.
+fn common_name_problem(name: &str) -> Option<String> {
+    if name.chars().any(char::is_control) {
+        return Some("must not contain control characters".into());
+    }
     if name.chars().count() > MAX_NAME_CHARS {
-        return bad(&format!(
+        return Some(format!(
             "longer than {MAX_NAME_CHARS} characters (the X.509 limit for a Common Name)"
         ));
     }
-    Ok(())
+    None
 }
 
 fn check_client_id(id: &str) -> Result<(), CertsError> {
@@ -498,15 +518,10 @@ fn check_ca_name(name: &str) -> Result<(), CertsError> {
     if name.trim().is_empty() {
         return bad("a CA name is required");
     }
-    if name.chars().any(char::is_control) {
-        return bad("must not contain control characters");
+    match common_name_problem(name) {
+        Some(reason) => bad(&reason),
+        None => Ok(()),
     }
-    if name.chars().count() > MAX_NAME_CHARS {
-        return bad(&format!(
-            "longer than {MAX_NAME_CHARS} characters (the X.509 limit for a Common Name)"
-        ));
-    }
-    Ok(())
 }
 
 /// A CA loaded for signing.
@@ -527,10 +542,9 @@ fn load_ca(dir: &Path) -> Result<Ca, CertsError> {
             format!("cannot read: {e} (is --ca a directory made by `mqtls certs init-ca`?)"),
         )
     })?;
-    let der = CertificateDer::pem_slice_iter(&data)
-        .next()
-        .and_then(Result::ok)
-        .ok_or_else(|| file_error(&cert_path, "holds no PEM certificate (-----BEGIN CERTIFICATE-----)"))?;
+    let der = certs_from_pem("ca", &cert_path, &data)
+        .map_err(tls_file_error)?
+        .swap_remove(0);
     let (_, x509) = x509_parser::parse_x509_certificate(der.as_ref())
         .map_err(|e| file_error(&cert_path, format!("cannot parse X.509: {e}")))?;
     let is_ca = x509.basic_constraints().ok().flatten().is_some_and(|b| b.value.ca);
@@ -861,7 +875,7 @@ pub enum Flag {
 
 impl Flag {
     /// The text printed in the FLAGS column.
-    pub fn label(self) -> &'static str {
+    fn label(self) -> &'static str {
         match self {
             Flag::Expired => "EXPIRED",
             Flag::ExpiresSoon => "EXPIRES SOON",
@@ -949,7 +963,7 @@ impl IdentityRow {
     }
 
     /// Reads `cert` and the permissions of `key` from disk.
-    pub fn inspect(name: &str, cert: &Path, key: &Path, now: SystemTime, soon_days: u32) -> Self {
+    fn inspect(name: &str, cert: &Path, key: &Path, now: SystemTime, soon_days: u32) -> Self {
         let key_mode = file_mode(key);
         let mut row = match read_leaf(cert) {
             Ok(summary) => IdentityRow::new(name, summary, key_mode, now, soon_days),
@@ -996,11 +1010,14 @@ impl IdentityRow {
             Column::Issuer => summary.map_or_else(dash, |s| s.issuer.clone()),
             Column::Serial => summary.map_or_else(dash, |s| serial_hex(&s.serial)),
             Column::Flags => {
-                let mut labels: Vec<String> = self.flags.iter().map(|f| f.label().to_string()).collect();
-                if let Some(p) = &self.problem {
-                    labels.retain(|l| l != Flag::Invalid.label());
-                    labels.push(format!("INVALID: {p}"));
-                }
+                let labels: Vec<String> = self
+                    .flags
+                    .iter()
+                    .map(|f| match (f, &self.problem) {
+                        (Flag::Invalid, Some(p)) => format!("INVALID: {p}"),
+                        _ => f.label().to_string(),
+                    })
+                    .collect();
                 if labels.is_empty() {
                     dash()
                 } else {
@@ -1154,47 +1171,34 @@ pub fn rows_from_config(config: &Config, now: SystemTime, soon_days: u32) -> Vec
     let fallback = config
         .fallback
         .iter()
-        .map(|f| IdentityRow::inspect("fallback", &f.cert, &f.key, now, soon_days));
+        .map(|f| IdentityRow::inspect(FALLBACK_NAME, &f.cert, &f.key, now, soon_days));
     let pending = config.pending.iter().map(IdentityRow::pending);
     devices.chain(fallback).chain(pending).collect()
 }
 
 /// Every entry of a device directory, read without a configuration.
 pub fn rows_from_dir(dir: &Path, now: SystemTime, soon_days: u32) -> Result<Vec<IdentityRow>, CertsError> {
-    let entries = fs::read_dir(dir).map_err(|e| file_error(dir, format!("cannot read the directory: {e}")))?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.is_dir() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
-        .collect();
-    paths.sort();
+    let paths = device_dir_entries(dir).map_err(|e| file_error(dir, format!("cannot read the directory: {e}")))?;
     Ok(paths.iter().map(|p| dir_row(p, now, soon_days)).collect())
 }
 
 fn dir_row(entry: &Path, now: SystemTime, soon_days: u32) -> IdentityRow {
-    let name = entry.file_name().unwrap_or_default().to_string_lossy().into_owned();
-    let (cert, key, csr) = (
-        entry.join(DEVICE_DIR_CERT),
-        entry.join(DEVICE_DIR_KEY),
-        entry.join(DEVICE_DIR_CSR),
-    );
-    if !cert.exists() && key.is_file() && csr.is_file() {
-        return IdentityRow::pending(&PendingDevice {
-            name,
-            dir: entry.to_path_buf(),
-            key,
-        });
+    if let Some(p) = pending_device(entry) {
+        return IdentityRow::pending(&p);
     }
-    IdentityRow::inspect(&name, &cert, &key, now, soon_days)
+    let name = entry.file_name().unwrap_or_default().to_string_lossy();
+    IdentityRow::inspect(
+        &name,
+        &entry.join(DEVICE_DIR_CERT),
+        &entry.join(DEVICE_DIR_KEY),
+        now,
+        soon_days,
+    )
 }
 
 fn read_leaf(path: &Path) -> Result<CertSummary, String> {
-    let data = fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    let der = CertificateDer::pem_slice_iter(&data)
-        .next()
-        .and_then(Result::ok)
-        .ok_or_else(|| format!("{}: holds no PEM certificate", path.display()))?;
-    CertSummary::parse(&der).map_err(|e| format!("{}: {e}", path.display()))
+    let chain = read_certs("cert", path).map_err(|e| e.to_string())?;
+    CertSummary::parse(&chain[0]).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn file_mode(path: &Path) -> Option<u32> {

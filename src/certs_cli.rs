@@ -242,14 +242,10 @@ fn issue(a: IssueArgs) -> Result<(), CertsError> {
         certs::rfc3339(s.not_after)
     );
     println!("  key          {}  (mode 0600, {})", issued.key.display(), a.key_type);
+    let settings = issued.dir.join(mqtls::config::DEVICE_DIR_SETTINGS);
     match &issued.settings {
         Some(p) => println!("  client id    set in {}", p.display()),
-        None if issued.dir.join(mqtls::config::DEVICE_DIR_SETTINGS).exists() => {
-            println!(
-                "  client id    as in {} (unchanged)",
-                issued.dir.join(mqtls::config::DEVICE_DIR_SETTINGS).display()
-            )
-        }
+        None if settings.exists() => println!("  client id    as in {} (unchanged)", settings.display()),
         None => println!(
             "  client id    {} (the directory name; set another with --client-id)",
             a.name

@@ -839,20 +839,14 @@ impl Validator {
     fn device_dir(&mut self, raw: RawDeviceDir) -> Vec<DeviceSpec> {
         let dir = self.resolve(&raw.path);
         let shared_sources = self.sources(None, raw.source.clone());
-        let entries = match std::fs::read_dir(&dir) {
+        let entries = match device_dir_entries(&dir) {
             Ok(e) => e,
             Err(e) => {
                 self.error("device_dir.path", format!("cannot read {}: {e}", dir.display()));
                 return Vec::new();
             }
         };
-        let mut names: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.is_dir() && !is_hidden(p))
-            .collect();
-        names.sort();
-        names
+        entries
             .into_iter()
             .filter_map(|p| self.dir_device(&p, &shared_sources))
             .collect()
@@ -878,10 +872,10 @@ impl Validator {
         let cert = entry.join(DEVICE_DIR_CERT);
         let key = entry.join(DEVICE_DIR_KEY);
         // A key and a CSR without a certificate: the CSR is out at a CA. Skipped, not an error.
-        let pending = !cert.exists() && key.is_file() && entry.join(DEVICE_DIR_CSR).is_file();
+        let pending = pending_device(entry);
         let mut ok = true;
         for (file, what) in [(&cert, "certificate"), (&key, "private key")] {
-            if !pending && !file.is_file() {
+            if pending.is_none() && !file.is_file() {
                 self.errors
                     .push(ConfigError::new(file, "", format!("the device's {what} is missing")).for_device(&name));
                 ok = false;
@@ -895,9 +889,8 @@ impl Validator {
         };
         let listen = self.device_listen(&name, settings.listen);
         self.path = saved;
-        if pending {
-            let dir = entry.to_path_buf();
-            self.pending.push(PendingDevice { name, dir, key });
+        if let Some(p) = pending {
+            self.pending.push(p);
             return None;
         }
         if !ok {
@@ -1042,6 +1035,30 @@ fn can_overlap(a: &DeviceSpec, b: &DeviceSpec, shared: &[SocketAddr]) -> bool {
 
 fn is_hidden(p: &Path) -> bool {
     p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+}
+
+/// The entries of a device directory that can be devices: its subdirectories, hidden ones left out,
+/// sorted by path.
+pub(crate) fn device_dir_entries(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && !is_hidden(p))
+        .collect();
+    entries.sort();
+    Ok(entries)
+}
+
+/// The device directory entry `entry` as a [`PendingDevice`] when it holds a private key and a CSR but no
+/// certificate (the CSR is out at a CA).
+pub(crate) fn pending_device(entry: &Path) -> Option<PendingDevice> {
+    let key = entry.join(DEVICE_DIR_KEY);
+    let pending = !entry.join(DEVICE_DIR_CERT).exists() && key.is_file() && entry.join(DEVICE_DIR_CSR).is_file();
+    pending.then(|| PendingDevice {
+        name: entry.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+        dir: entry.to_path_buf(),
+        key,
+    })
 }
 
 /// Parses `192.168.1.5` or `192.168.1.0/24` (or IPv6 forms) into a network.

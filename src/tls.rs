@@ -72,9 +72,19 @@ pub fn load_roots(ca_file: Option<&Path>) -> Result<Arc<RootCertStore>, TlsFileE
     Ok(Arc::new(roots))
 }
 
-fn read_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
+/// The certificates in the PEM file `path` (at least one), for the config key `key`.
+pub(crate) fn read_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
     let data = std::fs::read(path).map_err(|e| file_error(key, path, format!("cannot read: {e}")))?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
+    certs_from_pem(key, path, &data)
+}
+
+/// The certificates in `data`, the contents of the PEM file `path` (at least one).
+pub(crate) fn certs_from_pem(
+    key: &'static str,
+    path: &Path,
+    data: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(data)
         .collect::<Result<_, _>>()
         .map_err(|e| file_error(key, path, format!("not a PEM certificate file: {e}")))?;
     if certs.is_empty() {

@@ -10,20 +10,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use common::daemon::{BIN, GUARD};
 use common::mqtt_client::{device_v4, is_puback_v4, observer_as, spawn_eventloop_v4, wait_connack_v4, MQTT_DEADLINE};
-use common::pki::{raw_serial, write_file, ClientCert};
+use common::pki::{load_certs, raw_serial, write_file, ClientCert};
 use common::proxy::{Logs, ProxyConfig, RunningProxy};
 use common::{Mosquitto, Pki};
 use rumqttc::QoS;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
+use rustls::pki_types::CertificateSigningRequestDer;
 use x509_parser::extensions::ParsedExtension;
 use x509_parser::prelude::FromDer;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mqtls");
 const KEY_TYPES: [&str; 3] = ["ecdsa-p256", "ed25519", "rsa2048"];
-/// Per-step bound for the end-to-end test. Only a guard against hangs.
-const GUARD: Duration = Duration::from_secs(20);
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -123,12 +121,7 @@ fn chmod(path: &Path, mode: u32) {
 }
 
 fn leaf_der(path: &Path) -> Vec<u8> {
-    CertificateDer::pem_file_iter(path)
-        .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()))
-        .next()
-        .expect("a certificate")
-        .expect("PEM")
-        .to_vec()
+    load_certs(path).swap_remove(0).to_vec()
 }
 
 fn file_names(dir: &Path) -> BTreeSet<String> {
@@ -477,6 +470,22 @@ fn issue_refuses_a_directory_without_a_ca() {
         describe(&out)
     );
     assert!(text(&out.stderr).contains("mqtls certs init-ca"), "{}", describe(&out));
+}
+
+#[test]
+fn issue_refuses_a_ca_key_that_does_not_match_its_certificate_and_writes_nothing() {
+    let site = Site::new();
+    site.init_ca();
+    site.ok(&["certs", "init-ca", "--out", "ca2"]);
+    std::fs::copy(site.path("ca2/ca.key"), site.path("ca/ca.key")).unwrap();
+    let out = site.mqtls(&["certs", "issue", "--ca", "ca", "boiler-7"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("ca/ca.key: does not match the CA certificate in ca/ca.pem"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!site.device("boiler-7").exists(), "a device directory was left behind");
 }
 
 #[test]
@@ -847,6 +856,36 @@ fn list_with_a_broken_config_exits_1_naming_the_problem() {
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(
         text(&out.stderr).contains("`device_dir.path`: cannot read"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn list_flags_a_certificate_that_is_not_pem_as_invalid_naming_the_file() {
+    let site = Site::new();
+    site.init_ca();
+    site.issue("fine", &[]);
+    site.issue("broken", &[]);
+    std::fs::write(site.device("broken").join("cert.pem"), "not a certificate\n").unwrap();
+    let out = site.mqtls(&["certs", "list", "--dir", "devices"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let table = text(&out.stdout);
+    assert!(
+        row(&table, "broken").contains("INVALID: devices/broken/cert.pem: "),
+        "{}",
+        describe(&out)
+    );
+    assert!(!row(&table, "fine").contains("INVALID"), "{}", describe(&out));
+}
+
+#[test]
+fn list_of_a_missing_directory_fails_naming_it() {
+    let site = Site::new();
+    let out = site.mqtls(&["certs", "list", "--dir", "no-such-devices"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("no-such-devices: cannot read the directory"),
         "{}",
         describe(&out)
     );

@@ -16,9 +16,9 @@ use std::path::Path;
 use super::CertsError;
 
 /// The user database that names are looked up in.
-pub const PASSWD_FILE: &str = "/etc/passwd";
+const PASSWD_FILE: &str = "/etc/passwd";
 /// The group database that names are looked up in.
-pub const GROUP_FILE: &str = "/etc/group";
+const GROUP_FILE: &str = "/etc/group";
 
 /// The user and group that written files are given, from `--owner USER[:GROUP]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +40,7 @@ impl Owner {
     }
 
     /// [`Owner::resolve`] against other user and group databases (in the same format).
-    pub fn resolve_in(spec: &str, passwd: &Path, group: &Path) -> Result<Owner, CertsError> {
+    fn resolve_in(spec: &str, passwd: &Path, group: &Path) -> Result<Owner, CertsError> {
         let bad = |reason: String| CertsError::BadOwner {
             owner: spec.to_string(),
             reason,
