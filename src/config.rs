@@ -978,9 +978,7 @@ impl Validator {
             if taken.iter().any(|(a, _)| *a == l) {
                 continue;
             }
-            let clash = taken.iter().find(|(other, _)| {
-                other.port() == l.port() && l.port() != 0 && (other.ip().is_unspecified() || l.ip().is_unspecified())
-            });
+            let clash = taken.iter().find(|(other, _)| binds_clash(*other, l));
             let Some((other, other_owner)) = clash else {
                 let owner = match device {
                     Some(d) => format!("device \"{}\"", d.name),
@@ -1002,12 +1000,8 @@ impl Validator {
 
     /// The metrics endpoint cannot share a port with a device listener.
     fn metrics_apart(&mut self, metrics: SocketAddr, devices: &[DeviceSpec], shared: &[SocketAddr]) {
-        let listeners = shared.iter().chain(devices.iter().filter_map(|d| d.listen.as_ref()));
-        let clash = listeners.into_iter().find(|l| {
-            l.port() == metrics.port()
-                && metrics.port() != 0
-                && (*l == &metrics || l.ip().is_unspecified() || metrics.ip().is_unspecified())
-        });
+        let mut listeners = shared.iter().chain(devices.iter().filter_map(|d| d.listen.as_ref()));
+        let clash = listeners.find(|l| binds_clash(**l, metrics));
         if let Some(l) = clash {
             self.error(
                 "metrics.address",
@@ -1015,6 +1009,12 @@ impl Validator {
             );
         }
     }
+}
+
+/// Whether two sockets cannot both be bound: the same fixed port, on the same address or with one of them
+/// on every address.
+fn binds_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.port() != 0 && (a == b || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn can_overlap(a: &DeviceSpec, b: &DeviceSpec, shared: &[SocketAddr]) -> bool {
