@@ -272,7 +272,7 @@ fn pass_as_fd3(fd: RawFd) -> io::Result<()> {
 
 /// `mqtls run` handed `listener` as systemd would: fd 3, `LISTEN_FDS=1` and `LISTEN_PID` set to the
 /// daemon's pid, which only the child knows; a shell sets it to its own pid (`$$`) and `exec` keeps it.
-fn activated(config: &Path, listener: &TcpListener) -> Command {
+fn activated(config: &Path, listener: &impl AsRawFd) -> Command {
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(r#"export LISTEN_PID=$$; exec "$0" "$@""#)
@@ -350,6 +350,19 @@ async fn a_passed_socket_that_matches_no_configured_address_stops_start_up_namin
             &format!("listening on {addr} (descriptor 3)"),
             "`listen.address`",
         ])
+        .await;
+    assert!(!daemon.stderr().contains("mqtls ready"), "{}", daemon.stderr());
+}
+
+#[tokio::test]
+async fn a_passed_descriptor_that_is_not_a_tcp_socket_stops_start_up() {
+    let pki = Pki::new();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut daemon = Daemon::start(activated(&idle_config(&pki, "10s"), &udp));
+    let status = daemon.wait_exit(GUARD).await.expect("mqtls kept running");
+    assert_eq!(status.code(), Some(1), "{status:?}; stderr:\n{}", daemon.stderr());
+    daemon
+        .wait_line(&["socket activation: descriptor 3", "is not a TCP socket"])
         .await;
     assert!(!daemon.stderr().contains("mqtls ready"), "{}", daemon.stderr());
 }
