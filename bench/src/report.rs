@@ -272,24 +272,8 @@ fn columns(all: &Value) -> Vec<Kind> {
 
 /// mqtls / best peer, and which peer was best.
 fn best_ratio(row: &Row, all: &Value) -> Option<(f64, Kind)> {
-    let Cell::Num(m) = (row.get)(all, Kind::Mqtls) else {
-        return None;
-    };
-    let mut best: Option<(f64, Kind)> = None;
-    for p in Kind::PEERS {
-        if let Cell::Num(v) = (row.get)(all, p) {
-            let better = match (best, row.better) {
-                (None, _) => true,
-                (Some((b, _)), Better::Lower) => v < b,
-                (Some((b, _)), Better::Higher) => v > b,
-                _ => false,
-            };
-            if better {
-                best = Some((v, p));
-            }
-        }
-    }
-    let (b, p) = best?;
+    let m = mqtls_num(row, all)?;
+    let (b, p) = best_of(row, all, &Kind::PEERS)?;
     (b > 0.0 && m > 0.0 && m.is_finite()).then(|| (m / b, p))
 }
 
