@@ -701,3 +701,28 @@ and after, and where an idle connection's memory goes).
     );
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every target is found by its row's label: a renamed label would drop a target without a word.
+    #[test]
+    fn every_target_finds_its_row() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results/results.json");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let all: Value = serde_json::from_str(&text).expect("results.json parses");
+        let plan = &all["meta"]["plan"];
+        let count = |key: &str| plan[key].as_array().map_or(0, Vec::len);
+        let (memory, latency) = (count("memory_n"), count("latency_payloads"));
+        assert!(
+            memory > 0 && latency > 0,
+            "the plan in results.json lists memory N and latency payloads"
+        );
+        // 2 per memory N (half of the best, 12 KiB), 2 per latency payload (added p50, p99), plus set-up
+        // with and without resumption, the storm, bulk throughput and throughput / plain TCP.
+        let expected = 2 * memory + 2 * latency + 5;
+        let found: Vec<String> = targets(&all).into_iter().map(|t| t.what).collect();
+        assert_eq!(found.len(), expected, "targets found: {found:#?}");
+    }
+}
