@@ -77,14 +77,15 @@ pub async fn start(kind: Kind, upstream: SocketAddr, s: &Setup, tag: &str) -> Re
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
     let dir = s.dir.join(format!("{kind}-{tag}"));
     fs::create_dir_all(&dir)?;
-    let cmd = match kind {
+    let (cmd, term_first) = match kind {
         Kind::Mqtls => mqtls(s, &dir, listen, upstream)?,
-        Kind::Stunnel => stunnel(s, &dir, listen, upstream)?,
-        Kind::Haproxy => haproxy(s, &dir, listen, upstream)?,
-        Kind::Socat => socat(s, listen, upstream)?,
+        Kind::Stunnel => (stunnel(s, &dir, listen, upstream)?, false),
+        Kind::Haproxy => (haproxy(s, &dir, listen, upstream)?, false),
+        Kind::Socat => (socat(s, listen, upstream)?, false),
         Kind::Direct => anyhow::bail!("direct has no process"),
     };
     let mut proc = Proc::spawn(kind.name(), cmd, &dir)?;
+    proc.term_first = term_first;
     proc.wait_listening(listen, Duration::from_secs(60)).await?;
     Ok(Running { proc, listen })
 }
@@ -93,7 +94,8 @@ fn write(path: &Path, text: &str) -> Result<()> {
     fs::write(path, text).with_context(|| format!("write {}", path.display()))
 }
 
-fn mqtls(s: &Setup, dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> Result<Command> {
+/// The command, and whether it runs under a profiler (MQTLS_BENCH_WRAP), which needs a SIGTERM first.
+fn mqtls(s: &Setup, dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> Result<(Command, bool)> {
     // One device entry for every source address and no client id: every device gets the same identity,
     // which is what the peers do.
     let conf = format!(
@@ -127,6 +129,7 @@ key = "{key}"
     // "valgrind --tool=callgrind": for diagnosis only, since the figures then include the profiler.
     let wrap = std::env::var("MQTLS_BENCH_WRAP").unwrap_or_default();
     let mut words = wrap.split_whitespace();
+    let wrapped = !wrap.trim().is_empty();
     let mut cmd = match words.next() {
         Some(tool) => {
             let mut c = Command::new(tool);
@@ -139,7 +142,7 @@ key = "{key}"
     // One line per connection opened and closed at info; the peers are configured not to log per
     // connection either.
     cmd.env("MQTLS_LOG", "warn");
-    Ok(cmd)
+    Ok((cmd, wrapped))
 }
 
 fn stunnel(s: &Setup, dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> Result<Command> {

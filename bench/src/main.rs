@@ -55,6 +55,8 @@ pub struct Plan {
     pub cpu_devices: usize,
     pub cpu_rate: f64,
     pub cpu_messages: u64,
+    /// The time limit of each storm, memory and CPU step.
+    pub step_limit: Duration,
 }
 
 impl Plan {
@@ -78,6 +80,7 @@ impl Plan {
             cpu_devices: 100,
             cpu_rate: 20_000.0,
             cpu_messages: 400_000,
+            step_limit: Duration::from_secs(300),
         }
     }
 
@@ -101,6 +104,7 @@ impl Plan {
             cpu_devices: 5,
             cpu_rate: 5_000.0,
             cpu_messages: 2_000,
+            step_limit: Duration::from_secs(60),
         }
     }
 }
@@ -437,7 +441,7 @@ async fn paired_phase(args: &Args, env: &Env, results: &mut BTreeMap<Kind, Map<S
 
 /// One broker and every contender in front of it (direct: the broker itself).
 struct Lineup {
-    _broker: Broker,
+    broker: Broker,
     running: Vec<(Kind, Running)>,
     targets: Vec<measure::Entrant>,
     /// Contenders that could not start, and why.
@@ -450,31 +454,21 @@ impl Lineup {
         let tag = if tickets { "paired" } else { "paired-no-tickets" };
         let broker = Broker::start(&files, &env.setup.dir, tag).await?;
         let mut lineup = Lineup {
-            _broker: broker,
+            broker,
             running: Vec::new(),
             targets: Vec::new(),
             failed: Vec::new(),
         };
-        let broker_addr = lineup._broker.addr;
+        let broker_addr = lineup.broker.addr;
         for &kind in kinds {
-            let started = match kind.is_proxy() {
-                true => contender::start(kind, broker_addr, &env.setup, tag).await.map(Some),
-                false => Ok(None),
-            };
-            let target = match &started {
-                Ok(Some(r)) => Target::Plain(r.listen),
-                Ok(None) => Target::Tls {
-                    addr: broker_addr,
-                    config: env.client_config.clone(),
-                },
-                Err(_) => Target::Plain(broker_addr),
-            };
-            let checked = match started {
-                Err(e) => Err(e),
-                Ok(r) => check(kind, &target, r.as_ref()).await.map(|()| r),
-            };
+            let checked = async {
+                let (r, target) = front(kind, broker_addr, env, tag).await?;
+                check(kind, &target, r.as_ref()).await?;
+                anyhow::Ok((r, target))
+            }
+            .await;
             match checked {
-                Ok(r) => {
+                Ok((r, target)) => {
                     lineup.targets.push(measure::Entrant {
                         name: kind.name().to_owned(),
                         target,
@@ -538,25 +532,14 @@ async fn throughput_phase(
     let mut running = Vec::new();
     let mut targets = Vec::new();
     for &kind in &args.only {
-        if !kind.is_proxy() {
-            targets.push(measure::Entrant {
-                name: kind.name().into(),
-                target: Target::Tls {
-                    addr: sinks.tls,
-                    config: env.client_config.clone(),
-                },
-                pgid: None,
-            });
-            continue;
-        }
-        match contender::start(kind, sinks.tls, &env.setup, "sink").await {
-            Ok(r) => {
+        match front(kind, sinks.tls, env, "sink").await {
+            Ok((r, target)) => {
                 targets.push(measure::Entrant {
                     name: kind.name().into(),
-                    target: Target::Plain(r.listen),
-                    pgid: Some(r.proc.pgid()),
+                    target,
+                    pgid: r.as_ref().map(|r| r.proc.pgid()),
                 });
-                running.push(r);
+                running.extend(r);
             }
             Err(e) => {
                 let msg = format!("could not start: {e:#}");
@@ -610,8 +593,8 @@ fn outcome(r: Result<Value>) -> Value {
     }
 }
 
-/// Runs one step with a time limit and records its figures or why it failed.
-async fn step<F>(out: &mut Map<String, Value>, name: &str, limit: Duration, f: F)
+/// Runs one step with a time limit: its figures or why it failed.
+async fn step<F>(name: &str, limit: Duration, f: F) -> Value
 where
     F: std::future::Future<Output = Result<Value>>,
 {
@@ -626,7 +609,7 @@ where
         m.insert("wall_s".into(), json!(t0.elapsed().as_secs_f64()));
     }
     eprintln!("    done in {:.1} s", t0.elapsed().as_secs_f64());
-    out.insert(name.into(), v);
+    v
 }
 
 /// Storms in rounds, each contender in turn with a fresh broker and a fresh contender; the median round
@@ -634,54 +617,50 @@ where
 /// machine decides).
 async fn storm_phase(args: &Args, env: &Env, results: &mut BTreeMap<Kind, Map<String, Value>>) {
     let plan = &args.plan;
-    let limit = Duration::from_secs(if plan.mode == "smoke" { 60 } else { 300 });
     let mut rounds: BTreeMap<Kind, Vec<Value>> = BTreeMap::new();
     for round in 0..plan.storm_rounds {
         for k in 0..args.only.len() {
             let kind = args.only[(k + round) % args.only.len()];
             eprintln!("== {kind}: storm, round {} of {}", round + 1, plan.storm_rounds);
-            let mut out = Map::new();
-            match start_with_broker(kind, env).await {
+            let v = match start_with_broker(kind, env).await {
                 Err(e) => {
                     let msg = format!("could not start: {e:#}");
                     eprintln!("  FAILED: {msg}");
-                    out.insert("storm".into(), json!({ "error": msg }));
+                    json!({ "error": msg })
                 }
                 Ok((broker, mut running, target)) => {
                     tokio::time::sleep(plan.settle).await;
                     let pgid = running.as_ref().map(|r| r.proc.pgid());
                     let f = measure::storm(&target, plan.storm_devices, plan.storm_limit, pgid, broker.proc.pgid());
-                    step(&mut out, "storm", limit, f).await;
+                    let mut v = step("storm", plan.step_limit, f).await;
                     if let Some(r) = running.as_mut() {
                         if !r.proc.alive() {
                             let msg = format!("{kind} exited during the storm:\n{}", r.proc.log_tail());
-                            out.insert("storm".into(), json!({ "error": msg }));
+                            v = json!({ "error": msg });
                         }
                     }
                     drop(running);
                     drop(broker);
+                    v
                 }
-            }
-            rounds
-                .entry(kind)
-                .or_default()
-                .push(out.remove("storm").unwrap_or(Value::Null));
+            };
+            rounds.entry(kind).or_default().push(v);
         }
     }
-    for (kind, all) in rounds {
-        let v = match all.iter().find(|v| v.get("error").is_some()) {
-            Some(failed) => failed.clone(),
+    for (kind, mut all) in rounds {
+        let v = match all.iter().position(|v| v.get("error").is_some()) {
+            Some(failed) => all.swap_remove(failed),
             None => {
-                let mut sorted = all.clone();
-                sorted.sort_by(|a, b| {
+                let times: Vec<f64> = all
+                    .iter()
+                    .map(|v| v["all_connected_s"].as_f64().unwrap_or(f64::NAN))
+                    .collect();
+                all.sort_by(|a, b| {
                     let t = |v: &Value| v["all_connected_s"].as_f64().unwrap_or(f64::INFINITY);
                     t(a).total_cmp(&t(b))
                 });
-                let mut median = sorted[sorted.len() / 2].clone();
-                median["rounds"] = json!(all
-                    .iter()
-                    .map(|v| v["all_connected_s"].as_f64().unwrap_or(f64::NAN))
-                    .collect::<Vec<_>>());
+                let mut median = all.swap_remove(all.len() / 2);
+                median["rounds"] = json!(times);
                 median
             }
         };
@@ -711,16 +690,14 @@ async fn run_contender(kind: Kind, args: &Args, env: &Env, out: &mut Map<String,
         }
         Ok((broker, mut running, target)) => {
             let pgid = running.as_ref().map(|r| r.proc.pgid());
-            let limit = Duration::from_secs(if plan.mode == "smoke" { 60 } else { 300 });
             // Let start-up work (the broker's, the contender's, the check connection) die down.
             tokio::time::sleep(plan.settle).await;
             for m in &broker_steps {
-                match *m {
+                let v = match *m {
                     "memory" => {
                         step(
-                            out,
                             m,
-                            limit,
+                            plan.step_limit,
                             measure::memory(pgid.unwrap(), &target, &plan.mem_ns, plan.settle),
                         )
                         .await
@@ -734,10 +711,11 @@ async fn run_contender(kind: Kind, args: &Args, env: &Env, out: &mut Map<String,
                             plan.cpu_rate,
                             plan.cpu_messages,
                         );
-                        step(out, m, limit, f).await
+                        step(m, plan.step_limit, f).await
                     }
                     _ => unreachable!(),
-                }
+                };
+                out.insert((*m).into(), v);
                 if let Some(r) = running.as_mut() {
                     if !r.proc.alive() {
                         let msg = format!("{kind} exited during {m}:\n{}", r.proc.log_tail());
@@ -753,24 +731,27 @@ async fn run_contender(kind: Kind, args: &Args, env: &Env, out: &mut Map<String,
     }
 }
 
+/// `kind` in front of `upstream` (started, with its listening address as the target), or for direct TLS
+/// no process and `upstream` itself as the target.
+async fn front(kind: Kind, upstream: std::net::SocketAddr, env: &Env, tag: &str) -> Result<(Option<Running>, Target)> {
+    if !kind.is_proxy() {
+        let target = Target::Tls {
+            addr: upstream,
+            config: env.client_config.clone(),
+        };
+        return Ok((None, target));
+    }
+    let r = contender::start(kind, upstream, &env.setup, tag).await?;
+    let target = Target::Plain(r.listen);
+    Ok((Some(r), target))
+}
+
 /// A fresh broker, the contender in front of it (none for direct), and one full MQTT connection
 /// through it as a check that the chain works.
 async fn start_with_broker(kind: Kind, env: &Env) -> Result<(Broker, Option<Running>, Target)> {
     let files = env.broker_files(true);
     let broker = Broker::start(&files, &env.setup.dir, kind.name()).await?;
-    let (running, target) = if kind.is_proxy() {
-        let r = contender::start(kind, broker.addr, &env.setup, "broker").await?;
-        let t = Target::Plain(r.listen);
-        (Some(r), t)
-    } else {
-        (
-            None,
-            Target::Tls {
-                addr: broker.addr,
-                config: env.client_config.clone(),
-            },
-        )
-    };
+    let (running, target) = front(kind, broker.addr, env, "broker").await?;
     check(kind, &target, running.as_ref()).await?;
     Ok((broker, running, target))
 }

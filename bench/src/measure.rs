@@ -268,15 +268,31 @@ async fn round_trips(
 }
 
 /// What one target's connection set-ups came to.
-#[derive(Default)]
 struct SetupTally {
     completed: u64,
     seconds: f64,
     tls: u64,
     resumed: u64,
     errors: BTreeMap<String, usize>,
-    times: Option<Histogram<u64>>,
+    times: Histogram<u64>,
     cpu_s: f64,
+    /// Why the measurement failed (not a device's failed set-up, counted in `errors`, but the driver's own).
+    failure: Option<anyhow::Error>,
+}
+
+impl SetupTally {
+    fn new() -> SetupTally {
+        SetupTally {
+            completed: 0,
+            seconds: 0.0,
+            tls: 0,
+            resumed: 0,
+            errors: BTreeMap::new(),
+            times: hist(),
+            cpu_s: 0.0,
+            failure: None,
+        }
+    }
 }
 
 /// Measurement 3: completed connections per second: TCP, (the contender's mutual-TLS handshake upstream),
@@ -288,13 +304,19 @@ pub async fn setup_rate(
     window: Duration,
     rounds: usize,
 ) -> BTreeMap<String, Result<Value>> {
-    let mut tallies: Vec<SetupTally> = targets.iter().map(|_| SetupTally::default()).collect();
+    let mut tallies: Vec<SetupTally> = targets.iter().map(|_| SetupTally::new()).collect();
     for round in 0..rounds {
         for k in 0..targets.len() {
             let i = (k + round) % targets.len();
             let e = &targets[i];
+            if tallies[i].failure.is_some() {
+                continue;
+            }
             let c0 = e.pgid.map(procfs::group_cpu_secs);
-            setup_window(&e.target, in_flight, window, &mut tallies[i]).await;
+            if let Err(err) = setup_window(&e.target, in_flight, window, &mut tallies[i]).await {
+                tallies[i].failure = Some(err);
+                continue;
+            }
             if let (Some(pgid), Some(c0)) = (e.pgid, c0) {
                 tallies[i].cpu_s += procfs::group_cpu_secs(pgid) - c0;
             }
@@ -302,7 +324,9 @@ pub async fn setup_rate(
     }
     let mut out = BTreeMap::new();
     for (e, t) in targets.iter().zip(tallies) {
-        let r = if t.completed == 0 {
+        let r = if let Some(err) = t.failure {
+            Err(err)
+        } else if t.completed == 0 {
             Err(anyhow!("no connection completed: {:?}", t.errors))
         } else {
             let mut v = json!({
@@ -312,7 +336,7 @@ pub async fn setup_rate(
                 "per_second": t.completed as f64 / t.seconds,
                 "failed": t.errors.values().sum::<usize>(),
                 "errors": t.errors,
-                "setup_time": summary_us(t.times.as_ref().expect("times")),
+                "setup_time": summary_us(&t.times),
             });
             if t.tls > 0 {
                 v["device_tls_resumed"] = json!(t.resumed);
@@ -329,7 +353,7 @@ pub async fn setup_rate(
 }
 
 /// Set-ups through `target` for `window` (those started before its end are finished and counted).
-async fn setup_window(target: &Target, in_flight: usize, window: Duration, tally: &mut SetupTally) {
+async fn setup_window(target: &Target, in_flight: usize, window: Duration, tally: &mut SetupTally) -> Result<()> {
     let start = Instant::now();
     let deadline = start + window;
     let mut set = JoinSet::new();
@@ -366,11 +390,10 @@ async fn setup_window(target: &Target, in_flight: usize, window: Duration, tally
             (ok, h, tls, resumed, errors)
         });
     }
-    let times = tally.times.get_or_insert_with(hist);
     while let Some(r) = set.join_next().await {
-        let Ok((ok, wh, t, res, errs)) = r else { continue };
+        let (ok, wh, t, res, errs) = r.context("a set-up task failed")?;
         tally.completed += ok;
-        let _ = times.add(wh);
+        tally.times.add(wh).context("adding a task's set-up times")?;
         tally.tls += t;
         tally.resumed += res;
         for (k, v) in errs {
@@ -378,6 +401,7 @@ async fn setup_window(target: &Target, in_flight: usize, window: Duration, tally
         }
     }
     tally.seconds += start.elapsed().as_secs_f64();
+    Ok(())
 }
 
 /// Measurement 4: `n` devices connect at the same instant; each retries (after 100-200 ms) when refused or failed,

@@ -11,6 +11,9 @@ use anyhow::{bail, Context, Result};
 
 pub struct Proc {
     pub name: String,
+    /// Whether drop sends SIGTERM to the process first and waits for it to exit (mqtls under a profiler,
+    /// which must write its data), before the SIGKILL to the group.
+    pub term_first: bool,
     child: Child,
     stderr: PathBuf,
 }
@@ -27,6 +30,7 @@ impl Proc {
         let child = cmd.spawn().with_context(|| format!("start {name}: {cmd:?}"))?;
         Ok(Proc {
             name: name.to_owned(),
+            term_first: false,
             child,
             stderr: log,
         })
@@ -80,7 +84,7 @@ impl Drop for Proc {
     fn drop(&mut self) {
         // Under a profiler (MQTLS_BENCH_WRAP), mqtls gets SIGTERM first so that the profiler can write its
         // data; mqtls closes its connections and exits within its 10 s grace period.
-        if self.name == "mqtls" && std::env::var_os("MQTLS_BENCH_WRAP").is_some() {
+        if self.term_first {
             let pgid = self.child.id() as i32;
             for pid in crate::procfs::group(pgid) {
                 if fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim().starts_with("mqtls")) {

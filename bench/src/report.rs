@@ -272,24 +272,8 @@ fn columns(all: &Value) -> Vec<Kind> {
 
 /// mqtls / best peer, and which peer was best.
 fn best_ratio(row: &Row, all: &Value) -> Option<(f64, Kind)> {
-    let Cell::Num(m) = (row.get)(all, Kind::Mqtls) else {
-        return None;
-    };
-    let mut best: Option<(f64, Kind)> = None;
-    for p in Kind::PEERS {
-        if let Cell::Num(v) = (row.get)(all, p) {
-            let better = match (best, row.better) {
-                (None, _) => true,
-                (Some((b, _)), Better::Lower) => v < b,
-                (Some((b, _)), Better::Higher) => v > b,
-                _ => false,
-            };
-            if better {
-                best = Some((v, p));
-            }
-        }
-    }
-    let (b, p) = best?;
+    let m = mqtls_num(row, all)?;
+    let (b, p) = best_of(row, all, &Kind::PEERS)?;
     (b > 0.0 && m > 0.0 && m.is_finite()).then(|| (m / b, p))
 }
 
@@ -716,4 +700,29 @@ and after, and where an idle connection's memory goes).
         rate = thousands(p["cpu_rate"].as_f64().unwrap_or(0.0) as u64),
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every target is found by its row's label: a renamed label would drop a target without a word.
+    #[test]
+    fn every_target_finds_its_row() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results/results.json");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let all: Value = serde_json::from_str(&text).expect("results.json parses");
+        let plan = &all["meta"]["plan"];
+        let count = |key: &str| plan[key].as_array().map_or(0, Vec::len);
+        let (memory, latency) = (count("memory_n"), count("latency_payloads"));
+        assert!(
+            memory > 0 && latency > 0,
+            "the plan in results.json lists memory N and latency payloads"
+        );
+        // 2 per memory N (half of the best, 12 KiB), 2 per latency payload (added p50, p99), plus set-up
+        // with and without resumption, the storm, bulk throughput and throughput / plain TCP.
+        let expected = 2 * memory + 2 * latency + 5;
+        let found: Vec<String> = targets(&all).into_iter().map(|t| t.what).collect();
+        assert_eq!(found.len(), expected, "targets found: {found:#?}");
+    }
 }
