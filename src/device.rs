@@ -323,3 +323,33 @@ pub fn expiry(not_after: SystemTime, now: SystemTime) -> String {
         Err(_) => format!("{date} (EXPIRED)"),
     }
 }
+
+#[cfg(test)]
+impl DeviceTable {
+    /// A table of `devices` and `fallback` whose identities were made in memory, for tests of what
+    /// happens around a lookup.
+    pub(crate) fn of(devices: Vec<Device>, fallback: Option<Device>) -> DeviceTable {
+        let mut by_client_id: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut without_client_id = Vec::new();
+        for (i, d) in devices.iter().enumerate() {
+            match &d.client_id {
+                Some(id) => by_client_id.entry(id.clone()).or_default().push(i),
+                None => without_client_id.push(i),
+            }
+        }
+        DeviceTable {
+            devices: devices.into_iter().map(Arc::new).collect(),
+            by_client_id,
+            without_client_id,
+            fallback: fallback.map(Arc::new),
+            pending: Vec::new(),
+            tls: TlsInputs {
+                ca_file: None,
+                ca_stamp: None,
+                alpn: Vec::new(),
+                allow_readable_keys: false,
+                roots: Arc::new(rustls::RootCertStore::empty()),
+            },
+        }
+    }
+}

@@ -21,18 +21,22 @@
 
 pub mod certs;
 pub mod config;
+pub mod daemon;
 pub mod device;
+mod duplex;
 pub mod metrics;
 pub mod mqtt;
-pub mod pipe;
+mod pipe;
 pub mod proxy;
+mod refusal;
 pub mod reload;
-pub mod socket;
+mod socket;
 pub mod stamp;
 pub mod systemd;
 pub mod tls;
-pub mod tls_stream;
-pub mod upstream;
+mod upstream;
 
 pub use config::Config;
 pub use proxy::{Generation, Proxy};
+pub use reload::{load, Loaded};
+pub use upstream::Connector;

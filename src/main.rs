@@ -8,11 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use mqtls::proxy::ProxyHandle;
-use mqtls::reload::Reloader;
+use mqtls::daemon::{Control, Daemon};
 use mqtls::systemd::{self, Notifier};
-use mqtls::{Config, Generation, Proxy};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -136,19 +133,13 @@ where
     }
 }
 
-fn load(path: &std::path::Path) -> Result<(Config, Generation), mqtls::config::ConfigErrors> {
-    let config = Config::load(path)?;
-    let generation = Generation::load(&config)?;
-    Ok((config, generation))
-}
-
 fn check(path: &std::path::Path) -> ExitCode {
-    match load(path) {
-        Ok((config, generation)) => {
+    match mqtls::load(path) {
+        Ok(mqtls::Loaded { config, generation, .. }) => {
             let now = SystemTime::now();
             print!("{}", generation.table.describe(now));
             let warnings = generation.table.warnings(now).into_iter();
-            for w in warnings.chain(descriptor_warning(config.listen.max_connections)) {
+            for w in warnings.chain(mqtls::daemon::descriptor_warning(config.listen.max_connections)) {
                 eprintln!("warning: {w}");
             }
             let n = generation.table.devices().len();
@@ -173,11 +164,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
-    let mqtls::reload::Loaded {
-        config,
-        generation,
-        baseline,
-    } = match mqtls::reload::load(path) {
+    let loaded = match mqtls::load(path) {
         Ok(loaded) => loaded,
         Err(errors) => {
             for e in &errors.0 {
@@ -192,71 +179,28 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     };
     // Before any thread starts: taking the passed sockets clears LISTEN_FDS from the environment.
     let passed = systemd::take_passed_listeners()?;
-    let adopted = systemd::match_passed(passed, &config.all_listen_addresses(), &config.path)?;
-    let grace = config.listen.shutdown_grace;
+    let adopted = systemd::match_passed(passed, &loaded.config.all_listen_addresses(), &loaded.config.path)?;
+    let grace = loaded.config.listen.shutdown_grace;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let devices = generation.table.devices().len();
         let notifier = Notifier::from_env();
         // Handlers first: a signal that arrives once "ready" is logged must stop us cleanly.
         let signals = Signals::install(notifier.clone(), grace).context("cannot install signal handlers")?;
-        let proxy = Proxy::bind_adopting(&config, generation, adopted).await?;
         let shutdown = CancellationToken::new();
-        let (reload_requests, reload_queue) = mpsc::channel(1);
-        tokio::spawn(signals.dispatch(shutdown.clone(), reload_requests));
-        let metrics_stop = CancellationToken::new();
-        if let Some(m) = &config.metrics {
-            let listener = TcpListener::bind(m.address)
-                .await
-                .with_context(|| format!("{}: `metrics.address`: cannot listen on {}", path.display(), m.address))?;
-            let local = listener.local_addr()?;
-            info!(address = %local, "metrics endpoint: GET http://{local}/metrics");
-            tokio::spawn(mqtls::metrics::serve(listener, proxy.metrics(), metrics_stop.clone()));
-        }
-        let reloader = Reloader::new(path, config.clone(), baseline, proxy.handle()).on_reload(systemd_reload_hook(
-            notifier.clone(),
-            proxy.handle(),
-            shutdown.clone(),
-        ));
-        tokio::spawn(reloader.run(reload_queue, shutdown.clone()));
-        if let Some(w) = descriptor_warning(config.listen.max_connections) {
-            warn!("{w}");
-        }
-        let addrs: Vec<String> = proxy.local_addrs().iter().map(ToString::to_string).collect();
-        info!(listen = %addrs.join(","), devices, version = env!("CARGO_PKG_VERSION"), "mqtls ready");
-        notifier.ready(&serving_status(&proxy.handle()));
-        if let Some(interval) = systemd::watchdog_interval() {
-            tokio::spawn(systemd::feed_watchdog(notifier.clone(), interval));
-        }
-        proxy.run(shutdown, grace).await;
-        metrics_stop.cancel();
-        info!("stopped");
+        let (reload_requests, reload) = mpsc::channel(1);
+        let control = Control {
+            shutdown: shutdown.clone(),
+            reload,
+            notifier,
+            adopted,
+        };
+        let daemon = Daemon::start(loaded, control).await?;
+        tokio::spawn(signals.dispatch(shutdown, reload_requests));
+        daemon.run().await;
         Ok(())
-    })
-}
-
-/// What `systemctl status` shows while mqtls serves.
-fn serving_status(proxy: &ProxyHandle) -> String {
-    let addrs: Vec<String> = proxy.local_addrs().iter().map(ToString::to_string).collect();
-    let devices = proxy.generation().table.devices().len();
-    format!("serving {devices} device(s) on {}", addrs.join(","))
-}
-
-/// RELOADING=1 when a reload starts (SIGHUP or a file change), READY=1 when it has ended, whatever the
-/// outcome. Once stopping, a reload that ends must not say READY=1 again after STOPPING=1.
-fn systemd_reload_hook(notifier: Notifier, proxy: ProxyHandle, shutdown: CancellationToken) -> mqtls::reload::Notify {
-    Box::new(move |starting| {
-        if shutdown.is_cancelled() {
-            return;
-        }
-        if starting {
-            notifier.reloading();
-        } else {
-            notifier.ready(&serving_status(&proxy));
-        }
     })
 }
 
@@ -304,17 +248,4 @@ impl Signals {
         warn!(signal = name, "second signal: stopping now");
         std::process::exit(0);
     }
-}
-
-/// Each proxied connection holds two file descriptors; warn when the process limit cannot cover
-/// `max_connections` (the accept loop would then fail with EMFILE instead of answering "busy").
-fn descriptor_warning(max_connections: usize) -> Option<String> {
-    let soft = mqtls::metrics::process::open_files_limit()? as usize;
-    let needed = 2 * max_connections + 64;
-    (soft < needed).then(|| {
-        format!(
-            "listen.max_connections = {max_connections} needs about {needed} open files, but the limit is {soft}; \
-             raise it (systemd: LimitNOFILE={needed}; shell: ulimit -n {needed}) or lower max_connections"
-        )
-    })
 }

@@ -281,30 +281,33 @@ pub async fn read_connect<R: AsyncRead + Unpin>(
     }
 }
 
-/// Why mqtls refuses a device before the broker is reached.
+/// A CONNACK that mqtls sends itself, to refuse a device: no session present, a return code (3.1, 3.1.1)
+/// or reason code (5.0), no properties.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The client id is not acceptable (e.g. no identity is configured for it).
-    IdentifierRejected,
-    /// The broker cannot be reached.
-    ServerUnavailable,
-    /// mqtls is overloaded.
-    ServerBusy,
+pub struct OwnConnack {
+    bytes: [u8; 5],
+    len: usize,
 }
 
-/// The CONNACK to send to a refused device, in the device's protocol version.
-///
-/// 3.1 and 3.1.1 have no "busy" code, so `ServerBusy` is sent as
-/// "server unavailable" (0x03) there.
-pub fn connack(version: ProtocolVersion, refusal: Refusal) -> &'static [u8] {
-    match (version, refusal) {
-        (ProtocolVersion::V31 | ProtocolVersion::V311, Refusal::IdentifierRejected) => &[0x20, 0x02, 0x00, 0x02],
-        (ProtocolVersion::V31 | ProtocolVersion::V311, Refusal::ServerUnavailable | Refusal::ServerBusy) => {
-            &[0x20, 0x02, 0x00, 0x03]
-        }
-        (ProtocolVersion::V5, Refusal::IdentifierRejected) => &[0x20, 0x03, 0x00, 0x85, 0x00],
-        (ProtocolVersion::V5, Refusal::ServerUnavailable) => &[0x20, 0x03, 0x00, 0x88, 0x00],
-        (ProtocolVersion::V5, Refusal::ServerBusy) => &[0x20, 0x03, 0x00, 0x89, 0x00],
+impl OwnConnack {
+    /// The packet's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// The CONNACK carrying `code`, in the device's protocol version (see [`crate::refusal`] for which code
+/// answers which refusal).
+pub fn connack(version: ProtocolVersion, code: u8) -> OwnConnack {
+    match version {
+        ProtocolVersion::V31 | ProtocolVersion::V311 => OwnConnack {
+            bytes: [CONNACK_BYTE, 0x02, 0x00, code, 0],
+            len: 4,
+        },
+        ProtocolVersion::V5 => OwnConnack {
+            bytes: [CONNACK_BYTE, 0x03, 0x00, code, 0x00],
+            len: 5,
+        },
     }
 }
 
@@ -1283,22 +1286,17 @@ mod tests {
     #[test]
     fn connack_bytes() {
         use ProtocolVersion::*;
-        use Refusal::*;
         for v in [V31, V311] {
-            assert_eq!(connack(v, IdentifierRejected), [0x20, 2, 0, 0x02]);
-            assert_eq!(connack(v, ServerUnavailable), [0x20, 2, 0, 0x03]);
-            assert_eq!(connack(v, ServerBusy), [0x20, 2, 0, 0x03]);
+            assert_eq!(connack(v, 0x02).as_bytes(), [0x20, 2, 0, 0x02]);
         }
-        assert_eq!(connack(V5, IdentifierRejected), [0x20, 3, 0, 0x85, 0]);
-        assert_eq!(connack(V5, ServerUnavailable), [0x20, 3, 0, 0x88, 0]);
-        assert_eq!(connack(V5, ServerBusy), [0x20, 3, 0, 0x89, 0]);
+        assert_eq!(connack(V5, 0x85).as_bytes(), [0x20, 3, 0, 0x85, 0]);
         // Our own refusals parse back.
         for v in [V31, V311, V5] {
-            for r in [IdentifierRejected, ServerUnavailable, ServerBusy] {
-                let bytes = connack(v, r);
-                let c = parse_connack(bytes, v).unwrap();
-                assert_eq!(c.packet_len, bytes.len());
-                assert_eq!(c.code, bytes[3]);
+            for code in [0x02, 0x03, 0x85, 0x88, 0x89] {
+                let own = connack(v, code);
+                let c = parse_connack(own.as_bytes(), v).unwrap();
+                assert_eq!(c.packet_len, own.as_bytes().len());
+                assert_eq!(c.code, code);
                 assert!(!c.session_present);
             }
         }

@@ -19,8 +19,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::ReadBuf;
 use tokio::time::{Instant, Sleep};
+
+use crate::duplex::Duplex;
 
 /// Size of a copy buffer while bytes are in flight: one full TLS record of plaintext.
 pub const COPY_BUFFER_SIZE: usize = 16 * 1024;
@@ -206,14 +208,14 @@ impl Half {
         activity: &mut bool,
     ) -> Poll<Result<(), Failed>>
     where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
+        R: Duplex + ?Sized,
+        W: Duplex + ?Sized,
     {
         let mut read_something = false;
         loop {
             if self.pending() {
                 let buf = self.buf.as_deref().unwrap_or_default();
-                let n = match ready!(Pin::new(&mut *writer).poll_write(cx, &buf[self.start..self.end])) {
+                let n = match ready!(writer.poll_write(cx, &buf[self.start..self.end])) {
                     Ok(0) => return Poll::Ready(Err(Failed::Writer(io::ErrorKind::WriteZero.into()))),
                     Ok(n) => n,
                     Err(e) => return Poll::Ready(Err(Failed::Writer(e))),
@@ -225,9 +227,9 @@ impl Half {
                 continue;
             }
             if self.read_done {
-                ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(Failed::Writer)?;
+                ready!(writer.poll_flush(cx)).map_err(Failed::Writer)?;
                 // The peer may already be gone; its end-of-stream is then reported by the other direction.
-                let _ = ready!(Pin::new(&mut *writer).poll_shutdown(cx));
+                let _ = ready!(writer.poll_shutdown(cx));
                 self.buf = None;
                 return Poll::Ready(Ok(()));
             }
@@ -239,7 +241,7 @@ impl Half {
             let polled = match self.buf.as_deref_mut() {
                 Some(buf) => {
                     let mut rb = ReadBuf::new(buf);
-                    match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
+                    match reader.poll_read(cx, &mut rb) {
                         Poll::Ready(Ok(())) => {
                             let n = rb.filled().len();
                             self.filled = n == rb.capacity();
@@ -268,7 +270,7 @@ impl Half {
                         self.buf = None;
                         self.filled = false;
                     }
-                    ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(Failed::Writer)?;
+                    ready!(writer.poll_flush(cx)).map_err(Failed::Writer)?;
                     return Poll::Pending;
                 }
             }
@@ -285,12 +287,12 @@ impl Half {
         writer: &mut W,
     ) -> Poll<Result<usize, Failed>>
     where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
+        R: Duplex + ?Sized,
+        W: Duplex + ?Sized,
     {
         let mut small = [0u8; SMALL_READ];
         let mut rb = ReadBuf::new(&mut small);
-        ready!(Pin::new(&mut *reader).poll_read(cx, &mut rb)).map_err(Failed::Reader)?;
+        ready!(reader.poll_read(cx, &mut rb)).map_err(Failed::Reader)?;
         let n = rb.filled().len();
         if n == 0 {
             return Poll::Ready(Ok(0));
@@ -301,7 +303,7 @@ impl Half {
             let mut buf = Buffer::copy();
             buf[..n].copy_from_slice(&small);
             let mut rest = ReadBuf::new(&mut buf[n..]);
-            let more = match Pin::new(&mut *reader).poll_read(cx, &mut rest) {
+            let more = match reader.poll_read(cx, &mut rest) {
                 Poll::Ready(Ok(())) if rest.filled().is_empty() => {
                     self.read_done = true;
                     0
@@ -321,7 +323,7 @@ impl Half {
             self.buf = Some(buf);
             return Poll::Ready(Ok(n + more));
         }
-        let written = match Pin::new(&mut *writer).poll_write(cx, &small[..n]) {
+        let written = match writer.poll_write(cx, &small[..n]) {
             Poll::Ready(Ok(w)) => w,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(Failed::Writer(e))),
             Poll::Pending => 0,
@@ -344,8 +346,8 @@ const SMALL_READ: usize = 2048;
 /// silent longer than `silence_limit` (`None`: no limit).
 pub async fn pipe<D, B>(device: &mut D, broker: &mut B, silence_limit: Option<Duration>) -> Transfer
 where
-    D: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    D: Duplex + ?Sized,
+    B: Duplex + ?Sized,
 {
     let mut up = Half::default();
     let mut down = Half::default();
@@ -414,6 +416,7 @@ impl Failed {
 mod tests {
     use super::*;
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncRead, AsyncWrite};
 
     #[tokio::test]
     async fn copies_both_ways_and_honours_half_close() {

@@ -335,7 +335,8 @@ async fn a_broker_that_rejects_the_device_certificate_is_counted_and_the_device_
     );
     assert_eq!(s.get("mqtls_connections_active{device=\"stranger-cert\"}"), 0.0);
     let line = daemon.wait_line(&["the broker did not accept the connection"]).await;
-    assert!(line.contains("reason=\"tls\""), "{line}");
+    assert!(line.contains("reason=\"broker_unreachable\""), "{line}");
+    assert!(line.contains("failure=\"tls\""), "{line}");
 }
 
 #[tokio::test]

@@ -25,51 +25,11 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::device::DeviceTable;
+use crate::refusal::Reason;
 use crate::upstream::Failure;
 
 pub use endpoint::serve;
 pub use metered::Metered;
-
-/// Why a connection was refused before it reached the broker; the `reason` label of
-/// `mqtls_connections_refused_total` and of the refusal log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
-    /// No device entry matches (answered CONNACK "identifier rejected").
-    UnknownDevice,
-    /// The broker could not be reached as that device (answered "server unavailable").
-    BrokerUnreachable,
-    /// The first packet was not a valid CONNECT, or too large (closed).
-    BadConnect,
-    /// No complete CONNECT within `listen.connect_timeout` (closed).
-    ConnectTimeout,
-    /// Over `listen.max_connections` (answered "server busy", or closed in a flood).
-    Busy,
-    /// Over `listen.max_pending_per_source` for one address (closed).
-    SourceLimit,
-}
-
-impl Refused {
-    const ALL: [Refused; 6] = [
-        Refused::UnknownDevice,
-        Refused::BrokerUnreachable,
-        Refused::BadConnect,
-        Refused::ConnectTimeout,
-        Refused::Busy,
-        Refused::SourceLimit,
-    ];
-
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            Refused::UnknownDevice => "unknown_device",
-            Refused::BrokerUnreachable => "broker_unreachable",
-            Refused::BadConnect => "bad_connect",
-            Refused::ConnectTimeout => "connect_timeout",
-            Refused::Busy => "busy",
-            Refused::SourceLimit => "source_limit",
-        }
-    }
-}
 
 /// How often histogram samples are folded into their buckets.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -141,7 +101,7 @@ struct DeviceSeries {
 pub struct Metrics {
     handle: PrometheusHandle,
     accepted: Counter,
-    refused: [Counter; Refused::ALL.len()],
+    refused: [Counter; Reason::ALL.len()],
     upstream_failures: [Counter; Failure::ALL.len()],
     handshake: Histogram,
     duration: Histogram,
@@ -216,7 +176,7 @@ impl Metrics {
             "TCP connections accepted from devices.",
             &[],
         );
-        let refused = Refused::ALL.map(|reason| {
+        let refused = Reason::ALL.map(|reason| {
             r.counter(
                 "mqtls_connections_refused_total",
                 "Connections refused before reaching the broker, by reason.",
@@ -269,13 +229,13 @@ impl Metrics {
         self.accepted.increment(1);
     }
 
-    /// A connection was refused before reaching the broker.
-    pub fn refused(&self, reason: Refused) {
+    /// A connection was refused before its session started (see [`crate::refusal`], which calls this).
+    pub(crate) fn refused(&self, reason: Reason) {
         self.refused[reason as usize].increment(1);
     }
 
     /// One attempt to reach a broker address failed.
-    pub fn upstream_failure(&self, failure: Failure) {
+    pub(crate) fn upstream_failure(&self, failure: Failure) {
         self.upstream_failures[failure as usize].increment(1);
     }
 
@@ -539,7 +499,7 @@ mod tests {
     #[test]
     fn registered_series_show_at_zero_with_help() {
         let m = Metrics::new(true);
-        m.refused(Refused::Busy);
+        m.refused(Reason::Busy);
         m.upstream_failure(Failure::Tls);
         m.upstream_reached(Duration::from_millis(3));
         let text = m.render();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mqtls::{Config, Generation, Proxy};
+use mqtls::Proxy;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -183,9 +183,11 @@ impl RunningProxy {
     /// Loads `config` with the library (as `mqtls run` does), binds, and serves in a task.
     pub async fn start(config: &ProxyConfig, dir: &Path) -> RunningProxy {
         let path = config.write(dir);
-        let cfg = Config::load(&path).unwrap_or_else(|e| panic!("config rejected:\n{e}\n---\n{}", config.toml()));
-        let generation = Generation::load(&cfg).unwrap_or_else(|e| panic!("identities rejected:\n{e}"));
-        let proxy = Proxy::bind(&cfg, generation).await.expect("bind");
+        let loaded = mqtls::load(&path).unwrap_or_else(|e| panic!("config rejected:\n{e}\n---\n{}", config.toml()));
+        let metrics = std::sync::Arc::new(mqtls::metrics::Metrics::new(true));
+        let proxy = Proxy::bind(&loaded.config, loaded.generation, metrics)
+            .await
+            .expect("bind");
         let addrs = proxy.local_addrs();
         let handle = proxy.handle();
         let shutdown = CancellationToken::new();

@@ -19,6 +19,8 @@ use rustls::{ClientConfig, RootCertStore};
 
 use crate::stamp::Stamp;
 
+pub(crate) mod stream;
+
 /// The crypto provider used for every TLS connection mqtls makes.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -279,4 +281,30 @@ pub fn load_identity(cert: &Path, key: &Path, settings: &TlsSettings) -> Result<
         key_mode,
         files,
     })
+}
+
+#[cfg(test)]
+impl Identity {
+    /// An identity that presents no client certificate, made without files, for tests whose broker is
+    /// a stand-in.
+    pub(crate) fn in_memory(name: &str) -> Identity {
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("the provider supports the default versions")
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth();
+        let now = SystemTime::now();
+        Identity {
+            client_config: Arc::new(config),
+            summary: CertSummary {
+                subject: format!("CN={name}"),
+                issuer: "CN=test".into(),
+                serial: "01".into(),
+                not_before: now,
+                not_after: now + Duration::from_secs(86_400),
+            },
+            key_mode: 0o600,
+            files: SourceFiles::stamp(Path::new("/nonexistent/cert.pem"), Path::new("/nonexistent/key.pem")),
+        }
+    }
 }

@@ -1,5 +1,5 @@
-//! Reaching the broker: resolve, connect (addresses in order, each under a timeout), TLS handshake with
-//! the device's identity.
+//! The real broker side: resolve, connect (addresses in order, each under a timeout), and the TLS
+//! handshake with the device's identity.
 //!
 //! Names are resolved for every connection rather than once at start-up: gateways often boot before
 //! their DNS works, and brokers move. The connector knows nothing about MQTT or about the device socket.
@@ -8,98 +8,24 @@
 //! devices reconnect at once, opening all their broker connections together overflows the broker's
 //! accept queue (Mosquitto listens with a backlog of 100): the kernel drops the SYNs it has no room for and
 //! retries them only after 1 s, 3 s, 7 s, so the broker idles between bursts and slow devices get "server
-//! unavailable". Waiting for a turn in mqtls instead keeps the broker busy at its own pace.
-//!
-//! A connection keeps its turn until the broker first answers on it (its CONNACK), not only until the
-//! TLS handshake ends on our side: until then the broker still has work to do for it (our last handshake
-//! message, the CONNECT), and by then it has sent its TLS 1.3 session tickets, so that the next connection
-//! to start can resume a session (cheaper for the broker) rather than make a full handshake.
+//! unavailable". Waiting for a turn in mqtls instead keeps the broker busy at its own pace; see
+//! [`super::turn`] for how long a connection keeps its turn.
 
-use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::{sleep, timeout, Sleep};
+use tokio::sync::Semaphore;
+use tokio::time::timeout;
 
+use super::{Broker, BrokerStream, ConnectError, Connected, Failure};
 use crate::config::{HostPort, Upstream};
 use crate::socket;
-use crate::tls_stream::TlsStream;
-
-/// What kind of failure stopped an attempt to reach the broker; the label metrics and logs use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Failure {
-    /// No turn to connect came within the handshake timeout: `upstream.max_connecting` connections were
-    /// being opened all that time.
-    QueueTimeout,
-    /// The name did not resolve.
-    Resolve,
-    /// TCP connect refused, unreachable or timed out.
-    Connect,
-    /// The TLS handshake did not finish in time.
-    HandshakeTimeout,
-    /// The TLS handshake failed (untrusted chain, wrong name, client certificate rejected...).
-    Tls,
-}
-
-impl Failure {
-    /// Every failure, in declaration order (`failure as usize` indexes it).
-    pub const ALL: [Failure; 5] = [
-        Failure::QueueTimeout,
-        Failure::Resolve,
-        Failure::Connect,
-        Failure::HandshakeTimeout,
-        Failure::Tls,
-    ];
-
-    /// A short, stable label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Failure::QueueTimeout => "queue_timeout",
-            Failure::Resolve => "resolve",
-            Failure::Connect => "connect",
-            Failure::HandshakeTimeout => "handshake_timeout",
-            Failure::Tls => "tls",
-        }
-    }
-}
-
-/// Why the broker could not be reached: every attempt, in order.
-#[derive(Debug, thiserror::Error)]
-#[error("{}", .attempts.iter().map(|(_, text)| text.as_str()).collect::<Vec<_>>().join("; "))]
-pub struct ConnectError {
-    /// Each attempt's failure and its description (address and cause).
-    pub attempts: Vec<(Failure, String)>,
-}
-
-impl ConnectError {
-    /// The most telling failure: a broker that answered but could not be trusted says more than one
-    /// that did not answer, which says more than a name that did not resolve.
-    pub fn reason(&self) -> &'static str {
-        self.attempts
-            .iter()
-            .map(|(f, _)| *f)
-            .max()
-            .unwrap_or(Failure::Connect)
-            .label()
-    }
-}
-
-/// A TLS connection to the broker, and the attempts that failed before it (failover).
-#[derive(Debug)]
-pub struct Connected {
-    /// The connection.
-    pub stream: BrokerStream,
-    /// Each earlier address's failure, in order.
-    pub failed: Vec<Failure>,
-}
+use crate::tls::stream::{self, TlsStream};
+use crate::tls::Identity;
 
 /// Opens TLS connections to the configured broker.
 #[derive(Debug, Clone)]
@@ -114,14 +40,9 @@ pub struct Connector {
 }
 
 impl Connector {
-    /// A connector for the `[upstream]` settings.
-    pub fn new(upstream: &Upstream) -> Self {
-        Connector::new_after(upstream, None)
-    }
-
-    /// Like [`Connector::new`], sharing `previous`'s turns when `max_connecting` is unchanged: the limit
-    /// holds for the process across a reload, not for each configuration generation.
-    pub fn new_after(upstream: &Upstream, previous: Option<&Connector>) -> Self {
+    /// A connector for the `[upstream]` settings, sharing `previous`'s turns when `max_connecting` is
+    /// unchanged: the limit holds for the process across a reload, not for each configuration generation.
+    pub(crate) fn new_after(upstream: &Upstream, previous: Option<&Connector>) -> Self {
         let turns = match previous {
             Some(p) if p.max_connecting == upstream.max_connecting => p.turns.clone(),
             _ => Arc::new(Semaphore::new(upstream.max_connecting)),
@@ -136,16 +57,11 @@ impl Connector {
         }
     }
 
-    /// The limit for the TLS handshake, also used for the broker's first answer.
-    pub fn handshake_timeout(&self) -> Duration {
-        self.handshake_timeout
-    }
-
     /// Connects to the first broker address that answers and completes the TLS handshake with `config`.
     /// An address that fails at any step (resolve, connect, handshake) passes the turn to the next. Waits
     /// first, at most the handshake timeout, until fewer than `upstream.max_connecting` connections are
     /// being opened.
-    pub async fn connect(&self, config: Arc<ClientConfig>) -> Result<Connected, ConnectError> {
+    async fn open(&self, config: Arc<ClientConfig>) -> Result<Connected<Session>, ConnectError> {
         let Ok(Ok(permit)) = timeout(self.handshake_timeout, self.turns.clone().acquire_owned()).await else {
             let text = format!(
                 "no turn to connect within {:?}: {} connections to the broker were being opened all that time (upstream.max_connecting)",
@@ -202,7 +118,7 @@ impl Connector {
         tcp: TcpStream,
         hp: &HostPort,
         config: Arc<ClientConfig>,
-    ) -> Result<TlsStream, (Failure, String)> {
+    ) -> Result<TlsStream<TcpStream>, (Failure, String)> {
         socket::tune(&tcp);
         let name = match &self.server_name {
             Some(n) => n.clone(),
@@ -223,74 +139,22 @@ impl Connector {
     }
 }
 
-/// The broker side of a proxied connection: a TLS stream that holds its connector's turn until the broker
-/// first answers on it (a read that returns bytes, the end of the stream or an error), or for at most the
-/// handshake timeout after the handshake, so that a broker that never answers does not keep it.
-pub struct BrokerStream<S = TlsStream> {
-    tls: S,
-    turn: Option<Turn>,
-}
+/// A session opened by the [`Connector`].
+pub(crate) type Session = BrokerStream<TlsStream<TcpStream>>;
 
-struct Turn {
-    _permit: OwnedSemaphorePermit,
-    deadline: Pin<Box<Sleep>>,
-}
+impl Broker for Connector {
+    type Stream = Session;
 
-impl<S> BrokerStream<S> {
-    fn new(tls: S, permit: OwnedSemaphorePermit, answer_within: Duration) -> BrokerStream<S> {
-        let turn = Turn {
-            _permit: permit,
-            deadline: Box::pin(sleep(answer_within)),
-        };
-        BrokerStream { tls, turn: Some(turn) }
-    }
-}
-
-impl<S> std::fmt::Debug for BrokerStream<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BrokerStream")
-            .field("holds_turn", &self.turn.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for BrokerStream<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.tls).poll_read(cx, buf);
-        if let Some(turn) = &mut this.turn {
-            // Polling the deadline registers this task to be woken when it passes.
-            if polled.is_ready() || turn.deadline.as_mut().poll(cx).is_ready() {
-                this.turn = None;
-            }
-        }
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for BrokerStream<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
+    async fn connect(&self, identity: &Identity) -> Result<Connected<Session>, ConnectError> {
+        self.open(identity.client_config.clone()).await
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tls).poll_write_vectored(cx, bufs)
+    fn answer_timeout(&self) -> Duration {
+        self.handshake_timeout
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.tls.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tls).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
+    fn refused_session(&self, error: &io::Error) -> bool {
+        stream::is_tls_failure(error)
     }
 }
 
@@ -301,11 +165,10 @@ mod tests {
     use std::time::Instant;
 
     use rustls::RootCertStore;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     fn connector(port: u16, max_connecting: usize, handshake_timeout: Duration) -> Connector {
-        Connector::new(&upstream(port, max_connecting, handshake_timeout))
+        Connector::new_after(&upstream(port, max_connecting, handshake_timeout), None)
     }
 
     fn upstream(port: u16, max_connecting: usize, handshake_timeout: Duration) -> Upstream {
@@ -352,49 +215,9 @@ mod tests {
         // Nothing listens on port 1: reaching the network at all would fail as `connect` instead.
         let c = connector(1, 2, Duration::from_secs(10));
         let _taken = c.turns.clone().acquire_many_owned(2).await.unwrap();
-        let e = c.connect(client_config()).await.unwrap_err();
-        assert_eq!(e.reason(), "queue_timeout", "{e}");
+        let e = c.open(client_config()).await.unwrap_err();
+        assert_eq!(e.failure(), Failure::QueueTimeout, "{e}");
         assert!(e.to_string().contains("upstream.max_connecting"), "{e}");
-    }
-
-    #[tokio::test]
-    async fn the_turn_is_kept_until_the_broker_first_answers() {
-        let turns = Arc::new(Semaphore::new(1));
-        let (mut broker, ours) = tokio::io::duplex(64);
-        let mut s = BrokerStream::new(
-            ours,
-            turns.clone().try_acquire_owned().unwrap(),
-            Duration::from_secs(3600),
-        );
-        s.write_all(b"CONNECT").await.unwrap();
-        assert_eq!(turns.available_permits(), 0, "writing is no answer");
-        broker.write_all(b"CONNACK").await.unwrap();
-        let mut got = [0u8; 7];
-        s.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"CONNACK");
-        assert_eq!(turns.available_permits(), 1, "given back at the first answer");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_broker_that_never_answers_keeps_the_turn_only_until_the_deadline() {
-        let turns = Arc::new(Semaphore::new(1));
-        let (_broker, ours) = tokio::io::duplex(64);
-        let s = BrokerStream::new(
-            ours,
-            turns.clone().try_acquire_owned().unwrap(),
-            Duration::from_secs(10),
-        );
-        let reader = tokio::spawn(async move {
-            let mut s = s;
-            let mut b = [0u8; 1];
-            s.read(&mut b).await
-        });
-        tokio::time::sleep(Duration::from_secs(9)).await;
-        assert_eq!(turns.available_permits(), 0);
-        // Only the deadline can wake the reader: the broker says nothing.
-        let again = timeout(Duration::from_secs(60), turns.acquire()).await;
-        assert!(again.is_ok(), "the turn was not given back at the deadline");
-        assert!(!reader.is_finished(), "the stream itself stays open");
     }
 
     /// The broker side: accepts connections and holds them open (so each one's TLS handshake waits)
@@ -424,7 +247,7 @@ mod tests {
         let attempts: Vec<_> = (0..6)
             .map(|_| {
                 let c = c.clone();
-                tokio::spawn(async move { c.connect(client_config()).await })
+                tokio::spawn(async move { c.open(client_config()).await })
             })
             .collect();
         // Close the held connections two at a time (their handshakes then fail), as the turns allow.
@@ -450,7 +273,7 @@ mod tests {
         }
         for a in attempts {
             let e = a.await.unwrap().unwrap_err();
-            assert_eq!(e.reason(), "tls", "{e}");
+            assert_eq!(e.failure(), Failure::Tls, "{e}");
         }
         assert_eq!(held.lock().unwrap().most, 2, "connections opened at once");
     }

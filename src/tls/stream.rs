@@ -1,11 +1,20 @@
-//! The broker side's TLS stream: rustls's unbuffered API over a tokio `TcpStream`, holding no buffer
-//! while the connection is idle.
+//! The broker side's TLS stream: rustls's unbuffered API over a transport (a tokio `TcpStream` in
+//! production), holding no buffer while the connection is idle.
 //!
-//! rustls's buffered `ClientConnection` (what tokio-rustls drives) keeps a 4 KiB receive buffer for the
-//! connection's life: it never shrinks below one read. For a gateway of idle sensors that is four tenths
-//! of each connection's memory. Here bytes are read into a buffer on the stack and processed at once; only
-//! what cannot be finished in one go waits on the heap (part of a record, plaintext the reader has not
-//! taken, encrypted bytes the socket has not taken), and only until it is gone.
+//! Why not tokio-rustls: rustls's buffered `ClientConnection` (what tokio-rustls drives) keeps a 4 KiB
+//! receive buffer for the connection's life: it never shrinks below one read. For a gateway of idle
+//! sensors that was four tenths of each connection's memory: moving to this stream took the idle cost
+//! from 10.4 to 6.4 KiB per connection (`bench/`, N = 3,000) and lowered the latency added. Here bytes are
+//! read into a buffer on the stack and processed at once; only what cannot be finished in one go waits on
+//! the heap (part of a record, plaintext the reader has not taken, encrypted bytes the transport has not
+//! taken), and only until it is gone. Keep it unless rustls's buffered connection learns to give its
+//! buffers back, and measure with `bench/run` before and after any change here.
+//!
+//! Both directions must be driven from one task: reading may write (the answer to a key update), and the
+//! transport keeps one waker per direction, so a reader and a writer on two tasks could each leave the
+//! other unwoken. The type holds that rule: the stream implements [`Duplex`], not tokio's `AsyncRead` and
+//! `AsyncWrite`, and the only way to read or write it is the borrowed view [`Duplex::io`], which no task
+//! can take away (`tokio::spawn` needs `'static`).
 
 use std::future::poll_fn;
 use std::io;
@@ -19,8 +28,9 @@ use rustls::pki_types::ServerName;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
+
+use crate::duplex::Duplex;
 
 /// Bytes read from the socket at once, into a buffer on the stack: a full TLS record and its overhead.
 const READ_SIZE: usize = 16 * 1024 + 512;
@@ -30,13 +40,11 @@ const RECORD_OVERHEAD: usize = 64;
 /// The largest plaintext in one TLS record.
 const MAX_FRAGMENT: usize = 16 * 1024;
 
-/// A client TLS connection over TCP. Reads and writes carry application data; `poll_shutdown` sends a
-/// close_notify and then a FIN, and the peer's close_notify reads as the end of the stream (a FIN without
-/// it as `UnexpectedEof`, as tokio-rustls reports it). Both directions must be driven from one task (as
-/// the copy loop does): reading may write (a key update's answer), and the socket keeps one waker per
-/// direction.
-pub struct TlsStream {
-    tcp: TcpStream,
+/// A client TLS connection over the transport `T`. Reads and writes carry application data; shutting
+/// down sends a close_notify and then shuts the transport down (a FIN), and the peer's close_notify reads
+/// as the end of the stream (a FIN without it as `UnexpectedEof`, as tokio-rustls reports it).
+pub(crate) struct TlsStream<T> {
+    transport: T,
     conn: UnbufferedClientConnection,
     /// Received TLS bytes not processed yet: the start of a record.
     incoming: Vec<u8>,
@@ -76,16 +84,23 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-impl TlsStream {
-    /// Makes the TLS handshake with `name` over `tcp`, presenting what `config` holds.
-    pub async fn connect(
+/// Whether `e`, returned by a [`TlsStream`], is a TLS protocol failure (an alert the peer sent, or one we
+/// sent about what it sent) rather than the transport failing or closing. After a TLS 1.3 handshake, a
+/// broker that rejects the client certificate says so this way, at the first read.
+pub(crate) fn is_tls_failure(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
+    /// Makes the TLS handshake with `name` over `transport`, presenting what `config` holds.
+    pub(crate) async fn connect(
         config: Arc<ClientConfig>,
         name: ServerName<'static>,
-        tcp: TcpStream,
-    ) -> io::Result<TlsStream> {
+        transport: T,
+    ) -> io::Result<Self> {
         let conn = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
         let mut s = TlsStream {
-            tcp,
+            transport,
             conn,
             incoming: Vec::new(),
             plain: Vec::new(),
@@ -101,7 +116,7 @@ impl TlsStream {
     }
 
     /// Whether the last handshake resumed an earlier session.
-    pub fn resumed(&self) -> bool {
+    pub(crate) fn resumed(&self) -> bool {
         self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
     }
 
@@ -136,14 +151,14 @@ impl TlsStream {
     fn poll_receive(&mut self, cx: &mut Context<'_>, out: Option<&mut ReadBuf<'_>>) -> Poll<io::Result<Option<Next>>> {
         if !self.incoming.is_empty() {
             self.incoming.reserve(READ_SIZE);
-            if ready!(poll_read_buf(Pin::new(&mut self.tcp), cx, &mut self.incoming))? == 0 {
+            if ready!(poll_read_buf(Pin::new(&mut self.transport), cx, &mut self.incoming))? == 0 {
                 return Poll::Ready(Ok(None));
             }
             return Poll::Ready(self.absorb(&mut [], out).map(Some));
         }
         let mut stack = [MaybeUninit::<u8>::uninit(); READ_SIZE];
         let mut rb = ReadBuf::uninit(&mut stack);
-        ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut rb))?;
+        ready!(Pin::new(&mut self.transport).poll_read(cx, &mut rb))?;
         if rb.filled().is_empty() {
             return Poll::Ready(Ok(None));
         }
@@ -274,7 +289,9 @@ impl TlsStream {
                 self.outgoing.extend_from_slice(&alert[..n]);
             }
         }
-        let _ = self.tcp.try_write(&self.outgoing[self.out_at..]);
+        // Once, without waiting: the connection is failing anyway.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let _ = Pin::new(&mut self.transport).poll_write(&mut cx, &self.outgoing[self.out_at..]);
     }
 
     /// Processes what waits in `incoming`, then does `action` (which needs the handshake done and our
@@ -304,7 +321,7 @@ impl TlsStream {
     /// Writes what waits in `outgoing`; frees it once all of it is out.
     fn poll_send_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.out_at < self.outgoing.len() {
-            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.outgoing[self.out_at..]))?;
+            let n = ready!(Pin::new(&mut self.transport).poll_write(cx, &self.outgoing[self.out_at..]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -341,9 +358,9 @@ fn deliver(bytes: &[u8], out: Option<&mut ReadBuf<'_>>, plain: &mut Vec<u8>, pla
     plain.extend_from_slice(rest);
 }
 
-impl AsyncRead for TlsStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
+impl<T: AsyncRead + AsyncWrite + Unpin> Duplex for TlsStream<T> {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self;
         // What rustls queued while reading (an alert, a key update) leaves when the socket takes it; a
         // socket that does not take it yet wakes this task when it will.
         if let Poll::Ready(Err(e)) = this.poll_send_pending(cx) {
@@ -376,11 +393,9 @@ impl AsyncRead for TlsStream {
             }
         }
     }
-}
 
-impl AsyncWrite for TlsStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
+    fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self;
         // Earlier bytes first: a socket that takes nothing holds back what comes next.
         ready!(this.poll_send_pending(cx))?;
         if data.is_empty() {
@@ -396,14 +411,14 @@ impl AsyncWrite for TlsStream {
         Poll::Ready(Ok(data.len()))
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self;
         ready!(this.poll_send_pending(cx))?;
-        Pin::new(&mut this.tcp).poll_flush(cx)
+        Pin::new(&mut this.transport).poll_flush(cx)
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self;
         if !this.close_notify_queued {
             ready!(this.poll_send_pending(cx))?;
             this.close_notify_queued = true;
@@ -414,12 +429,12 @@ impl AsyncWrite for TlsStream {
             }
         }
         ready!(this.poll_send_pending(cx))?;
-        Pin::new(&mut this.tcp).poll_shutdown(cx)
+        Pin::new(&mut this.transport).poll_shutdown(cx)
     }
 }
 
 #[cfg(test)]
-impl TlsStream {
+impl<T> TlsStream<T> {
     /// Heap bytes the stream holds for its buffers.
     fn held(&self) -> usize {
         self.incoming.capacity() + self.plain.capacity() + self.outgoing.capacity()
@@ -428,145 +443,19 @@ impl TlsStream {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
-    use rustls::{RootCertStore, ServerConfig};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    type Server = tokio_rustls::server::TlsStream<TcpStream>;
-
-    /// A TLS client (ours) and a rustls server (through tokio-rustls) over loopback TCP.
-    async fn pair() -> (TlsStream, Server) {
-        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-        let cert = CertificateDer::from(certified.cert.der().to_vec());
-        let key = PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der());
-        let server = ServerConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key.into())
-            .unwrap();
-        let mut roots = RootCertStore::empty();
-        roots.add(cert).unwrap();
-        let client = ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-        let accepted = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            acceptor.accept(tcp).await.unwrap()
-        });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let name = ServerName::try_from("localhost").unwrap();
-        let ours = TlsStream::connect(Arc::new(client), name, tcp).await.unwrap();
-        (ours, accepted.await.unwrap())
-    }
-
-    fn pattern(n: usize) -> Vec<u8> {
-        (0..n).map(|i| (i * 31 % 251) as u8).collect()
-    }
-
-    #[tokio::test]
-    async fn exchanges_bytes_both_ways_and_holds_no_buffer_once_idle() {
-        let (mut ours, mut server) = pair().await;
-        ours.write_all(b"PUBLISH").await.unwrap();
-        ours.flush().await.unwrap();
-        let mut got = [0u8; 7];
-        server.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"PUBLISH");
-        server.write_all(b"PUBACK").await.unwrap();
-        server.flush().await.unwrap();
-        let mut got = [0u8; 6];
-        ours.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"PUBACK");
-        assert_eq!(ours.held(), 0, "an idle connection keeps no buffer");
-    }
-
-    #[tokio::test]
-    async fn many_records_arrive_intact_through_a_small_reader_buffer() {
-        let (mut ours, mut server) = pair().await;
-        let data = pattern(1 << 20);
-        let sent = data.clone();
-        let writer = tokio::spawn(async move {
-            server.write_all(&sent).await.unwrap();
-            server.shutdown().await.unwrap();
-            server
-        });
-        let mut got = Vec::new();
-        let mut small = [0u8; 1000];
-        loop {
-            match ours.read(&mut small).await.unwrap() {
-                0 => break,
-                n => got.extend_from_slice(&small[..n]),
-            }
-        }
-        assert!(got == data, "bytes changed, lost or reordered");
-        assert_eq!(ours.held(), 0);
-        drop(writer.await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn bulk_writes_arrive_intact() {
-        let (mut ours, mut server) = pair().await;
-        let data = pattern(3 << 20);
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            server.read_to_end(&mut got).await.unwrap();
-            got
-        });
-        for chunk in data.chunks(64 * 1024 + 17) {
-            ours.write_all(chunk).await.unwrap();
-        }
-        ours.shutdown().await.unwrap();
-        assert!(reader.await.unwrap() == data, "bytes changed, lost or reordered");
-    }
-
-    #[tokio::test]
-    async fn half_close_sends_close_notify_and_the_other_direction_keeps_flowing() {
-        let (mut ours, mut server) = pair().await;
-        ours.write_all(b"last words").await.unwrap();
-        ours.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        // tokio-rustls reads a close_notify as the end of the stream (and a bare FIN as an error).
-        server.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"last words");
-        server.write_all(b"late reply").await.unwrap();
-        server.shutdown().await.unwrap();
-        let mut reply = Vec::new();
-        ours.read_to_end(&mut reply).await.unwrap();
-        assert_eq!(reply, b"late reply");
-    }
-
-    #[tokio::test]
-    async fn a_peer_that_closes_tcp_without_close_notify_is_an_unexpected_eof() {
-        let (mut ours, server) = pair().await;
-        let (tcp, _) = server.into_inner();
-        drop(tcp);
-        let mut b = [0u8; 16];
-        let e = ours.read(&mut b).await.unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
-    }
-}
-
-/// Whole conversations against an in-process rustls server: TLS 1.2 and 1.3, records split anywhere,
-/// tiny records, key updates and session tickets mixed into the data, rejected certificates, and what
-/// one write may hold.
-#[cfg(test)]
-mod conversations {
+    //! Whole conversations against an in-process rustls server (tokio-rustls) over loopback TCP: TLS 1.2
+    //! and 1.3, records split anywhere, tiny records, key updates and session tickets mixed into the data,
+    //! half-close, rejected certificates, and what one write may hold.
     use super::*;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     use rustls::server::WebPkiClientVerifier;
     use rustls::{RootCertStore, ServerConfig, SupportedProtocolVersion};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio::task::JoinHandle;
 
     type Server = tokio_rustls::server::TlsStream<TcpStream>;
+    type Ours = TlsStream<TcpStream>;
 
     fn cert(name: &str) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
         let c = rcgen::generate_simple_self_signed(vec![name.into()]).unwrap();
@@ -605,6 +494,10 @@ mod conversations {
         }
     }
 
+    const V12: &[&SupportedProtocolVersion] = &[&rustls::version::TLS12];
+    const V13: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    const ANY: &[&SupportedProtocolVersion] = rustls::DEFAULT_VERSIONS;
+
     /// Copies `from` to `to` a few bytes at a time, so that reads see records split anywhere.
     async fn trickle(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf) {
         let mut buf = [0u8; 4096];
@@ -628,7 +521,8 @@ mod conversations {
         let _ = to.shutdown().await;
     }
 
-    async fn setup(o: Opts) -> (io::Result<TlsStream>, JoinHandle<io::Result<Server>>) {
+    /// Our client and a rustls server as `o` says; the handshake's outcome on both sides.
+    async fn setup(o: Opts) -> (io::Result<Ours>, JoinHandle<io::Result<Server>>) {
         let (scert, skey) = cert("localhost");
         let (ccert, ckey) = cert("client");
         let (other, _) = cert("other");
@@ -693,6 +587,94 @@ mod conversations {
         (TlsStream::connect(Arc::new(client), name, tcp).await, accepted)
     }
 
+    /// A connected pair with the default versions.
+    async fn pair() -> (Ours, Server) {
+        let (ours, accepted) = setup(Opts::v(ANY)).await;
+        (ours.unwrap(), accepted.await.unwrap().unwrap())
+    }
+
+    #[tokio::test]
+    async fn exchanges_bytes_both_ways_and_holds_no_buffer_once_idle() {
+        let (mut ours, mut server) = pair().await;
+        ours.io().write_all(b"PUBLISH").await.unwrap();
+        ours.io().flush().await.unwrap();
+        let mut got = [0u8; 7];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"PUBLISH");
+        server.write_all(b"PUBACK").await.unwrap();
+        server.flush().await.unwrap();
+        let mut got = [0u8; 6];
+        ours.io().read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"PUBACK");
+        assert_eq!(ours.held(), 0, "an idle connection keeps no buffer");
+    }
+
+    #[tokio::test]
+    async fn many_records_arrive_intact_through_a_small_reader_buffer() {
+        let (mut ours, mut server) = pair().await;
+        let data = pattern(1 << 20, 0);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            server.write_all(&sent).await.unwrap();
+            server.shutdown().await.unwrap();
+            server
+        });
+        let mut got = Vec::new();
+        let mut small = [0u8; 1000];
+        loop {
+            match ours.io().read(&mut small).await.unwrap() {
+                0 => break,
+                n => got.extend_from_slice(&small[..n]),
+            }
+        }
+        assert!(got == data, "bytes changed, lost or reordered");
+        assert_eq!(ours.held(), 0);
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn bulk_writes_arrive_intact() {
+        let (mut ours, mut server) = pair().await;
+        let data = pattern(3 << 20, 0);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        for chunk in data.chunks(64 * 1024 + 17) {
+            ours.io().write_all(chunk).await.unwrap();
+        }
+        ours.io().shutdown().await.unwrap();
+        assert!(reader.await.unwrap() == data, "bytes changed, lost or reordered");
+    }
+
+    #[tokio::test]
+    async fn half_close_sends_close_notify_and_the_other_direction_keeps_flowing() {
+        let (mut ours, mut server) = pair().await;
+        ours.io().write_all(b"last words").await.unwrap();
+        ours.io().shutdown().await.unwrap();
+        let mut got = Vec::new();
+        // tokio-rustls reads a close_notify as the end of the stream (and a bare FIN as an error).
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last words");
+        server.write_all(b"late reply").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        ours.io().read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"late reply");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_closes_tcp_without_close_notify_is_an_unexpected_eof() {
+        let (mut ours, server) = pair().await;
+        let (tcp, _) = server.into_inner();
+        drop(tcp);
+        let mut b = [0u8; 16];
+        let e = ours.io().read(&mut b).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        assert!(!is_tls_failure(&e), "a closed transport is no TLS failure");
+    }
+
     fn pattern(n: usize, seed: usize) -> Vec<u8> {
         (0..n).map(|i| ((i + seed) * 31 % 251) as u8).collect()
     }
@@ -726,25 +708,22 @@ mod conversations {
         let mut got = Vec::new();
         let mut small = [0u8; 700];
         while got.len() < down.len() {
-            let n = ours.read(&mut small).await.unwrap();
+            let n = ours.io().read(&mut small).await.unwrap();
             assert!(n > 0, "early eof at {}", got.len());
             got.extend_from_slice(&small[..n]);
         }
         assert!(got == down, "client got changed bytes");
         for c in up.chunks(9_999) {
-            ours.write_all(c).await.unwrap();
+            ours.io().write_all(c).await.unwrap();
         }
-        ours.flush().await.unwrap();
+        ours.io().flush().await.unwrap();
         let mut rest = Vec::new();
-        ours.read_to_end(&mut rest).await.unwrap();
+        ours.io().read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
-        ours.shutdown().await.unwrap();
+        ours.io().shutdown().await.unwrap();
         assert_eq!(srv.await.unwrap(), 0);
         assert_eq!(ours.held(), 0, "buffers held after the conversation");
     }
-
-    const V12: &[&SupportedProtocolVersion] = &[&rustls::version::TLS12];
-    const V13: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
     #[tokio::test]
     async fn tls12_conversation_passes_every_byte_and_ends_holding_nothing() {
@@ -795,6 +774,7 @@ mod conversations {
     }
 
     fn inner_rustls(e: &io::Error) -> Option<rustls::Error> {
+        assert!(is_tls_failure(e), "{e:?}");
         e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()).cloned()
     }
 
@@ -807,9 +787,9 @@ mod conversations {
         .await;
         let mut ours = ours.expect("TLS 1.3: the client's handshake completes");
         let _ = accepted.await.unwrap().expect_err("server rejects");
-        let _ = ours.write_all(b"CONNECT").await;
-        let _ = ours.flush().await;
-        let e = ours.read(&mut [0u8; 64]).await.unwrap_err();
+        let _ = ours.io().write_all(b"CONNECT").await;
+        let _ = ours.io().flush().await;
+        let e = ours.io().read(&mut [0u8; 64]).await.unwrap_err();
         assert!(
             matches!(inner_rustls(&e), Some(rustls::Error::AlertReceived(_))),
             "{e:?}"
@@ -858,8 +838,8 @@ mod conversations {
         server.write_all(b"x").await.unwrap();
         server.flush().await.unwrap();
         let mut one = [0u8; 1];
-        ours.read_exact(&mut one).await.unwrap();
-        ours.shutdown().await.unwrap();
+        ours.io().read_exact(&mut one).await.unwrap();
+        ours.io().shutdown().await.unwrap();
         let mut rest = Vec::new();
         server
             .read_to_end(&mut rest)
@@ -874,7 +854,7 @@ mod conversations {
         let mut ours = ours.unwrap();
         let _server = accepted.await.unwrap().unwrap(); // never reads
         let big = vec![5u8; 32 << 20];
-        let n = ours.write(&big).await.unwrap();
+        let n = ours.io().write(&big).await.unwrap();
         assert!(n <= 4 * MAX_FRAGMENT, "one write took {n} bytes");
         assert!(ours.held() < 1 << 20, "one write buffered {} bytes", ours.held());
     }

@@ -1,0 +1,834 @@
+//! One connection's life, from its first byte to its last: read the device's CONNECT, pick the device,
+//! reach the broker as that device, start the session (the device's first bytes delivered, the broker's
+//! CONNACK relayed), then copy both ways until the connection ends.
+//!
+//! Every slow step runs inside the connection's own task, under a named timeout, so one slow or hostile
+//! device never delays another. Whatever ends a connection before its session starts is a
+//! [`Refusal`], counted, logged and answered in one call ([`refuse`]).
+//!
+//! The code is generic over the device stream and over the [`Broker`], so that the unit tests below
+//! drive it over in-memory streams with a stand-in broker; the proxy runs it over TCP with the real
+//! [`crate::upstream::Connector`].
+//!
+//! Memory is what this module is careful about, because a gateway holds thousands of idle sensors and
+//! each one is a task running [`Connection::serve`]: the set-up runs boxed and its future is freed
+//! before the copy starts (set-up futures, the TLS handshake's above all, are large), the copy borrows
+//! the open connection instead of owning it (a second copy of the TLS state otherwise), and the copy does
+//! not keep the configuration generation alive. `tests::the_idle_connection_task_stays_small` in
+//! [`super`] guards this.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::timeout;
+use tracing::{debug, info, Span};
+
+use super::admission::PendingSlot;
+use super::Generation;
+use crate::config::Listen;
+use crate::duplex::Duplex;
+use crate::metrics::{ActiveGuard, Metered, Metrics};
+use crate::mqtt::{self, Connect, ProtocolVersion, ReadConnectError};
+use crate::pipe;
+use crate::refusal::{refuse, Refusal};
+use crate::upstream::{Broker, Failure};
+
+/// A connection being served: where it came from, and what holds its place.
+pub(crate) struct Connection<B> {
+    /// The configured listen address it arrived on (device rules name it).
+    pub listener: SocketAddr,
+    /// The device's address.
+    pub peer: SocketAddr,
+    /// The configuration it is served with; released once the session has started.
+    pub generation: Arc<Generation<B>>,
+    pub metrics: Arc<Metrics>,
+    /// Counts it against its address until the device is identified.
+    pub slot: Option<PendingSlot>,
+    /// Its place under `listen.max_connections`, for its whole life.
+    pub _permit: OwnedSemaphorePermit,
+}
+
+/// A connection ready for the copy: both streams, what set-up learnt, and the device's counters.
+struct Open<D, S> {
+    device: D,
+    broker: S,
+    session: Session,
+    started: Instant,
+    /// The device's counters; counts the connection in `mqtls_connections_active` until it ends.
+    stats: ActiveGuard,
+}
+
+/// Bytes mqtls passed on itself before the copy started (the device's first bytes and the broker's
+/// CONNACK), and the keep-alive in force.
+#[derive(Debug, PartialEq, Eq)]
+struct Session {
+    keep_alive: u16,
+    first_in: u64,
+    first_out: u64,
+}
+
+/// Why the session did not start once the broker was reached.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    /// The broker refused the TLS session after the handshake (TLS 1.3 reports a rejected client
+    /// certificate with an alert at the first read).
+    #[error("the broker rejected the TLS session: {0}")]
+    Rejected(io::Error),
+    /// The broker did not take the CONNECT, or did not answer it, in time.
+    #[error("{0}")]
+    TimedOut(&'static str),
+    /// The broker closed the connection, or it failed, before its CONNACK.
+    #[error("{0}")]
+    Closed(io::Error),
+}
+
+/// Why no CONNECT was read.
+#[derive(Debug)]
+enum NoConnect {
+    Invalid(ReadConnectError),
+    TimedOut { received: usize },
+}
+
+impl NoConnect {
+    fn refusal(&self, limits: &Listen) -> Refusal<'_> {
+        match self {
+            NoConnect::Invalid(error) => Refusal::BadConnect { error },
+            NoConnect::TimedOut { received } => Refusal::ConnectTimeout {
+                received: *received,
+                limit: limits.connect_timeout,
+            },
+        }
+    }
+}
+
+impl<B: Broker> Connection<B> {
+    /// Serves the connection to its end. The set-up runs boxed, and its future is freed before the copy
+    /// starts; nor does the copy keep the configuration generation: a sensor connected for months must
+    /// not hold an old generation (thousands of identities) alive after reloads.
+    pub(crate) async fn serve<D>(mut self, device: D)
+    where
+        D: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let Some(mut open) = Box::pin(self.open(device)).await else {
+            return;
+        };
+        drop(self.generation);
+        open.copy(&self.metrics).await;
+    }
+
+    /// Reads the CONNECT, picks the device, reaches the broker as that device and starts the session.
+    /// `None` when the connection ended (refused, or closed) before that.
+    async fn open<D>(&mut self, mut device: D) -> Option<Open<D, B::Stream>>
+    where
+        D: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let listen = &self.generation.listen;
+        let (connect, first_bytes) = match read_connect(&mut device, listen).await {
+            Ok(read) => read,
+            Err(e) => {
+                refuse(&self.metrics, device, None, e.refusal(listen)).await;
+                return None;
+            }
+        };
+        let peer = self.peer.ip();
+        let Ok(entry) = self.generation.table.find(self.listener, peer, &connect.client_id) else {
+            let refusal = Refusal::UnknownDevice {
+                client_id: &connect.client_id,
+                listener: self.listener,
+            };
+            refuse(&self.metrics, device, Some(connect.version), refusal).await;
+            return None;
+        };
+        self.slot = None;
+        Span::current().record("device", &*entry.name);
+        let started = Instant::now();
+        let mut broker = match self.generation.broker.connect(&entry.identity).await {
+            Ok(c) => {
+                c.failed.iter().for_each(|f| self.metrics.upstream_failure(*f));
+                c.stream
+            }
+            Err(e) => {
+                e.attempts.iter().for_each(|(f, _)| self.metrics.upstream_failure(*f));
+                let refusal = Refusal::BrokerUnreachable {
+                    failure: e.failure(),
+                    error: &e,
+                };
+                refuse(&self.metrics, device, Some(connect.version), refusal).await;
+                return None;
+            }
+        };
+        let session = match self
+            .start_session(&mut broker, &mut device, &connect, first_bytes)
+            .await
+        {
+            Ok(session) => session,
+            Err(e) => {
+                self.session_failed(e, device, connect.version).await;
+                return None;
+            }
+        };
+        self.metrics.upstream_reached(started.elapsed());
+        let stats = self.metrics.device(&entry.name);
+        stats.add_to_broker(session.first_in);
+        stats.add_to_device(session.first_out);
+        info!(
+            client_id = ?connect.client_id,
+            mqtt = %connect.version,
+            keep_alive = session.keep_alive,
+            setup_ms = started.elapsed().as_millis() as u64,
+            "connection opened"
+        );
+        Some(Open {
+            device,
+            broker,
+            session,
+            started,
+            stats: stats.open(),
+        })
+    }
+
+    /// The broker was reached but no session started. A broker that refused the session (TLS 1.3 says
+    /// so only after the handshake, at the first read) or that did not answer in time counts, and is
+    /// answered, as unreachable; one that closed the connection has had its say (whatever it sent before
+    /// closing was passed on).
+    async fn session_failed<D>(&self, e: SessionError, device: D, version: ProtocolVersion)
+    where
+        D: AsyncRead + AsyncWrite + Unpin,
+    {
+        let failure = match &e {
+            SessionError::Rejected(_) => Failure::Tls,
+            SessionError::TimedOut(_) => Failure::HandshakeTimeout,
+            SessionError::Closed(_) => {
+                info!(end = %e, "connection closed before the session started");
+                return;
+            }
+        };
+        self.metrics.upstream_failure(failure);
+        let error = format!("the broker did not accept the connection: {e}");
+        let refusal = Refusal::BrokerUnreachable { failure, error: &error };
+        refuse(&self.metrics, device, Some(version), refusal).await;
+    }
+
+    /// Delivers the device's first bytes (its CONNECT and anything after it) and relays the broker's
+    /// answer up to its CONNACK, which proves the broker accepted the session and, for MQTT 5, may set
+    /// the keep-alive. Bounded by the broker's answer timeout: a broker that takes nothing, or says
+    /// nothing, must not hold the connection for ever.
+    async fn start_session<S, D>(
+        &self,
+        broker: &mut S,
+        device: &mut D,
+        connect: &Connect,
+        first_bytes: Vec<u8>,
+    ) -> Result<Session, SessionError>
+    where
+        S: Duplex,
+        D: AsyncWrite + Unpin,
+    {
+        let limit = self.generation.broker.answer_timeout();
+        let mut broker = broker.io();
+        let forward = async {
+            broker.write_all(&first_bytes).await?;
+            broker.flush().await
+        };
+        timeout(limit, forward)
+            .await
+            .map_err(|_| SessionError::TimedOut("the broker took no bytes in time"))?
+            .map_err(|e| self.session_error(e))?;
+        let (relayed, server_keep_alive) = timeout(limit, relay_connack(&mut broker, device, connect.version))
+            .await
+            .map_err(|_| SessionError::TimedOut("no CONNACK from the broker in time"))?
+            .map_err(|e| self.session_error(e))?;
+        let mut session = Session {
+            keep_alive: connect.keep_alive,
+            first_in: first_bytes.len() as u64,
+            first_out: relayed as u64,
+        };
+        if let Some(k) = server_keep_alive {
+            debug!(server_keep_alive = k, "the broker sets the keep-alive");
+            session.keep_alive = k;
+        }
+        Ok(session)
+    }
+
+    fn session_error(&self, e: io::Error) -> SessionError {
+        if self.generation.broker.refused_session(&e) {
+            SessionError::Rejected(e)
+        } else {
+            SessionError::Closed(e)
+        }
+    }
+}
+
+impl<D: AsyncRead + AsyncWrite + Unpin, S: Duplex> Open<D, S> {
+    /// Copies both ways until the connection ends, counting the bytes as they pass. Borrows the
+    /// connection rather than taking it: a future that owned it would hold a second copy of the TLS
+    /// state (about a kilobyte) beside the caller's, for every idle connection.
+    async fn copy(&mut self, metrics: &Metrics) {
+        let limit = silence_limit(self.session.keep_alive);
+        let mut device = Metered::new(&mut self.device, &self.stats);
+        let transfer = pipe::pipe(&mut device, &mut self.broker, limit).await;
+        metrics.connection_closed(self.started.elapsed());
+        info!(
+            bytes_in = transfer.device_to_broker + self.session.first_in,
+            bytes_out = transfer.broker_to_device + self.session.first_out,
+            duration_s = self.started.elapsed().as_secs_f64(),
+            end = %transfer.end,
+            "connection closed"
+        );
+    }
+}
+
+/// A connection over `listen.max_connections`: its CONNECT is read so that it can be answered "server
+/// busy" in its own version; one that sends none is closed.
+pub(crate) async fn refuse_busy<B, D>(
+    mut device: D,
+    generation: Arc<Generation<B>>,
+    metrics: Arc<Metrics>,
+    _answering: OwnedSemaphorePermit,
+    _slot: PendingSlot,
+) where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    let listen = &generation.listen;
+    let limit = listen.max_connections;
+    match read_connect(&mut device, listen).await {
+        Ok((connect, _)) => {
+            let refusal = Refusal::Busy {
+                client_id: Some(&connect.client_id),
+                limit,
+            };
+            refuse(&metrics, device, Some(connect.version), refusal).await;
+        }
+        Err(_) => refuse(&metrics, device, None, Refusal::Busy { client_id: None, limit }).await,
+    }
+}
+
+/// Reads the device's CONNECT under the configured limits: its size, and the time it may take.
+async fn read_connect<D>(device: &mut D, limits: &Listen) -> Result<(Connect, Vec<u8>), NoConnect>
+where
+    D: AsyncRead + Unpin,
+{
+    let mut buf = Vec::new();
+    match timeout(
+        limits.connect_timeout,
+        mqtt::read_connect(device, &mut buf, limits.max_connect_size),
+    )
+    .await
+    {
+        Ok(Ok(connect)) => Ok((connect, buf)),
+        Ok(Err(e)) => Err(NoConnect::Invalid(e)),
+        Err(_) => Err(NoConnect::TimedOut { received: buf.len() }),
+    }
+}
+
+/// Copies the broker's first bytes to the device until they hold its whole CONNACK, and returns how many
+/// bytes were copied and the MQTT 5 Server Keep Alive, which replaces the device's own keep-alive. Bytes
+/// pass unchanged; if the CONNACK cannot be parsed they are still passed on and the device's keep-alive
+/// stays in force.
+async fn relay_connack<B, D>(
+    broker: &mut B,
+    device: &mut D,
+    version: ProtocolVersion,
+) -> io::Result<(usize, Option<u16>)>
+where
+    B: AsyncRead + Unpin,
+    D: AsyncWrite + Unpin,
+{
+    const MAX_CONNACK: usize = 4096;
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        let mut chunk = [0u8; 512];
+        let n = broker.read(&mut chunk).await?;
+        if n == 0 {
+            // Whatever the broker said before closing is the device's to read.
+            device.write_all(&buf).await?;
+            device.flush().await?;
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the broker closed before its CONNACK",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let parsed = mqtt::parse_connack(&buf, version);
+        if !matches!(parsed, Err(mqtt::ConnectError::Incomplete)) || buf.len() >= MAX_CONNACK {
+            device.write_all(&buf).await?;
+            device.flush().await?;
+            return Ok((buf.len(), parsed.ok().and_then(|c| c.server_keep_alive)));
+        }
+    }
+}
+
+/// MQTT lets a server wait 1.5 x keep-alive before deciding a client is gone; mqtls does the same.
+fn silence_limit(keep_alive_secs: u16) -> Option<Duration> {
+    (keep_alive_secs > 0).then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500))
+}
+
+/// The connection's logic over in-memory streams, with a stand-in broker: no socket, no TLS, no
+/// Mosquitto (tests/ covers those). Time is paused where a timeout is the point.
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::task::{Context, Poll};
+
+    use tokio::io::{duplex, DuplexStream, ReadBuf};
+
+    use super::*;
+    use crate::device::{Device, DeviceTable};
+    use crate::proxy::admission::{Admission, Admitted};
+    use crate::tls::Identity;
+    use crate::upstream::{ConnectError, Connected};
+
+    const LISTENER: &str = "127.0.0.1:1883";
+    const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// What the stand-in broker does for the next connection.
+    enum Outcome {
+        /// Reached: the test plays the broker on the other end.
+        Reach { broker: DuplexStream, refuses: bool },
+        /// Every address failed.
+        Fail(Vec<(Failure, String)>),
+    }
+
+    /// A broker that does what the test scripted, and counts how often it was asked.
+    struct StandIn {
+        outcomes: Mutex<VecDeque<Outcome>>,
+        connects: AtomicUsize,
+    }
+
+    /// The session side of a stand-in: an in-memory stream, or one whose first read says the broker
+    /// refused the session (as a TLS 1.3 alert would).
+    struct Session2 {
+        stream: DuplexStream,
+        refuses: bool,
+    }
+
+    fn refused() -> io::Error {
+        io::Error::new(io::ErrorKind::PermissionDenied, "alert: bad certificate")
+    }
+
+    impl AsyncRead for Session2 {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if self.refuses {
+                return Poll::Ready(Err(refused()));
+            }
+            Pin::new(&mut self.stream).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Session2 {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.stream).poll_write(cx, data)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.stream).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.stream).poll_shutdown(cx)
+        }
+    }
+
+    impl Broker for StandIn {
+        type Stream = Session2;
+
+        async fn connect(&self, _identity: &Identity) -> Result<Connected<Session2>, ConnectError> {
+            self.connects.fetch_add(1, Ordering::SeqCst);
+            match self.outcomes.lock().unwrap().pop_front().expect("a scripted outcome") {
+                Outcome::Reach { broker, refuses } => Ok(Connected {
+                    stream: Session2 {
+                        stream: broker,
+                        refuses,
+                    },
+                    failed: Vec::new(),
+                }),
+                Outcome::Fail(attempts) => Err(ConnectError { attempts }),
+            }
+        }
+
+        fn answer_timeout(&self) -> Duration {
+            ANSWER_TIMEOUT
+        }
+
+        fn refused_session(&self, error: &io::Error) -> bool {
+            error.kind() == io::ErrorKind::PermissionDenied
+        }
+    }
+
+    /// One device, `boiler-1`, matched by its client id on the shared listener.
+    fn generation(outcomes: Vec<Outcome>) -> Arc<Generation<StandIn>> {
+        let listener = LISTENER.parse().unwrap();
+        let boiler = Device {
+            name: "boiler-1".into(),
+            client_id: Some("boiler-1".into()),
+            sources: Vec::new(),
+            listeners: vec![listener],
+            identity: Identity::in_memory("boiler-1"),
+        };
+        let listen = Listen {
+            addresses: vec![listener],
+            connect_timeout: CONNECT_TIMEOUT,
+            max_connections: 10,
+            max_connect_size: 4096,
+            max_pending_per_source: 10,
+            shutdown_grace: Duration::from_secs(1),
+        };
+        Arc::new(Generation {
+            table: DeviceTable::of(vec![boiler], None),
+            broker: StandIn {
+                outcomes: Mutex::new(outcomes.into()),
+                connects: AtomicUsize::new(0),
+            },
+            listen,
+        })
+    }
+
+    /// Metrics with the generation's devices installed, as the proxy has them.
+    fn metrics_for(generation: &Generation<StandIn>) -> Arc<Metrics> {
+        let metrics = Arc::new(Metrics::new(true));
+        metrics.install_devices(&generation.table);
+        metrics
+    }
+
+    /// Serves one connection in a task; returns the device's end.
+    fn serve(
+        generation: &Arc<Generation<StandIn>>,
+        metrics: &Arc<Metrics>,
+    ) -> (DuplexStream, tokio::task::JoinHandle<()>) {
+        let peer: SocketAddr = "192.168.10.21:40000".parse().unwrap();
+        let Admitted::Serve(permit, slot) = Admission::new(10).admit(peer.ip(), 10) else {
+            panic!("admitted")
+        };
+        let conn = Connection {
+            listener: LISTENER.parse().unwrap(),
+            peer,
+            generation: generation.clone(),
+            metrics: metrics.clone(),
+            slot: Some(slot),
+            _permit: permit,
+        };
+        let (device, ours) = duplex(64 * 1024);
+        (device, tokio::spawn(conn.serve(ours)))
+    }
+
+    /// A CONNECT in `version` with a clean session, `client_id` and `keep_alive` seconds.
+    fn connect(version: ProtocolVersion, client_id: &str, keep_alive: u16) -> Vec<u8> {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', version.level(), 0x02];
+        body.extend_from_slice(&keep_alive.to_be_bytes());
+        if version == ProtocolVersion::V5 {
+            body.push(0); // no properties
+        }
+        body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+        body.extend_from_slice(client_id.as_bytes());
+        let mut packet = vec![0x10, body.len() as u8];
+        packet.extend_from_slice(&body);
+        packet
+    }
+
+    const CONNACK_V311: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
+    const PUBLISH: [u8; 9] = [0x30, 0x07, 0x00, 0x01, b't', b'h', b'e', b'l', b'o'];
+
+    async fn read_all(device: &mut DuplexStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        device.read_to_end(&mut got).await.unwrap();
+        got
+    }
+
+    /// The value of one series in the exposition, 0 when absent.
+    fn value(metrics: &Metrics, series: &str) -> f64 {
+        let text = metrics.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    fn reached() -> (DuplexStream, Outcome) {
+        let (broker, ours) = duplex(64 * 1024);
+        let outcome = Outcome::Reach {
+            broker: ours,
+            refuses: false,
+        };
+        (broker, outcome)
+    }
+
+    #[tokio::test]
+    async fn a_device_is_served_byte_for_byte_once_the_broker_has_answered() {
+        let (mut broker, outcome) = reached();
+        let generation = generation(vec![outcome]);
+        let metrics = metrics_for(&generation);
+        let (mut device, task) = serve(&generation, &metrics);
+        // The CONNECT and a PUBLISH in one write: both reach the broker, in order and unchanged.
+        let mut first = connect(ProtocolVersion::V311, "boiler-1", 60);
+        first.extend_from_slice(&PUBLISH);
+        device.write_all(&first).await.unwrap();
+        let mut got = vec![0u8; first.len()];
+        broker.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, first);
+        broker.write_all(&CONNACK_V311).await.unwrap();
+        let mut connack = [0u8; 4];
+        device.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack, CONNACK_V311);
+        assert_eq!(value(&metrics, "mqtls_connections_active{device=\"boiler-1\"}"), 1.0);
+
+        broker.write_all(b"from the broker").await.unwrap();
+        let mut down = [0u8; 15];
+        device.read_exact(&mut down).await.unwrap();
+        assert_eq!(&down, b"from the broker");
+        // Half-close: the device's end reaches the broker, which may still answer.
+        device.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        broker.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        broker.write_all(b"bye").await.unwrap();
+        broker.shutdown().await.unwrap();
+        assert_eq!(read_all(&mut device).await, b"bye");
+        task.await.unwrap();
+        assert_eq!(value(&metrics, "mqtls_connections_active{device=\"boiler-1\"}"), 0.0);
+        let sent = (first.len() + CONNACK_V311.len() + 15 + 3) as f64;
+        let to_broker = value(
+            &metrics,
+            "mqtls_bytes_total{device=\"boiler-1\",direction=\"to_broker\"}",
+        );
+        let to_device = value(
+            &metrics,
+            "mqtls_bytes_total{device=\"boiler-1\",direction=\"to_device\"}",
+        );
+        assert_eq!(to_broker + to_device, sent);
+        assert_eq!(
+            value(&metrics, "mqtls_upstream_handshake_seconds_count"),
+            1.0,
+            "reached once"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unknown_client_id_is_answered_in_its_version_and_never_reaches_the_broker() {
+        for (version, answer) in [
+            (ProtocolVersion::V311, vec![0x20, 0x02, 0x00, 0x02]),
+            (ProtocolVersion::V5, vec![0x20, 0x03, 0x00, 0x85, 0x00]),
+        ] {
+            let generation = generation(Vec::new());
+            let metrics = metrics_for(&generation);
+            let (mut device, task) = serve(&generation, &metrics);
+            device.write_all(&connect(version, "stranger", 60)).await.unwrap();
+            assert_eq!(read_all(&mut device).await, answer, "{version}");
+            task.await.unwrap();
+            assert_eq!(generation.broker.connects.load(Ordering::SeqCst), 0);
+            assert_eq!(
+                value(&metrics, "mqtls_connections_refused_total{reason=\"unknown_device\"}"),
+                1.0
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_broker_is_answered_server_unavailable_and_every_attempt_is_counted() {
+        for (version, answer) in [
+            (ProtocolVersion::V311, vec![0x20, 0x02, 0x00, 0x03]),
+            (ProtocolVersion::V5, vec![0x20, 0x03, 0x00, 0x88, 0x00]),
+        ] {
+            let attempts = vec![
+                (Failure::Connect, "10.0.0.1:8883: refused".to_string()),
+                (Failure::Tls, "10.0.0.2:8883: unknown CA".to_string()),
+            ];
+            let generation = generation(vec![Outcome::Fail(attempts)]);
+            let metrics = metrics_for(&generation);
+            let (mut device, task) = serve(&generation, &metrics);
+            device.write_all(&connect(version, "boiler-1", 60)).await.unwrap();
+            assert_eq!(read_all(&mut device).await, answer, "{version}");
+            task.await.unwrap();
+            let count = |s: &str| value(&metrics, s);
+            assert_eq!(
+                count("mqtls_connections_refused_total{reason=\"broker_unreachable\"}"),
+                1.0
+            );
+            assert_eq!(count("mqtls_upstream_connect_failures_total{reason=\"connect\"}"), 1.0);
+            assert_eq!(count("mqtls_upstream_connect_failures_total{reason=\"tls\"}"), 1.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_first_packet_that_is_not_a_connect_is_closed_unanswered() {
+        let generation = generation(Vec::new());
+        let metrics = metrics_for(&generation);
+        let (mut device, task) = serve(&generation, &metrics);
+        device.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(read_all(&mut device).await.is_empty());
+        task.await.unwrap();
+        assert_eq!(
+            value(&metrics, "mqtls_connections_refused_total{reason=\"bad_connect\"}"),
+            1.0
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connect_that_never_completes_is_closed_at_the_connect_timeout() {
+        let generation = generation(Vec::new());
+        let metrics = metrics_for(&generation);
+        let (mut device, task) = serve(&generation, &metrics);
+        let whole = connect(ProtocolVersion::V311, "boiler-1", 60);
+        device.write_all(&whole[..whole.len() - 3]).await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(read_all(&mut device).await.is_empty());
+        assert_eq!(started.elapsed(), CONNECT_TIMEOUT);
+        task.await.unwrap();
+        assert_eq!(
+            value(&metrics, "mqtls_connections_refused_total{reason=\"connect_timeout\"}"),
+            1.0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_refuses_the_session_is_answered_server_unavailable() {
+        let (_broker, ours) = duplex(1024);
+        let outcome = Outcome::Reach {
+            broker: ours,
+            refuses: true,
+        };
+        let generation = generation(vec![outcome]);
+        let metrics = metrics_for(&generation);
+        let (mut device, task) = serve(&generation, &metrics);
+        device
+            .write_all(&connect(ProtocolVersion::V5, "boiler-1", 60))
+            .await
+            .unwrap();
+        assert_eq!(read_all(&mut device).await, [0x20, 0x03, 0x00, 0x88, 0x00]);
+        task.await.unwrap();
+        assert_eq!(
+            value(&metrics, "mqtls_upstream_connect_failures_total{reason=\"tls\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &metrics,
+                "mqtls_connections_refused_total{reason=\"broker_unreachable\"}"
+            ),
+            1.0
+        );
+        assert_eq!(value(&metrics, "mqtls_connections_active{device=\"boiler-1\"}"), 0.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_that_never_answers_is_given_up_at_the_answer_timeout() {
+        let (_broker, outcome) = reached();
+        let generation = generation(vec![outcome]);
+        let metrics = metrics_for(&generation);
+        let (mut device, task) = serve(&generation, &metrics);
+        device
+            .write_all(&connect(ProtocolVersion::V311, "boiler-1", 60))
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(read_all(&mut device).await, [0x20, 0x02, 0x00, 0x03]);
+        assert_eq!(started.elapsed(), ANSWER_TIMEOUT);
+        task.await.unwrap();
+        assert_eq!(
+            value(
+                &metrics,
+                "mqtls_upstream_connect_failures_total{reason=\"handshake_timeout\"}"
+            ),
+            1.0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_closes_before_its_connack_has_its_say_and_is_no_refusal() {
+        let (mut broker, outcome) = reached();
+        let generation = generation(vec![outcome]);
+        let metrics = metrics_for(&generation);
+        let (mut device, task) = serve(&generation, &metrics);
+        let first = connect(ProtocolVersion::V311, "boiler-1", 60);
+        device.write_all(&first).await.unwrap();
+        let mut got = vec![0u8; first.len()];
+        broker.read_exact(&mut got).await.unwrap();
+        broker.write_all(&[0x20]).await.unwrap();
+        drop(broker);
+        assert_eq!(read_all(&mut device).await, [0x20], "what the broker said is passed on");
+        task.await.unwrap();
+        let refused: f64 = crate::refusal::Reason::ALL
+            .iter()
+            .map(|r| value(&metrics, &format!("mqtls_connections_refused_total{{reason=\"{r}\"}}")))
+            .sum();
+        assert_eq!(refused, 0.0);
+    }
+
+    /// Opens a session whose CONNECT asked for `keep_alive` and whose CONNACK is `connack`; returns the
+    /// device's end, the broker's, and the task.
+    async fn open_session(
+        version: ProtocolVersion,
+        keep_alive: u16,
+        connack: &[u8],
+    ) -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<()>) {
+        let (mut broker, outcome) = reached();
+        let generation = generation(vec![outcome]);
+        let metrics = metrics_for(&generation);
+        let (mut device, task) = serve(&generation, &metrics);
+        let first = connect(version, "boiler-1", keep_alive);
+        device.write_all(&first).await.unwrap();
+        let mut got = vec![0u8; first.len()];
+        broker.read_exact(&mut got).await.unwrap();
+        broker.write_all(connack).await.unwrap();
+        let mut answer = vec![0u8; connack.len()];
+        device.read_exact(&mut answer).await.unwrap();
+        assert_eq!(answer, connack);
+        (device, broker, task)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_device_is_cut_after_one_and_a_half_keep_alives() {
+        let (mut device, _broker, task) = open_session(ProtocolVersion::V311, 2, &CONNACK_V311).await;
+        let started = tokio::time::Instant::now();
+        assert!(read_all(&mut device).await.is_empty());
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_brokers_server_keep_alive_replaces_the_devices() {
+        // MQTT 5 CONNACK: accepted, Server Keep Alive (0x13) = 4 s, where the device asked for 600.
+        let connack = [0x20, 0x06, 0x00, 0x00, 0x03, 0x13, 0x00, 0x04];
+        let (mut device, _broker, task) = open_session(ProtocolVersion::V5, 600, &connack).await;
+        let started = tokio::time::Instant::now();
+        assert!(read_all(&mut device).await.is_empty());
+        assert_eq!(started.elapsed(), Duration::from_secs(6));
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn over_the_limit_a_device_is_answered_busy_in_its_version() {
+        for (version, answer) in [
+            (ProtocolVersion::V31, vec![0x20, 0x02, 0x00, 0x03]),
+            (ProtocolVersion::V5, vec![0x20, 0x03, 0x00, 0x89, 0x00]),
+        ] {
+            let generation = generation(Vec::new());
+            let metrics = metrics_for(&generation);
+            let admission = Admission::new(0);
+            let Admitted::RefuseBusy(permit, slot) = admission.admit("10.0.0.9".parse().unwrap(), 10) else {
+                panic!("over the limit")
+            };
+            let (mut device, ours) = duplex(1024);
+            let packet = match version {
+                // 3.1 names its protocol MQIsdp.
+                ProtocolVersion::V31 => {
+                    let mut p = vec![
+                        0x10, 0x00, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 60, 0, 4,
+                    ];
+                    p.extend_from_slice(b"late");
+                    p[1] = (p.len() - 2) as u8;
+                    p
+                }
+                v => connect(v, "late", 60),
+            };
+            device.write_all(&packet).await.unwrap();
+            refuse_busy(ours, generation.clone(), metrics.clone(), permit, slot).await;
+            assert_eq!(read_all(&mut device).await, answer, "{version}");
+            assert_eq!(value(&metrics, "mqtls_connections_refused_total{reason=\"busy\"}"), 1.0);
+        }
+    }
+}
