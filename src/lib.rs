@@ -1,21 +1,26 @@
 //! mqtls gives every legacy plain-MQTT device its own mutual-TLS identity at the broker.
 //!
-//! A connection's path through the crate, in order:
+//! A connection's path through the crate, in order (data flows one way, from accept to copy):
 //!
-//! 1. [`proxy`] accepts on a listener and spawns one task per connection (bounded by a semaphore).
+//! 1. [`proxy`] accepts on a listener, admits the connection (connection and per-source limits), and
+//!    spawns one task that runs the connection's whole life (`proxy::connection`).
 //! 2. [`mqtt`] reads the device's CONNECT packet, bounded in size and time, without changing a byte.
 //! 3. [`device`] picks the device entry whose rules (client id, source address, listener) all hold.
-//! 4. [`upstream`] resolves the broker, connects, and completes the TLS handshake with that device's
-//!    prebuilt `rustls::ClientConfig` from [`tls`], over a [`tls_stream`] that holds no buffer while idle.
-//! 5. [`pipe`] copies bytes both ways, honouring half-close and the device's MQTT keep-alive.
+//! 4. `upstream` reaches the broker as that device: `upstream::Broker` is the seam the connection talks
+//!    to, and [`Connector`] the real one (resolve, connect in order, TLS handshake with the device's
+//!    prebuilt `rustls::ClientConfig` from [`tls`], over `tls::stream`, which holds no buffer while idle).
+//! 5. `pipe` copies bytes both ways, honouring half-close and the device's MQTT keep-alive. It knows
+//!    neither TLS nor MQTT, only `duplex` streams (read and written from one task).
 //!
-//! Around that path: [`config`] turns the TOML file into a validated [`config::Config`], [`socket`]
-//! sets the options both sockets share, [`metrics`] counts what happens on it (and serves `/metrics`),
-//! [`reload`] builds a whole new configuration generation on SIGHUP or when a file changes and swaps it in
-//! for new connections, [`certs`] makes and inspects the device identities on disk (`mqtls certs`), and
-//! [`systemd`] tells the service manager how mqtls is doing and hands over the sockets it passed.
-//! Refusals before the broker is reached are answered with a CONNACK in the device's own protocol
-//! version.
+//! Whatever ends a connection before its session starts is a `refusal`: one reason, counted, logged and
+//! answered (a CONNACK in the device's own protocol version where MQTT has one) in one call.
+//!
+//! Around that path: [`config`] turns the TOML file into a validated [`config::Config`] and [`load`]
+//! turns a file into a ready generation; `socket` sets the options both sockets share; [`metrics`]
+//! counts what happens (and serves `/metrics`); [`reload`] builds a whole new configuration generation on
+//! SIGHUP or when a file changes and swaps it in for new connections; [`daemon`] wires the proxy, the
+//! metrics endpoint, the reloader and [`systemd`] together as `mqtls run` runs them; [`certs`] makes and
+//! inspects the device identities on disk (`mqtls certs`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

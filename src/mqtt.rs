@@ -296,7 +296,7 @@ impl OwnConnack {
     }
 }
 
-/// The CONNACK carrying `code`, in the device's protocol version (see [`crate::refusal`] for which code
+/// The CONNACK carrying `code`, in the device's protocol version (see `refusal` for which code
 /// answers which refusal).
 pub fn connack(version: ProtocolVersion, code: u8) -> OwnConnack {
     match version {

@@ -303,7 +303,7 @@ impl Metrics {
         self.handle.run_upkeep();
     }
 
-    /// Runs [`Metrics::upkeep`] every few seconds, forever: with or without a scrape endpoint, a
+    /// Runs `upkeep` every few seconds, forever: with or without a scrape endpoint, a
     /// daemon that records a sample per connection must not keep them all.
     pub async fn keep_up(self: Arc<Self>) {
         let mut every = tokio::time::interval(UPKEEP_INTERVAL);

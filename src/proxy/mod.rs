@@ -1,7 +1,7 @@
 //! The proxy: its listeners, the configuration generation in force, and shutdown.
 //!
-//! Data flows one way: an accept loop per listener takes a connection, [`admission`] decides whether
-//! it may be served, and a task of its own runs its whole life ([`connection`]): read the CONNECT, pick
+//! Data flows one way: an accept loop per listener takes a connection, `admission` decides whether
+//! it may be served, and a task of its own runs its whole life (`connection`): read the CONNECT, pick
 //! the device, reach the broker, copy. A reload ([`ProxyHandle::replace`]) swaps the [`Generation`] that
 //! new connections get and adds or closes listeners; open connections are never touched by it.
 //!
@@ -12,7 +12,7 @@
 //! an `await` nor while another is taken, so there is no order to keep: the generation (a read-mostly
 //! `RwLock` swapped by a reload), the listeners (one lock, so that a listener added by a reload as
 //! serving starts is either left for `run` or served at once, never both nor neither), and the
-//! admission limits (see [`admission`]).
+//! admission limits (see `admission`).
 
 mod admission;
 mod connection;
