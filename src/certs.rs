@@ -7,9 +7,10 @@
 //! - [`issue`]: a device's key and certificate signed by that CA, in the device-directory layout that
 //!   [`crate::config`] loads (`<out>/<name>/{key.pem,cert.pem,device.toml}`);
 //! - [`csr`]: a key and a certificate signing request for a CA that someone else runs; until the signed
-//!   `cert.pem` is saved next to the key, the directory is a [`PendingDevice`] that the loader skips;
-//! - [`IdentityRow`]: what `mqtls certs list` and `mqtls check` print about every identity, with flags for
-//!   what needs attention.
+//!   `cert.pem` is saved next to the key, the directory is a [`PendingDevice`](crate::config::PendingDevice)
+//!   that the loader skips.
+//!
+//! What `mqtls certs list` prints about the identities once they exist is [`crate::inventory`]'s.
 //!
 //! Files are written the way a daemon that reloads on file changes needs them: every file goes to a
 //! temporary name in its own directory and is renamed into place, keys are created with mode 0600 (never
@@ -23,20 +24,15 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::SystemTime;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SerialNumber,
 };
 use rustls::pki_types::PrivatePkcs8KeyDer;
-use serde::Serialize;
 
-use crate::config::{
-    device_dir_entries, pending_device, Config, PendingDevice, DEVICE_DIR_CERT, DEVICE_DIR_CSR, DEVICE_DIR_KEY,
-    DEVICE_DIR_SETTINGS, FALLBACK_NAME,
-};
-use crate::tls::{certs_from_pem, key_mode_exposure, key_mode_is_open, read_certs, CertSummary, TlsFileError};
+use crate::config::{DEVICE_DIR_CERT, DEVICE_DIR_CSR, DEVICE_DIR_KEY, DEVICE_DIR_SETTINGS};
+use crate::tls::{certs_from_pem, key_mode_exposure, key_mode_is_open, CertSummary, TlsFileError};
 
 mod owner;
 pub use owner::Owner;
@@ -49,8 +45,6 @@ pub const CA_KEY_FILE: &str = "ca.key";
 pub const DEFAULT_CA_DAYS: u32 = 3650;
 /// Default validity of a device certificate.
 pub const DEFAULT_DEVICE_DAYS: u32 = 365;
-/// A certificate that expires within this many days is flagged EXPIRES SOON.
-pub const DEFAULT_EXPIRY_WARNING_DAYS: u32 = 30;
 /// Default Common Name of a CA made by [`init_ca`].
 pub const DEFAULT_CA_NAME: &str = "mqtls device CA";
 /// The longest validity accepted, in days (100 years).
@@ -854,382 +848,6 @@ pub fn csr(req: &CsrRequest) -> Result<CsrCreated, CertsError> {
     })
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Listing
-
-/// Something about an identity that an operator should know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Flag {
-    /// The certificate's notAfter has passed: the broker refuses it.
-    Expired,
-    /// The certificate expires within the warning threshold.
-    ExpiresSoon,
-    /// Group or others can read the private key (listed even when `upstream.allow_readable_keys` allows it).
-    KeyReadableByOthers,
-    /// A key and a CSR, no certificate yet: not served.
-    Pending,
-    /// The certificate or key cannot be read or parsed.
-    Invalid,
-}
-
-impl Flag {
-    /// The text printed in the FLAGS column.
-    fn label(self) -> &'static str {
-        match self {
-            Flag::Expired => "EXPIRED",
-            Flag::ExpiresSoon => "EXPIRES SOON",
-            Flag::KeyReadableByOthers => "KEY READABLE BY OTHERS",
-            Flag::Pending => "PENDING",
-            Flag::Invalid => "INVALID",
-        }
-    }
-
-    /// Whether the flag calls for action (`mqtls certs list` exits 3). A pending device is waiting for
-    /// someone else's CA, which is normal.
-    pub fn needs_attention(self) -> bool {
-        self != Flag::Pending
-    }
-}
-
-/// One identity as `mqtls certs list` and `mqtls check` show it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdentityRow {
-    /// The device's name (`fallback` for the fallback identity).
-    pub name: String,
-    /// The certificate file (none for a pending device).
-    pub cert: Option<PathBuf>,
-    /// The private key file.
-    pub key: Option<PathBuf>,
-    /// The leaf certificate's details, when it could be read.
-    pub summary: Option<CertSummary>,
-    /// Whole days until notAfter (negative once expired).
-    pub days_left: Option<i64>,
-    /// The key file's permission bits.
-    pub key_mode: Option<u32>,
-    /// What needs attention.
-    pub flags: Vec<Flag>,
-    /// Why the identity is INVALID.
-    pub problem: Option<String>,
-    /// The match rules (for `mqtls check`).
-    pub rules: Option<String>,
-}
-
-impl IdentityRow {
-    /// A row for a certificate already parsed; flags EXPIRED/EXPIRES SOON against `now` and
-    /// `soon_days`, and KEY READABLE BY OTHERS from `key_mode`.
-    pub fn new(name: &str, summary: CertSummary, key_mode: Option<u32>, now: SystemTime, soon_days: u32) -> Self {
-        let days_left = days_between(now, summary.not_after);
-        let mut flags = Vec::new();
-        if summary.not_after <= now {
-            flags.push(Flag::Expired);
-        } else if days_left < i64::from(soon_days) {
-            flags.push(Flag::ExpiresSoon);
-        }
-        if key_mode.is_some_and(key_mode_is_open) {
-            flags.push(Flag::KeyReadableByOthers);
-        }
-        IdentityRow {
-            name: name.to_string(),
-            cert: None,
-            key: None,
-            summary: Some(summary),
-            days_left: Some(days_left),
-            key_mode,
-            flags,
-            problem: None,
-            rules: None,
-        }
-    }
-
-    /// A device directory entry waiting for its certificate.
-    pub fn pending(p: &PendingDevice) -> Self {
-        let key_mode = file_mode(&p.key);
-        let mut flags = vec![Flag::Pending];
-        if key_mode.is_some_and(key_mode_is_open) {
-            flags.push(Flag::KeyReadableByOthers);
-        }
-        IdentityRow {
-            name: p.name.clone(),
-            cert: None,
-            key: Some(p.key.clone()),
-            summary: None,
-            days_left: None,
-            key_mode,
-            flags,
-            problem: None,
-            rules: None,
-        }
-    }
-
-    /// Reads `cert` and the permissions of `key` from disk.
-    fn inspect(name: &str, cert: &Path, key: &Path, now: SystemTime, soon_days: u32) -> Self {
-        let key_mode = file_mode(key);
-        let mut row = match read_leaf(cert) {
-            Ok(summary) => IdentityRow::new(name, summary, key_mode, now, soon_days),
-            Err(problem) => IdentityRow {
-                name: name.to_string(),
-                cert: None,
-                key: None,
-                summary: None,
-                days_left: None,
-                key_mode,
-                flags: vec![Flag::Invalid],
-                problem: Some(problem),
-                rules: None,
-            },
-        };
-        if key_mode.is_none() && row.problem.is_none() {
-            row.flags.push(Flag::Invalid);
-            row.problem = Some(format!("{}: cannot read the private key", key.display()));
-        }
-        row.cert = Some(cert.to_path_buf());
-        row.key = Some(key.to_path_buf());
-        row
-    }
-
-    /// The same row with the match rules set (for `mqtls check`).
-    pub fn with_rules(mut self, rules: String) -> Self {
-        self.rules = Some(rules);
-        self
-    }
-
-    /// Whether any flag calls for action.
-    pub fn needs_attention(&self) -> bool {
-        self.flags.iter().any(|f| f.needs_attention())
-    }
-
-    fn cell(&self, column: Column) -> String {
-        let dash = || "-".to_string();
-        let summary = self.summary.as_ref();
-        match column {
-            Column::Name => self.name.clone(),
-            Column::NotAfter => summary.map_or_else(dash, |s| rfc3339(s.not_after)),
-            Column::DaysLeft => self.days_left.map_or_else(dash, |d| d.to_string()),
-            Column::Subject => summary.map_or_else(dash, |s| s.subject.clone()),
-            Column::Issuer => summary.map_or_else(dash, |s| s.issuer.clone()),
-            Column::Serial => summary.map_or_else(dash, |s| serial_hex(&s.serial)),
-            Column::Flags => {
-                let labels: Vec<String> = self
-                    .flags
-                    .iter()
-                    .map(|f| match (f, &self.problem) {
-                        (Flag::Invalid, Some(p)) => format!("INVALID: {p}"),
-                        _ => f.label().to_string(),
-                    })
-                    .collect();
-                if labels.is_empty() {
-                    dash()
-                } else {
-                    labels.join(", ")
-                }
-            }
-            Column::Match => self.rules.clone().unwrap_or_else(dash),
-        }
-    }
-}
-
-/// A column of the identity table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Column {
-    /// The device's name.
-    Name,
-    /// notAfter, RFC 3339 in UTC.
-    NotAfter,
-    /// Whole days until notAfter.
-    DaysLeft,
-    /// The subject DN.
-    Subject,
-    /// The issuer DN.
-    Issuer,
-    /// The serial number in hex, as `openssl x509 -serial` prints it.
-    Serial,
-    /// The flags.
-    Flags,
-    /// The match rules.
-    Match,
-}
-
-impl Column {
-    fn header(self) -> &'static str {
-        match self {
-            Column::Name => "NAME",
-            Column::NotAfter => "NOT AFTER",
-            Column::DaysLeft => "DAYS LEFT",
-            Column::Subject => "SUBJECT",
-            Column::Issuer => "ISSUER",
-            Column::Serial => "SERIAL",
-            Column::Flags => "FLAGS",
-            Column::Match => "MATCH",
-        }
-    }
-}
-
-/// The columns of `mqtls certs list`.
-pub const LIST_COLUMNS: &[Column] = &[
-    Column::Name,
-    Column::NotAfter,
-    Column::DaysLeft,
-    Column::Subject,
-    Column::Issuer,
-    Column::Serial,
-    Column::Flags,
-];
-
-/// The columns of `mqtls check` (the serial gives way to the match rules).
-pub const CHECK_COLUMNS: &[Column] = &[
-    Column::Name,
-    Column::NotAfter,
-    Column::DaysLeft,
-    Column::Subject,
-    Column::Issuer,
-    Column::Flags,
-    Column::Match,
-];
-
-/// An aligned text table of `rows` (a header line first); the last column is not padded.
-pub fn render_table(rows: &[IdentityRow], columns: &[Column]) -> String {
-    let header: Vec<String> = columns.iter().map(|c| c.header().to_string()).collect();
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| columns.iter().map(|&c| r.cell(c)).collect())
-        .collect();
-    let widths: Vec<usize> = (0..columns.len())
-        .map(|i| {
-            cells
-                .iter()
-                .chain([&header])
-                .map(|r| r[i].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for line in [&header].into_iter().chain(&cells) {
-        let last = line.len() - 1;
-        for (i, cell) in line.iter().enumerate() {
-            if i == last {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:w$}  ", w = widths[i]));
-            }
-        }
-        out.push('\n');
-    }
-    out
-}
-
-#[derive(Serialize)]
-struct JsonRow<'a> {
-    name: &'a str,
-    cert: Option<&'a Path>,
-    key: Option<&'a Path>,
-    subject: Option<&'a str>,
-    issuer: Option<&'a str>,
-    serial: Option<String>,
-    not_before: Option<String>,
-    not_after: Option<String>,
-    days_left: Option<i64>,
-    key_mode: Option<String>,
-    flags: &'a [Flag],
-    problem: Option<&'a str>,
-}
-
-/// `rows` as a JSON array, one object per identity (for scripts and monitoring).
-pub fn render_json(rows: &[IdentityRow]) -> String {
-    let json: Vec<JsonRow<'_>> = rows
-        .iter()
-        .map(|r| {
-            let s = r.summary.as_ref();
-            JsonRow {
-                name: &r.name,
-                cert: r.cert.as_deref(),
-                key: r.key.as_deref(),
-                subject: s.map(|s| s.subject.as_str()),
-                issuer: s.map(|s| s.issuer.as_str()),
-                serial: s.map(|s| serial_hex(&s.serial)),
-                not_before: s.map(|s| rfc3339(s.not_before)),
-                not_after: s.map(|s| rfc3339(s.not_after)),
-                days_left: r.days_left,
-                key_mode: r.key_mode.map(|m| format!("{m:04o}")),
-                flags: &r.flags,
-                problem: r.problem.as_deref(),
-            }
-        })
-        .collect();
-    let mut text = serde_json::to_string_pretty(&json).unwrap_or_else(|_| "[]".into());
-    text.push('\n');
-    text
-}
-
-/// Every identity a configuration names: its devices, the fallback, and pending directory entries.
-pub fn rows_from_config(config: &Config, now: SystemTime, soon_days: u32) -> Vec<IdentityRow> {
-    let devices = config
-        .devices
-        .iter()
-        .map(|d| IdentityRow::inspect(&d.name, &d.identity.cert, &d.identity.key, now, soon_days));
-    let fallback = config
-        .fallback
-        .iter()
-        .map(|f| IdentityRow::inspect(FALLBACK_NAME, &f.cert, &f.key, now, soon_days));
-    let pending = config.pending.iter().map(IdentityRow::pending);
-    devices.chain(fallback).chain(pending).collect()
-}
-
-/// Every entry of a device directory, read without a configuration.
-pub fn rows_from_dir(dir: &Path, now: SystemTime, soon_days: u32) -> Result<Vec<IdentityRow>, CertsError> {
-    let paths = device_dir_entries(dir).map_err(|e| file_error(dir, format!("cannot read the directory: {e}")))?;
-    Ok(paths.iter().map(|p| dir_row(p, now, soon_days)).collect())
-}
-
-fn dir_row(entry: &Path, now: SystemTime, soon_days: u32) -> IdentityRow {
-    if let Some(p) = pending_device(entry) {
-        return IdentityRow::pending(&p);
-    }
-    let name = entry.file_name().unwrap_or_default().to_string_lossy();
-    IdentityRow::inspect(
-        &name,
-        &entry.join(DEVICE_DIR_CERT),
-        &entry.join(DEVICE_DIR_KEY),
-        now,
-        soon_days,
-    )
-}
-
-fn read_leaf(path: &Path) -> Result<CertSummary, String> {
-    let chain = read_certs("cert", path).map_err(|e| e.to_string())?;
-    CertSummary::parse(&chain[0]).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-fn file_mode(path: &Path) -> Option<u32> {
-    fs::metadata(path).ok().map(|m| m.permissions().mode() & 0o777)
-}
-
-/// Whole days from `now` to `then`, rounded towards minus infinity (an hour past expiry is day -1).
-fn days_between(now: SystemTime, then: SystemTime) -> i64 {
-    match then.duration_since(now) {
-        Ok(left) => (left.as_secs() / 86_400) as i64,
-        Err(past) => -((past.duration().as_secs() / 86_400) as i64) - 1,
-    }
-}
-
-/// `2027-03-01T12:00:00Z`.
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-/// A serial from [`CertSummary::serial`] (`0a:1b:...`) as `openssl x509 -serial` prints it (`A1B...`):
-/// upper case, no separators, no leading zero bytes.
-pub fn serial_hex(colon_hex: &str) -> String {
-    let hex: String = colon_hex.split(':').collect::<String>().to_ascii_uppercase();
-    let trimmed = hex.trim_start_matches("00");
-    if trimmed.is_empty() {
-        "00".into()
-    } else {
-        trimmed.to_string()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1267,22 +885,6 @@ mod tests {
             .parse::<KeyType>()
             .unwrap_err()
             .contains("ecdsa-p256, ed25519 or rsa2048"));
-    }
-
-    #[test]
-    fn serial_is_printed_like_openssl() {
-        assert_eq!(serial_hex("00:8a:0b"), "8A0B");
-        assert_eq!(serial_hex("7f:01"), "7F01");
-        assert_eq!(serial_hex("00"), "00");
-    }
-
-    #[test]
-    fn days_left_round_down_and_go_negative_after_expiry() {
-        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
-        let day = std::time::Duration::from_secs(86_400);
-        assert_eq!(days_between(now, now + day * 3 + day / 2), 3);
-        assert_eq!(days_between(now, now - day / 24), -1);
-        assert_eq!(days_between(now, now - day * 2 - day / 2), -3);
     }
 
     /// An owner that is not the user running the test where that is allowed (as root), else the same.

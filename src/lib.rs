@@ -12,16 +12,21 @@
 //! Around that path: [`config`] turns the TOML file into a validated [`config::Config`], [`socket`]
 //! sets the options both sockets share, [`metrics`] counts what happens on it (and serves `/metrics`),
 //! [`reload`] builds a whole new configuration generation on SIGHUP or when a file changes and swaps it in
-//! for new connections, [`certs`] makes and inspects the device identities on disk (`mqtls certs`), and
-//! [`systemd`] tells the service manager how mqtls is doing and hands over the sockets it passed.
+//! for new connections, and [`systemd`] tells the service manager how mqtls is doing and hands over the
+//! sockets it passed.
 //! Refusals before the broker is reached are answered with a CONNACK in the device's own protocol
 //! version.
+//!
+//! Off that path, for the operator: [`certs`] makes the device identities on disk (`mqtls certs init-ca`,
+//! `issue`, `csr`), and [`inventory`] lists the identities there are and what needs attention in them
+//! (`mqtls check`, `mqtls certs list`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod certs;
 pub mod config;
 pub mod device;
+pub mod inventory;
 pub mod metrics;
 pub mod mqtt;
 pub mod pipe;

@@ -146,8 +146,8 @@ fn check(path: &std::path::Path) -> ExitCode {
     match load(path) {
         Ok((config, generation)) => {
             let now = SystemTime::now();
-            print!("{}", generation.table.describe(now));
-            let warnings = generation.table.warnings(now).into_iter();
+            print!("{}", mqtls::inventory::describe(&generation.table, now));
+            let warnings = mqtls::inventory::warnings(&generation.table, now).into_iter();
             for w in warnings.chain(descriptor_warning(config.listen.max_connections)) {
                 eprintln!("warning: {w}");
             }
