@@ -1,4 +1,5 @@
-//! `mqtls certs`: the command-line side of [`mqtls::certs`]: arguments, what is printed, exit codes.
+//! `mqtls certs`: the command-line side of [`mqtls::certs`] (and, for `list`, of [`mqtls::inventory`]):
+//! arguments, what is printed, exit codes.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -7,7 +8,8 @@ use std::time::SystemTime;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Subcommand};
-use mqtls::certs::{self, CertsError, IdentityRow, KeyType};
+use mqtls::certs::{self, CertsError, KeyType};
+use mqtls::inventory::{self, IdentityRow};
 use mqtls::Config;
 
 /// `mqtls certs list`: some identity needs attention (expired, expiring soon, readable key, invalid).
@@ -156,7 +158,7 @@ pub struct ListArgs {
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
     /// Flag certificates that expire within this many days.
-    #[arg(long, value_name = "DAYS", default_value_t = certs::DEFAULT_EXPIRY_WARNING_DAYS)]
+    #[arg(long, value_name = "DAYS", default_value_t = inventory::DEFAULT_EXPIRY_WARNING_DAYS)]
     expires_within: u32,
     /// Print JSON (one object per identity) instead of a table.
     #[arg(long)]
@@ -199,7 +201,7 @@ fn init_ca(a: InitCaArgs) -> Result<(), CertsError> {
         "created CA \"{}\" ({}), valid until {}",
         s.subject,
         a.key_type,
-        certs::rfc3339(s.not_after)
+        inventory::rfc3339(s.not_after)
     );
     println!("  certificate  {}", created.cert.display());
     println!(
@@ -238,8 +240,8 @@ fn issue(a: IssueArgs) -> Result<(), CertsError> {
         "  certificate  {}  ({}, serial {}, until {})",
         issued.cert.display(),
         s.subject,
-        certs::serial_hex(&s.serial),
-        certs::rfc3339(s.not_after)
+        inventory::serial_hex(&s.serial),
+        inventory::rfc3339(s.not_after)
     );
     println!("  key          {}  (mode 0600, {})", issued.key.display(), a.key_type);
     let settings = issued.dir.join(mqtls::config::DEVICE_DIR_SETTINGS);
@@ -307,7 +309,7 @@ fn list(a: ListArgs) -> ExitCode {
         .or_else(|| a.dir.is_none().then(|| PathBuf::from(DEFAULT_CONFIG)));
     if let Some(path) = &config {
         match Config::load(path) {
-            Ok(c) => rows.extend(certs::rows_from_config(&c, now, a.expires_within)),
+            Ok(c) => rows.extend(inventory::rows_from_config(&c, now, a.expires_within)),
             Err(errors) => {
                 for e in &errors.0 {
                     eprintln!("error: {e}");
@@ -322,7 +324,7 @@ fn list(a: ListArgs) -> ExitCode {
         }
     }
     if let Some(dir) = &a.dir {
-        match certs::rows_from_dir(dir, now, a.expires_within) {
+        match inventory::rows_from_dir(dir, now, a.expires_within) {
             Ok(more) => append_new(&mut rows, more),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -331,9 +333,9 @@ fn list(a: ListArgs) -> ExitCode {
         }
     }
     if a.json {
-        print!("{}", certs::render_json(&rows));
+        print!("{}", inventory::render_json(&rows));
     } else {
-        print!("{}", certs::render_table(&rows, certs::LIST_COLUMNS));
+        print!("{}", inventory::render_table(&rows, inventory::LIST_COLUMNS));
     }
     let flagged = rows.iter().filter(|r| r.needs_attention()).count();
     if flagged > 0 {

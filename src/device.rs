@@ -7,11 +7,9 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use ipnet::IpNet;
 
-use crate::certs::{self, IdentityRow};
 use crate::config::{Config, ConfigError, ConfigErrors, DeviceSpec, IdentityFiles, PendingDevice};
 use crate::stamp::Stamp;
 use crate::tls::{self, Identity, TlsFileError, TlsSettings};
@@ -212,66 +210,9 @@ impl DeviceTable {
         self.devices.iter().chain(&self.fallback)
     }
 
-    /// A human-readable table of devices, their certificates, flags and rules, as printed by `mqtls check`
-    /// (the same rows as `mqtls certs list`, see [`certs::IdentityRow`]).
-    pub fn describe(&self, now: SystemTime) -> String {
-        certs::render_table(&self.rows(now), certs::CHECK_COLUMNS)
-    }
-
-    /// One row per identity: the devices, the fallback, then the pending device directory entries.
-    pub fn rows(&self, now: SystemTime) -> Vec<IdentityRow> {
-        let soon = certs::DEFAULT_EXPIRY_WARNING_DAYS;
-        let loaded = self.all().map(|d| {
-            let id = &d.identity;
-            IdentityRow::new(&d.name, id.summary.clone(), Some(id.key_mode), now, soon).with_rules(d.rules())
-        });
-        loaded.chain(self.pending.iter().map(IdentityRow::pending)).collect()
-    }
-
-    /// Warnings about entries that are valid but weak (e.g. matched by client id alone).
-    pub fn warnings(&self, now: SystemTime) -> Vec<String> {
-        let mut w = Vec::new();
-        for d in &self.devices {
-            if d.client_id.is_some() && d.sources.is_empty() {
-                w.push(format!(
-                    "device \"{}\" is matched by client id alone: anyone on the LAN who sends that client id gets its identity; add `source`",
-                    d.name
-                ));
-            }
-            if d.identity.summary.not_after <= now {
-                w.push(format!(
-                    "device \"{}\": certificate expired ({})",
-                    d.name,
-                    expiry(d.identity.summary.not_after, now)
-                ));
-            }
-        }
-        for row in self.rows(now) {
-            if row.flags.contains(&certs::Flag::ExpiresSoon) {
-                let date = row
-                    .summary
-                    .as_ref()
-                    .map(|s| expiry(s.not_after, now))
-                    .unwrap_or_default();
-                w.push(format!("device \"{}\": certificate expires soon ({date})", row.name));
-            }
-            if row.flags.contains(&certs::Flag::KeyReadableByOthers) {
-                let allowed = match row.flags.contains(&certs::Flag::Pending) {
-                    true => {
-                        "it will be refused once the certificate arrives unless upstream.allow_readable_keys is set"
-                    }
-                    false => "allowed by upstream.allow_readable_keys",
-                };
-                let mode = row.key_mode.unwrap_or_default();
-                w.push(format!(
-                    "device \"{}\": its private key is {} (mode {mode:04o}; {allowed})",
-                    row.name,
-                    crate::tls::key_mode_exposure(mode),
-                ));
-            }
-        }
-        w.extend(self.pending.iter().map(PendingDevice::warning));
-        w
+    /// The device directory entries still waiting for their certificate (not served).
+    pub fn pending(&self) -> &[PendingDevice] {
+        &self.pending
     }
 }
 
@@ -312,15 +253,6 @@ fn identity_error(origin: &std::path::Path, device: Option<&str>, e: TlsFileErro
         key,
         device: device.map(str::to_string),
         reason,
-    }
-}
-
-/// "2027-03-01 12:00:00 UTC (96 days)" style text.
-pub fn expiry(not_after: SystemTime, now: SystemTime) -> String {
-    let date = humantime::format_rfc3339_seconds(not_after).to_string();
-    match not_after.duration_since(now) {
-        Ok(left) => format!("{date} ({}d left)", left.as_secs() / 86_400),
-        Err(_) => format!("{date} (EXPIRED)"),
     }
 }
 

@@ -19,8 +19,11 @@
 //! turns a file into a ready generation; `socket` sets the options both sockets share; [`metrics`]
 //! counts what happens (and serves `/metrics`); [`reload`] builds a whole new configuration generation on
 //! SIGHUP or when a file changes and swaps it in for new connections; [`daemon`] wires the proxy, the
-//! metrics endpoint, the reloader and [`systemd`] together as `mqtls run` runs them; [`certs`] makes and
-//! inspects the device identities on disk (`mqtls certs`).
+//! metrics endpoint, the reloader and [`systemd`] together as `mqtls run` runs them.
+//!
+//! Off that path, for the operator: [`certs`] makes the device identities on disk (`mqtls certs init-ca`,
+//! `issue`, `csr`), and [`inventory`] lists the identities there are and what needs attention in them
+//! (`mqtls check`, `mqtls certs list`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -29,6 +32,7 @@ pub mod config;
 pub mod daemon;
 pub mod device;
 mod duplex;
+pub mod inventory;
 pub mod metrics;
 pub mod mqtt;
 mod pipe;

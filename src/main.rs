@@ -137,8 +137,8 @@ fn check(path: &std::path::Path) -> ExitCode {
     match mqtls::load(path) {
         Ok(mqtls::Loaded { config, generation, .. }) => {
             let now = SystemTime::now();
-            print!("{}", generation.table.describe(now));
-            let warnings = generation.table.warnings(now).into_iter();
+            print!("{}", mqtls::inventory::describe(&generation.table, now));
+            let warnings = mqtls::inventory::warnings(&generation.table, now).into_iter();
             for w in warnings.chain(mqtls::daemon::descriptor_warning(config.listen.max_connections)) {
                 eprintln!("warning: {w}");
             }
