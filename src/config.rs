@@ -17,6 +17,8 @@ use ipnet::IpNet;
 use rustls::pki_types::ServerName;
 use serde::Deserialize;
 
+use crate::rules::Rules;
+
 /// MQTT's standard port for TLS, used when an upstream address gives no port.
 pub const DEFAULT_UPSTREAM_PORT: u16 = 8883;
 /// Name of the certificate file inside a device directory entry.
@@ -257,6 +259,15 @@ impl DeviceSpec {
         match &self.listen {
             Some(l) => std::slice::from_ref(l),
             None => shared,
+        }
+    }
+
+    /// Its match rules, with `shared` the listen addresses of devices without a `listen` of their own.
+    pub fn rules(&self, shared: &[SocketAddr]) -> Rules {
+        Rules {
+            client_id: self.client_id.clone(),
+            sources: self.sources.clone(),
+            listeners: self.listeners(shared).to_vec(),
         }
     }
 }
@@ -948,9 +959,10 @@ impl Validator {
             pairs.extend(by_id.values().flatten().map(|&b| (a, b)));
         }
         pairs.sort_unstable();
+        let rules: Vec<Rules> = devices.iter().map(|d| d.rules(shared)).collect();
         for (a, b) in pairs {
             let (da, db) = (&devices[a], &devices[b]);
-            if can_overlap(da, db, shared) {
+            if rules[a].can_overlap(&rules[b]) {
                 let e = ConfigError::new(
                     &db.origin,
                     "client_id/source/listen",
@@ -1015,22 +1027,6 @@ impl Validator {
 /// on every address.
 fn binds_clash(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && a.port() != 0 && (a == b || a.ip().is_unspecified() || b.ip().is_unspecified())
-}
-
-fn can_overlap(a: &DeviceSpec, b: &DeviceSpec, shared: &[SocketAddr]) -> bool {
-    let ids = match (&a.client_id, &b.client_id) {
-        (Some(x), Some(y)) => x == y,
-        _ => true,
-    };
-    let listeners = a.listeners(shared).iter().any(|l| b.listeners(shared).contains(l));
-    let sources = a.sources.is_empty()
-        || b.sources.is_empty()
-        || a.sources.iter().any(|x| {
-            b.sources
-                .iter()
-                .any(|y| x.contains(&y.network()) || y.contains(&x.network()))
-        });
-    ids && listeners && sources
 }
 
 fn is_hidden(p: &Path) -> bool {

@@ -254,7 +254,7 @@ fn rows_from_table(table: &DeviceTable, now: SystemTime) -> Vec<IdentityRow> {
     let soon = DEFAULT_EXPIRY_WARNING_DAYS;
     let loaded = table.all().map(|d| {
         let id = &d.identity;
-        IdentityRow::new(&d.name, id.summary.clone(), Some(id.key_mode), now, soon).with_rules(d.rules())
+        IdentityRow::new(&d.name, id.summary.clone(), Some(id.key_mode), now, soon).with_rules(d.rules.to_string())
     });
     loaded.chain(table.pending().iter().map(IdentityRow::pending)).collect()
 }
@@ -289,7 +289,7 @@ pub fn warnings(table: &DeviceTable, now: SystemTime) -> Vec<String> {
 
 fn device_warnings(d: &Device, now: SystemTime) -> Vec<String> {
     let mut w = Vec::new();
-    if d.client_id.is_some() && d.sources.is_empty() {
+    if d.rules.client_id.is_some() && d.rules.sources.is_empty() {
         w.push(format!(
             "device \"{}\" is matched by client id alone: anyone on the LAN who sends that client id gets its identity; add `source`",
             d.name

@@ -39,6 +39,7 @@ mod pipe;
 pub mod proxy;
 mod refusal;
 pub mod reload;
+mod rules;
 mod socket;
 pub mod stamp;
 pub mod systemd;

@@ -380,7 +380,7 @@ mod tests {
     use tokio::io::{duplex, DuplexStream, ReadBuf};
 
     use super::*;
-    use crate::device::{Device, DeviceTable};
+    use crate::device::{Device, DeviceTable, Rules};
     use crate::proxy::admission::{Admission, Admitted};
     use crate::tls::Identity;
     use crate::upstream::{ConnectError, Connected};
@@ -466,9 +466,11 @@ mod tests {
         let listener = LISTENER.parse().unwrap();
         let boiler = Device {
             name: "boiler-1".into(),
-            client_id: Some("boiler-1".into()),
-            sources: Vec::new(),
-            listeners: vec![listener],
+            rules: Rules {
+                client_id: Some("boiler-1".into()),
+                sources: Vec::new(),
+                listeners: vec![listener],
+            },
             identity: Identity::in_memory("boiler-1"),
         };
         let listen = Listen {

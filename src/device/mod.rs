@@ -1,0 +1,247 @@
+//! The device table: who a connection is, and which identity it presents to the broker.
+//!
+//! Built once per configuration generation ([`load`] reads every certificate and key and turns each
+//! into a ready `ClientConfig`), so a connection only does a lookup. The lookup is [`Routes::find`]:
+//! an index by client id over the entries' [`Rules`], generic over the identity each entry holds, so that
+//! the routing decision is tested on its own without a certificate in sight. Validation has already
+//! proved that no two entries can match the same connection ([`Rules::can_overlap`]), so the first match
+//! is the only one.
+
+mod load;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use crate::config::PendingDevice;
+pub use crate::rules::Rules;
+use crate::tls::Identity;
+
+/// One device entry, ready to serve: its name, its rules, and the identity it presents (a handle the
+/// table holds; [`Identity`] in the running proxy).
+#[derive(Debug)]
+pub struct Device<I = Identity> {
+    /// The device's name from the config (or its directory); the fallback is `fallback`.
+    pub name: Arc<str>,
+    /// Which connections it is for.
+    pub rules: Rules,
+    /// The identity presented upstream.
+    pub identity: I,
+}
+
+/// The entries of one generation indexed for lookup: devices by client id, devices without one, and
+/// the fallback.
+#[derive(Debug)]
+pub(crate) struct Routes<I> {
+    devices: Vec<Arc<Device<I>>>,
+    by_client_id: HashMap<String, Vec<usize>>,
+    without_client_id: Vec<usize>,
+    fallback: Option<Arc<Device<I>>>,
+}
+
+impl<I> Routes<I> {
+    /// Indexes `devices` (in configuration order) and the fallback, whose rules name only its listeners.
+    pub(crate) fn new(devices: Vec<Arc<Device<I>>>, fallback: Option<Arc<Device<I>>>) -> Routes<I> {
+        let mut by_client_id: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut without_client_id = Vec::new();
+        for (i, d) in devices.iter().enumerate() {
+            match &d.rules.client_id {
+                Some(id) => by_client_id.entry(id.clone()).or_default().push(i),
+                None => without_client_id.push(i),
+            }
+        }
+        Routes {
+            devices,
+            by_client_id,
+            without_client_id,
+            fallback,
+        }
+    }
+
+    /// The entry for a connection that arrived on `listener` from `peer` with `client_id`: the device
+    /// whose rules all hold, else the fallback if it serves that listener.
+    pub(crate) fn find(&self, listener: SocketAddr, peer: IpAddr, client_id: &str) -> Option<&Arc<Device<I>>> {
+        let peer = peer.to_canonical();
+        let with_id = self.by_client_id.get(client_id).into_iter().flatten();
+        with_id
+            .chain(&self.without_client_id)
+            .map(|&i| &self.devices[i])
+            .chain(&self.fallback)
+            .find(|d| d.rules.matches(listener, peer, client_id))
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Arc<Device<I>>> {
+        self.devices.iter().chain(&self.fallback)
+    }
+}
+
+/// All devices of one configuration generation.
+#[derive(Debug)]
+pub struct DeviceTable {
+    routes: Routes<Identity>,
+    pending: Vec<PendingDevice>,
+    /// What every identity of this table was built with; `None` for a table made in memory.
+    built_with: Option<load::TlsInputs>,
+}
+
+/// Why an identity could not be chosen for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownDevice;
+
+impl DeviceTable {
+    /// The device for a connection that arrived on `listener` from `peer` with `client_id`.
+    pub fn find(&self, listener: SocketAddr, peer: IpAddr, client_id: &str) -> Result<Arc<Device>, UnknownDevice> {
+        self.routes
+            .find(listener, peer, client_id)
+            .cloned()
+            .ok_or(UnknownDevice)
+    }
+
+    /// Every device, in configuration order.
+    pub fn devices(&self) -> &[Arc<Device>] {
+        &self.routes.devices
+    }
+
+    /// Every identity: the devices, then the fallback if there is one.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Device>> {
+        self.routes.all()
+    }
+
+    /// The device directory entries still waiting for their certificate (not served).
+    pub fn pending(&self) -> &[PendingDevice] {
+        &self.pending
+    }
+}
+
+#[cfg(test)]
+impl DeviceTable {
+    /// A table of `devices` and `fallback` whose identities were made in memory, for tests of what
+    /// happens around a lookup.
+    pub(crate) fn of(devices: Vec<Device>, fallback: Option<Device>) -> DeviceTable {
+        let devices = devices.into_iter().map(Arc::new).collect();
+        DeviceTable {
+            routes: Routes::new(devices, fallback.map(Arc::new)),
+            pending: Vec::new(),
+            built_with: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The routing decision, table-driven: each way an entry can be matched, and their combinations.
+    use super::*;
+
+    const SHARED: &str = "0.0.0.0:1883";
+    const OWN: &str = "0.0.0.0:1884";
+    const LAB: &str = "0.0.0.0:1885";
+
+    fn device(
+        name: &'static str,
+        client_id: Option<&str>,
+        sources: &[&str],
+        listeners: &[&str],
+    ) -> Arc<Device<&'static str>> {
+        Arc::new(Device {
+            name: name.into(),
+            rules: Rules {
+                client_id: client_id.map(str::to_string),
+                sources: sources.iter().map(|s| crate::config::parse_net(s).unwrap()).collect(),
+                listeners: listeners.iter().map(|l| l.parse().unwrap()).collect(),
+            },
+            identity: name,
+        })
+    }
+
+    /// A site with every kind of entry: client id alone, client id + source, a dedicated listener, a
+    /// shared client id told apart by source, a device-directory entry (client id = its name, a source
+    /// for the whole directory), a source on a listener of its own, and, when asked, the fallback on the
+    /// shared listener.
+    fn site(with_fallback: bool) -> Routes<&'static str> {
+        let devices = vec![
+            device("meter-1", Some("meter-1"), &[], &[SHARED]),
+            device("boiler-1", Some("boiler-1"), &["192.168.10.21"], &[SHARED]),
+            device("pump-9", None, &[], &[OWN]),
+            device("esp-a", Some("ESP8266Client"), &["192.168.10.31"], &[SHARED]),
+            device("esp-b", Some("ESP8266Client"), &["192.168.10.32"], &[SHARED]),
+            device("lab-7", Some("lab-7"), &["10.7.0.0/16"], &[SHARED]),
+            device("by-source", None, &["192.168.30.5"], &[LAB]),
+        ];
+        let fallback = with_fallback.then(|| device("fallback", None, &[], &[SHARED]));
+        Routes::new(devices, fallback)
+    }
+
+    /// (listener, peer, client id, the entry that serves it without a fallback, with one).
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+        Option<&'static str>,
+    );
+
+    const CASES: &[Case] = &[
+        (SHARED, "10.9.9.9", "meter-1", Some("meter-1"), Some("meter-1")),
+        (SHARED, "192.168.10.21", "boiler-1", Some("boiler-1"), Some("boiler-1")),
+        (
+            SHARED,
+            "::ffff:192.168.10.21",
+            "boiler-1",
+            Some("boiler-1"),
+            Some("boiler-1"),
+        ),
+        (SHARED, "192.168.10.99", "boiler-1", None, Some("fallback")),
+        (OWN, "192.168.10.21", "boiler-1", Some("pump-9"), Some("pump-9")),
+        (OWN, "10.1.1.1", "", Some("pump-9"), Some("pump-9")),
+        (SHARED, "10.1.1.1", "", None, Some("fallback")),
+        (SHARED, "192.168.10.31", "ESP8266Client", Some("esp-a"), Some("esp-a")),
+        (SHARED, "192.168.10.32", "ESP8266Client", Some("esp-b"), Some("esp-b")),
+        (SHARED, "192.168.10.33", "ESP8266Client", None, Some("fallback")),
+        (SHARED, "10.7.3.4", "lab-7", Some("lab-7"), Some("lab-7")),
+        (LAB, "192.168.30.5", "whatever", Some("by-source"), Some("by-source")),
+        (LAB, "192.168.30.6", "whatever", None, None),
+        (SHARED, "192.168.30.5", "meter-1", Some("meter-1"), Some("meter-1")),
+        (SHARED, "10.9.9.9", "stranger", None, Some("fallback")),
+    ];
+
+    #[test]
+    fn each_connection_is_served_by_the_entry_whose_rules_all_hold() {
+        for with_fallback in [false, true] {
+            let routes = site(with_fallback);
+            for &(listener, peer, id, without, with) in CASES {
+                let expected = if with_fallback { with } else { without };
+                let found = routes.find(listener.parse().unwrap(), peer.parse().unwrap(), id);
+                assert_eq!(
+                    found.map(|d| d.identity),
+                    expected,
+                    "{listener} {peer} {id:?} (fallback: {with_fallback})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_fallback_serves_only_its_listeners() {
+        let routes = site(true);
+        let found = routes.find(OWN.parse().unwrap(), "10.0.0.1".parse().unwrap(), "stranger");
+        assert_eq!(
+            found.map(|d| d.identity),
+            Some("pump-9"),
+            "the dedicated listener's device"
+        );
+        let routes = Routes::new(Vec::new(), Some(device("fallback", None, &[], &[SHARED])));
+        assert!(routes
+            .find(OWN.parse().unwrap(), "10.0.0.1".parse().unwrap(), "x")
+            .is_none());
+    }
+
+    #[test]
+    fn the_site_passes_the_ambiguity_check_that_validation_runs() {
+        let routes = site(false);
+        for (i, a) in routes.devices.iter().enumerate() {
+            for b in &routes.devices[i + 1..] {
+                assert!(!a.rules.can_overlap(&b.rules), "{} / {}", a.name, b.name);
+            }
+        }
+    }
+}
