@@ -41,7 +41,7 @@ mod refusal;
 pub mod reload;
 mod rules;
 mod socket;
-pub mod stamp;
+mod stamp;
 pub mod systemd;
 pub mod tls;
 mod upstream;
