@@ -9,5 +9,5 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-#[path = "../../../tests/common/pki.rs"]
+#[path = "../../../tests/it/common/pki.rs"]
 pub mod pki;

@@ -5,15 +5,13 @@
 //! reaches the observer on `sensors/<cn>/...` proves the connection was presented to the broker as `<cn>`;
 //! the broker's log (`connected_usernames`) names the identity as well.
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4, Observer};
-use common::proxy::{DeviceEntry, ProxyConfig, RunningProxy};
-use common::raw::{self, Version};
-use common::{observer, Mosquitto, Pki};
+use crate::common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4, Observer};
+use crate::common::proxy::{DeviceEntry, ProxyConfig, RunningProxy};
+use crate::common::raw::{self, Version};
+use crate::common::{observer, Mosquitto, Pki};
 use rumqttc::{ConnectReturnCode, ConnectionError, QoS};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};

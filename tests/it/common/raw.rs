@@ -165,11 +165,6 @@ pub struct Packet {
 }
 
 impl Packet {
-    /// The packet type (upper four bits of the first byte): 2 CONNACK, 4 PUBACK, 13 PINGRESP...
-    pub fn kind(&self) -> u8 {
-        self.first_byte >> 4
-    }
-
     /// The packet as it was on the wire.
     pub fn to_bytes(&self) -> Vec<u8> {
         packet(self.first_byte, &self.body)

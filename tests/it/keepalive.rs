@@ -12,17 +12,15 @@
 //! S + 0.35 s + 1.5 x keep-alive, which for keep-alive 1 s and for 10 s is at least 0.15 s before
 //! Mosquitto could. [`connect_early_in_a_second`] arranges that, and the tests then also check that
 //! Mosquitto never logged a keep-alive timeout of its own.
-//!
-//! mqtls's log is shared by every test in this binary: each test uses its own device name.
-
-mod common;
 
 use std::time::Duration;
 
-use common::mosquitto::{deploy_acl, deploy_conf};
-use common::proxy::{DeviceEntry, Logs, ProxyConfig, RunningProxy};
-use common::raw::{self, Closed, Connack, PeekState, Version};
-use common::{Mosquitto, Pki};
+use crate::common;
+use crate::common::logs::Logs;
+use crate::common::mosquitto::{deploy_acl, deploy_conf};
+use crate::common::proxy::{DeviceEntry, ProxyConfig, RunningProxy};
+use crate::common::raw::{self, Closed, Connack, PeekState, Version};
+use crate::common::{Mosquitto, Pki};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;

@@ -1,9 +1,9 @@
 //! Shared integration-test harness: a throwaway PKI, a real Mosquitto broker
 //! configured from `deploy/mosquitto/`, a mutual-TLS echo server and MQTT
-//! clients. Used from test files via `mod common;`.
-#![allow(dead_code, unused_imports)]
+//! clients. Used by every module of the `it` test binary (`tests/it/main.rs`).
 
 pub mod daemon;
+pub mod logs;
 pub mod metrics;
 pub mod metrics_contract;
 pub mod mosquitto;
@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 pub use mosquitto::Mosquitto;
 pub use mqtt_client::{observer, Observer};
-pub use pki::{ClientCert, Pki, ServerCert};
+pub use pki::{ClientCert, Pki};
 pub use tls_echo::{EchoMode, TlsEcho};
 
 /// The ring crypto provider (the only one compiled in).

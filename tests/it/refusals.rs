@@ -1,13 +1,13 @@
 //! Devices that are not allowed are answered in MQTT, in their own protocol version, and never reach the
 //! broker.
 
-mod common;
-
 use std::time::Duration;
 
-use common::mqtt_client::{device_v4, device_v5, wait_connack_v4, wait_connack_v5, MQTT_DEADLINE};
-use common::proxy::{DeviceEntry, Logs, ProxyConfig, RunningProxy};
-use common::{Mosquitto, Pki};
+use crate::common;
+use crate::common::logs::Logs;
+use crate::common::mqtt_client::{device_v4, device_v5, wait_connack_v4, wait_connack_v5, MQTT_DEADLINE};
+use crate::common::proxy::{DeviceEntry, ProxyConfig, RunningProxy};
+use crate::common::{Mosquitto, Pki};
 use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5Code;
 use rumqttc::ConnectReturnCode as V4Code;
 

@@ -1,16 +1,16 @@
 //! When the broker cannot be reached, or cannot be trusted, the device is told "server unavailable"
 //! promptly, the log says why, and the daemon keeps serving.
 
-mod common;
-
 use std::time::Duration;
 
-use common::mosquitto::free_port;
-use common::mqtt_client::{
+use crate::common;
+use crate::common::logs::Logs;
+use crate::common::mosquitto::free_port;
+use crate::common::mqtt_client::{
     device_v4, device_v5, is_puback_v4, spawn_eventloop_v4, wait_connack_v4, wait_connack_v5, MQTT_DEADLINE,
 };
-use common::proxy::{DeviceEntry, Logs, ProxyConfig, RunningProxy};
-use common::{Mosquitto, Pki};
+use crate::common::proxy::{DeviceEntry, ProxyConfig, RunningProxy};
+use crate::common::{Mosquitto, Pki};
 use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5Code;
 use rumqttc::{ConnectReturnCode as V4Code, QoS};
 

@@ -1,17 +1,16 @@
 //! Each device reaches the broker under its own certificate: the broker's per-identity ACL decides what
 //! each may publish, and a subscriber at the broker sees exactly the allowed messages.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::mqtt_client::{
+use crate::common::logs::Logs;
+use crate::common::mqtt_client::{
     device_v4, device_v5, is_puback_v4, is_puback_v5, is_suback_v4, is_suback_v5, spawn_eventloop_v4,
     spawn_eventloop_v5, wait_connack_v4, wait_connack_v5, MQTT_DEADLINE,
 };
-use common::proxy::{DeviceEntry, Logs, ProxyConfig, RunningProxy};
-use common::{observer, Mosquitto, Pki};
+use crate::common::proxy::{DeviceEntry, ProxyConfig, RunningProxy};
+use crate::common::{observer, Mosquitto, Pki};
 use rumqttc::QoS;
 
 const MESSAGES_PER_DEVICE: usize = 20;

@@ -1,15 +1,14 @@
 //! The Prometheus endpoint of `mqtls run`, scraped over HTTP after real traffic through a real Mosquitto:
 //! the values an operator's dashboards and alerts rely on must follow what happened.
 
-mod common;
-
 use std::path::Path;
 
-use common::daemon::{Daemon, GUARD};
-use common::metrics::{http_get, scrape_until, Scrape};
-use common::proxy::{DeviceEntry, ProxyConfig};
-use common::raw::{self, Version};
-use common::{Mosquitto, Pki};
+use crate::common;
+use crate::common::daemon::{Daemon, GUARD};
+use crate::common::metrics::{http_get, scrape_until, Scrape};
+use crate::common::proxy::{DeviceEntry, ProxyConfig};
+use crate::common::raw::{self, Version};
+use crate::common::{Mosquitto, Pki};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 

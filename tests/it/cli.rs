@@ -2,18 +2,17 @@
 //! `run` is driven against a real Mosquitto; its readiness and bound address come from the
 //! "mqtls ready" line on stderr.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::daemon::{Daemon, BIN, GUARD};
-use common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
-use common::pki::write_file;
-use common::proxy::{DeviceEntry, ProxyConfig};
-use common::{observer, Mosquitto, Pki};
+use crate::common;
+use crate::common::daemon::{Daemon, BIN, GUARD};
+use crate::common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
+use crate::common::pki::write_file;
+use crate::common::proxy::{DeviceEntry, ProxyConfig};
+use crate::common::{observer, Mosquitto, Pki};
 use rumqttc::QoS;
 
 fn mqtls(args: &[&str]) -> Output {

@@ -3,15 +3,13 @@
 //! rest are closed and mqtls exits 0. Driven through a real Mosquitto; every assertion is about order and
 //! outcome, never about how long something took.
 
-mod common;
-
 use std::io::ErrorKind;
 use std::time::Duration;
 
-use common::daemon::{Daemon, GUARD};
-use common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
-use common::proxy::{DeviceEntry, ProxyConfig};
-use common::{observer, Mosquitto, Pki};
+use crate::common::daemon::{Daemon, GUARD};
+use crate::common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
+use crate::common::proxy::{DeviceEntry, ProxyConfig};
+use crate::common::{observer, Mosquitto, Pki};
 use rumqttc::QoS;
 
 /// Longer than any test here runs: a connection that ends within it ends because its device left.

@@ -2,18 +2,18 @@
 //! CONNECT is read however it is split, and a first packet that is slow, garbage or too large is cut off
 //! without an answer and without reaching the broker, while other devices keep being served.
 //!
-//! mqtls's log is shared by every test in this binary, so each test uses its own device names and looks
-//! for lines carrying them (or the device socket's own `peer=` address).
-
-mod common;
+//! Each test reads mqtls's log lines for its devices by their names (or by the device socket's own `peer=`
+//! address).
 
 use std::time::Duration;
 
-use common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
-use common::proxy::{DeviceEntry, Logs, ProxyConfig, RunningProxy};
-use common::raw::{self, Closed, PeekState, Version};
-use common::tls_echo::{expected_echo_reply, Ending};
-use common::{observer, EchoMode, Mosquitto, Observer, Pki, TlsEcho};
+use crate::common;
+use crate::common::logs::Logs;
+use crate::common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
+use crate::common::proxy::{DeviceEntry, ProxyConfig, RunningProxy};
+use crate::common::raw::{self, Closed, PeekState, Version};
+use crate::common::tls_echo::{expected_echo_reply, Ending};
+use crate::common::{observer, EchoMode, Mosquitto, Observer, Pki, TlsEcho};
 use rumqttc::{ConnectReturnCode, QoS};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
