@@ -2,6 +2,7 @@
 //! configured from `deploy/mosquitto/`, a mutual-TLS echo server and MQTT
 //! clients. Used by every module of the `it` test binary (`tests/it/main.rs`).
 
+pub mod codec;
 pub mod daemon;
 pub mod logs;
 pub mod metrics;
