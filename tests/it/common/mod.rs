@@ -12,6 +12,7 @@ pub mod mqtt_client;
 pub mod pki;
 pub mod proxy;
 pub mod raw;
+pub mod scenario;
 pub mod tls_echo;
 
 use std::sync::Arc;
