@@ -1,6 +1,8 @@
-//! Shared integration-test harness: a throwaway PKI, a real Mosquitto broker
-//! configured from `deploy/mosquitto/`, a mutual-TLS echo server and MQTT
-//! clients. Used by every module of the `it` test binary (`tests/it/main.rs`).
+//! The integration tests' harness, shared by every module of the `it` test binary (`tests/it/main.rs`): a
+//! throwaway PKI, a real Mosquitto configured from `deploy/mosquitto/`, a mutual-TLS echo server, MQTT
+//! clients (rumqttc, and raw packets from [`codec`]), mqtls in-process or as `mqtls run`, per-test log
+//! capture, and the usual set-up of all of these in one [`scenario`]. The demo (`examples/demo.rs`)
+//! includes it too, and the bench driver includes `pki.rs` and `codec.rs`.
 
 pub mod codec;
 pub mod daemon;
