@@ -8,7 +8,10 @@
 //! everything. `--seconds N` stops after N seconds and exits non-zero if something did not happen as
 //! it should (used by CI).
 
-#[path = "../tests/common/mod.rs"]
+// The integration tests' harness, included whole; the demo uses a small part of it (its broker, PKI and
+// clients), so what the tests alone use is allowed to go unused here.
+#[allow(dead_code, unused_imports)]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 
 use std::net::{SocketAddr, TcpListener};

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what mqtls's example and tests need on Debian: Mosquitto (the broker the tests run) and its
-# command-line clients, Prometheus for its promtool (tests/recipes.rs checks and unit-tests the alert rules
-# in deploy/prometheus/), the system's CA certificates (the AWS and Azure recipes use their roots), and
-# systemd's tools (tests/systemd.rs checks the unit files). Does nothing when they are already there.
+# command-line clients, Prometheus for its promtool (tests/it/recipes.rs checks and unit-tests the alert
+# rules in deploy/prometheus/), the system's CA certificates (the AWS and Azure recipes use their roots),
+# and systemd's tools (tests/it/systemd.rs checks the unit files). Does nothing when they are already there.
 set -euo pipefail
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)

@@ -14,6 +14,7 @@ use tokio::sync::{Barrier, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout};
 
+use crate::common::codec;
 use crate::net::{self, Conn, Target};
 use crate::procfs;
 use crate::sink::Sinks;
@@ -253,7 +254,7 @@ async fn round_trips(
             c.send(&msg).await?;
             loop {
                 let p = c.read_packet().await?;
-                if p.first == 0x40 && p.body.get(..2) == Some(&id.to_be_bytes()[..]) {
+                if codec::parse_puback(&p) == Ok(id) {
                     return Ok::<_, std::io::Error>(());
                 }
             }

@@ -1,5 +1,5 @@
-//! Devices: plain TCP (through a proxy) or TLS (the "direct" contender), raw MQTT 3.1.1 packets and a small
-//! buffered packet reader. Device sockets are bound to source addresses spread over 127.77.0.0/16 so that
+//! Devices: plain TCP (through a proxy) or TLS (the "direct" contender), MQTT 3.1.1 packets from the codec
+//! shared with the tests, and a small buffered packet reader. Device sockets are bound to source addresses spread over 127.77.0.0/16 so that
 //! thousands of connections never run short of local ports.
 
 use std::io;
@@ -12,6 +12,8 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
+
+use crate::common::codec::{self, Packet, Version};
 
 /// Anything a device can talk through.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -71,12 +73,6 @@ pub struct Conn {
     pub resumed: Option<bool>,
 }
 
-/// One MQTT packet: its first byte and body.
-pub struct Packet {
-    pub first: u8,
-    pub body: Vec<u8>,
-}
-
 impl Conn {
     /// Opens the transport (TCP, and TLS for [`Target::Tls`]). No MQTT yet.
     pub async fn open(target: &Target) -> io::Result<Conn> {
@@ -116,16 +112,11 @@ impl Conn {
     pub async fn handshake(&mut self, keep_alive: u16) -> io::Result<()> {
         self.send(&connect(&next_client_id(), keep_alive)).await?;
         let p = self.read_packet().await?;
-        if p.first != 0x20 || p.body.len() != 2 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("not a CONNACK: {:02x}", p.first),
-            ));
-        }
-        if p.body[1] != 0 {
+        let connack = codec::parse_connack(&p, Version::V311).map_err(invalid)?;
+        if connack.code != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
-                format!("CONNACK refused with code {}", p.body[1]),
+                format!("CONNACK refused with code {}", connack.code),
             ));
         }
         Ok(())
@@ -149,13 +140,13 @@ impl Conn {
     /// Reads the next whole packet.
     pub async fn read_packet(&mut self) -> io::Result<Packet> {
         loop {
-            if let Some((hdr, len)) = header(&self.buf[self.start..self.end])? {
+            if let Some((hdr, len)) = codec::fixed_header(&self.buf[self.start..self.end]).map_err(invalid)? {
                 let total = hdr + len;
                 if self.end - self.start >= total {
-                    let first = self.buf[self.start];
+                    let first_byte = self.buf[self.start];
                     let body = self.buf[self.start + hdr..self.start + total].to_vec();
                     self.start += total;
-                    return Ok(Packet { first, body });
+                    return Ok(Packet { first_byte, body });
                 }
                 if total > self.buf.len() - self.start {
                     self.buf.copy_within(self.start..self.end, 0);
@@ -192,20 +183,14 @@ impl Conn {
 
     /// PINGREQ, then waits for the PINGRESP.
     pub async fn ping(&mut self) -> io::Result<()> {
-        self.send(&[0xC0, 0x00]).await?;
+        self.send(&codec::pingreq()).await?;
         let p = self.read_packet().await?;
-        if p.first != 0xD0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("expected PINGRESP, got {:02x}", p.first),
-            ));
-        }
-        Ok(())
+        codec::parse_pingresp(&p).map_err(invalid)
     }
 
     /// DISCONNECT, end of our sending direction, then reads until the other side closes.
     pub async fn close(mut self, within: Duration) -> io::Result<()> {
-        self.send(&[0xE0, 0x00]).await?;
+        self.send(&codec::disconnect()).await?;
         let _ = self.io.shutdown().await;
         let drain = async {
             let mut b = [0u8; 256];
@@ -227,66 +212,16 @@ impl Conn {
     }
 }
 
-/// (header length, body length) once the fixed header is complete.
-fn header(b: &[u8]) -> io::Result<Option<(usize, usize)>> {
-    let mut len = 0usize;
-    for i in 0..4 {
-        let Some(&byte) = b.get(1 + i) else { return Ok(None) };
-        len |= usize::from(byte & 0x7F) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Ok(Some((2 + i, len)));
-        }
-    }
-    Err(io::Error::new(
-        io::ErrorKind::InvalidData,
-        "remaining length longer than 4 bytes",
-    ))
-}
-
-fn varint(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            return;
-        }
-    }
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    varint(body.len(), &mut out);
-    out.extend_from_slice(body);
-    out
-}
-
-fn put_str(out: &mut Vec<u8>, s: &[u8]) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s);
+fn invalid(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
 }
 
 /// An MQTT 3.1.1 CONNECT: clean session, no will, no login.
 pub fn connect(client_id: &str, keep_alive: u16) -> Vec<u8> {
-    let mut body = Vec::new();
-    put_str(&mut body, b"MQTT");
-    body.push(4);
-    body.push(0x02);
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    put_str(&mut body, client_id.as_bytes());
-    packet(0x10, &body)
+    codec::connect(Version::V311, client_id, keep_alive)
 }
 
 /// An MQTT 3.1.1 PUBLISH.
 pub fn publish(topic: &str, qos: u8, packet_id: u16, payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    put_str(&mut body, topic.as_bytes());
-    if qos > 0 {
-        body.extend_from_slice(&packet_id.to_be_bytes());
-    }
-    body.extend_from_slice(payload);
-    packet(0x30 | (qos << 1), &body)
+    codec::publish(Version::V311, topic, qos, packet_id, payload)
 }

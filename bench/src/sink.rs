@@ -17,6 +17,7 @@ use rustls::server::WebPkiClientVerifier;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::common::codec::CONNACK_ACCEPTED;
 use crate::common::provider;
 
 #[derive(Clone, Default)]
@@ -78,13 +79,12 @@ impl Sinks {
     }
 }
 
-/// What the sinks answer a CONNECT with: MQTT 3.1.1 CONNACK, accepted.
-pub const CONNACK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
-/// All a sink ever sends: the CONNACK, then `K` once everything announced has arrived.
+/// All a sink ever sends: the CONNACK ([`CONNACK_ACCEPTED`]), then `K` once everything announced has
+/// arrived.
 pub const ANSWER: [u8; 5] = [0x20, 0x02, 0x00, 0x00, b'K'];
 
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, expected: u64) {
-    if s.write_all(&CONNACK).await.is_err() || s.flush().await.is_err() {
+    if s.write_all(&CONNACK_ACCEPTED).await.is_err() || s.flush().await.is_err() {
         return;
     }
     let mut buf = vec![0u8; 256 * 1024];

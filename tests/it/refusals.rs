@@ -1,13 +1,13 @@
 //! Devices that are not allowed are answered in MQTT, in their own protocol version, and never reach the
 //! broker.
 
-mod common;
-
 use std::time::Duration;
 
-use common::mqtt_client::{device_v4, device_v5, wait_connack_v4, wait_connack_v5, MQTT_DEADLINE};
-use common::proxy::{DeviceEntry, Logs, ProxyConfig, RunningProxy};
-use common::{Mosquitto, Pki};
+use crate::common;
+use crate::common::logs::Logs;
+use crate::common::mqtt_client::{device_v4, device_v5, wait_connack_v4, wait_connack_v5, MQTT_DEADLINE};
+use crate::common::proxy::{DeviceEntry, ProxyConfig, RunningProxy};
+use crate::common::scenario::Scenario;
 use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5Code;
 use rumqttc::ConnectReturnCode as V4Code;
 
@@ -25,24 +25,10 @@ fn refused_v5(r: Result<rumqttc::v5::mqttbytes::v5::ConnAck, rumqttc::v5::Connec
     }
 }
 
-struct Setup {
-    pki: Pki,
-    broker: Mosquitto,
-    proxy: RunningProxy,
-}
-
-async fn setup(configure: impl FnOnce(&Pki, ProxyConfig) -> ProxyConfig) -> Setup {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let config = configure(&pki, ProxyConfig::new(&pki, broker.addr()));
-    let proxy = RunningProxy::start(&config, pki.dir()).await;
-    Setup { pki, broker, proxy }
-}
-
 #[tokio::test]
 async fn unknown_client_id_gets_identifier_rejected_in_311_and_never_reaches_the_broker() {
     let (logs, _g) = Logs::capture();
-    let s = setup(|pki, c| c.device(DeviceEntry::new(&pki.client("known-1")))).await;
+    let s = Scenario::new().device("known-1").start().await;
     let (_c, mut el) = device_v4("stranger-311", s.proxy.addr(), Duration::from_secs(30));
     assert_eq!(refused_v4(wait_connack_v4(&mut el).await), V4Code::BadClientId);
     let line = logs
@@ -58,7 +44,7 @@ async fn unknown_client_id_gets_identifier_rejected_in_311_and_never_reaches_the
 
 #[tokio::test]
 async fn unknown_client_id_gets_client_identifier_not_valid_in_mqtt5() {
-    let s = setup(|pki, c| c.device(DeviceEntry::new(&pki.client("known-2")))).await;
+    let s = Scenario::new().device("known-2").start().await;
     let (_c, mut el) = device_v5("stranger-5", s.proxy.addr(), Duration::from_secs(30));
     assert_eq!(
         refused_v5(wait_connack_v5(&mut el).await),
@@ -70,7 +56,10 @@ async fn unknown_client_id_gets_client_identifier_not_valid_in_mqtt5() {
 #[tokio::test]
 async fn known_client_id_from_the_wrong_source_is_refused() {
     let (logs, _g) = Logs::capture();
-    let s = setup(|pki, c| c.device(DeviceEntry::new(&pki.client("gate-7")).source("192.0.2.0/24"))).await;
+    let s = Scenario::new()
+        .device_with("gate-7", |d| d.source("192.0.2.0/24"))
+        .start()
+        .await;
     let (_c, mut el) = device_v4("gate-7", s.proxy.addr(), Duration::from_secs(30));
     assert_eq!(refused_v4(wait_connack_v4(&mut el).await), V4Code::BadClientId);
     logs.wait_line(&["gate-7", "unknown_device"], MQTT_DEADLINE)
@@ -92,13 +81,13 @@ async fn known_client_id_from_the_wrong_source_is_refused() {
 #[tokio::test]
 async fn over_the_connection_limit_devices_are_told_server_busy() {
     let (logs, _g) = Logs::capture();
-    let s = setup(|pki, mut c| {
-        c.max_connections = 1;
-        c.device(DeviceEntry::new(&pki.client("first-in")))
-            .device(DeviceEntry::new(&pki.client("late-4")))
-            .device(DeviceEntry::new(&pki.client("late-5")))
-    })
-    .await;
+    let s = Scenario::new()
+        .device("first-in")
+        .device("late-4")
+        .device("late-5")
+        .configure(|_, c| c.max_connections = 1)
+        .start()
+        .await;
     let (_first, mut first_el) = device_v4("first-in", s.proxy.addr(), Duration::from_secs(30));
     wait_connack_v4(&mut first_el).await.expect("the first device fits");
     let keep_polling = tokio::spawn(async move { while first_el.poll().await.is_ok() {} });
@@ -119,12 +108,12 @@ async fn over_the_connection_limit_devices_are_told_server_busy() {
 
 #[tokio::test]
 async fn a_freed_slot_is_reused_after_a_device_leaves() {
-    let s = setup(|pki, mut c| {
-        c.max_connections = 1;
-        c.device(DeviceEntry::new(&pki.client("slot-a")))
-            .device(DeviceEntry::new(&pki.client("slot-b")))
-    })
-    .await;
+    let s = Scenario::new()
+        .device("slot-a")
+        .device("slot-b")
+        .configure(|_, c| c.max_connections = 1)
+        .start()
+        .await;
     let (a, mut el_a) = device_v4("slot-a", s.proxy.addr(), Duration::from_secs(30));
     wait_connack_v4(&mut el_a).await.expect("slot-a fits");
     a.disconnect().await.unwrap();
@@ -155,11 +144,11 @@ async fn one_address_cannot_hold_every_slot_with_unfinished_connects() {
     use common::raw::{connect, Version};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (logs, _g) = Logs::capture();
-    let s = setup(|pki, mut c| {
-        c.max_pending_per_source = Some(2);
-        c.device(DeviceEntry::new(&pki.client("neighbour-1")).source("127.0.0.2"))
-    })
-    .await;
+    let s = Scenario::new()
+        .device_with("neighbour-1", |d| d.source("127.0.0.2"))
+        .configure(|_, c| c.max_pending_per_source = Some(2))
+        .start()
+        .await;
 
     // Two stalled CONNECTs from 127.0.0.1 use up that address's allowance...
     let mut stalled = Vec::new();
@@ -201,7 +190,7 @@ async fn a_client_id_cannot_forge_log_lines() {
     use common::raw::{connect, Version};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (logs, _g) = Logs::capture();
-    let s = setup(|pki, c| c.device(DeviceEntry::new(&pki.client("honest-1")))).await;
+    let s = Scenario::new().device("honest-1").start().await;
     let mut sock = tokio::net::TcpStream::connect(s.proxy.addr()).await.unwrap();
     sock.write_all(&connect(Version::V311, "forger\nINFO mqtls: everything is fine", 30))
         .await

@@ -2,18 +2,19 @@
 //! CONNECT is read however it is split, and a first packet that is slow, garbage or too large is cut off
 //! without an answer and without reaching the broker, while other devices keep being served.
 //!
-//! mqtls's log is shared by every test in this binary, so each test uses its own device names and looks
-//! for lines carrying them (or the device socket's own `peer=` address).
-
-mod common;
+//! Each test reads mqtls's log lines for its devices by their names (or by the device socket's own `peer=`
+//! address).
 
 use std::time::Duration;
 
-use common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
-use common::proxy::{DeviceEntry, Logs, ProxyConfig, RunningProxy};
-use common::raw::{self, Closed, PeekState, Version};
-use common::tls_echo::{expected_echo_reply, Ending};
-use common::{observer, EchoMode, Mosquitto, Observer, Pki, TlsEcho};
+use crate::common;
+use crate::common::logs::Logs;
+use crate::common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
+use crate::common::proxy::{DeviceEntry, ProxyConfig, RunningProxy};
+use crate::common::raw::{self, Closed, PeekState, Version};
+use crate::common::scenario::Scenario;
+use crate::common::tls_echo::{expected_echo_reply, Ending};
+use crate::common::{observer, EchoMode, Observer, Pki, TlsEcho};
 use rumqttc::{ConnectReturnCode, QoS};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -148,43 +149,29 @@ async fn broker_half_close_reaches_device_which_can_still_send() {
 #[tokio::test]
 async fn connect_sent_one_byte_at_a_time_is_accepted_by_mosquitto() {
     let (logs, _guard) = Logs::capture();
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let dev = pki.client("dev-slow");
-    let proxy = RunningProxy::start(
-        &ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&dev)),
-        pki.dir(),
-    )
-    .await;
+    let setup = Scenario::new().device("dev-slow").start().await;
 
     let connect = raw::connect(Version::V311, "dev-slow", 60);
-    let mut s = raw::device(proxy.addr()).await;
+    let mut s = raw::device(setup.proxy.addr()).await;
     raw::write_bytewise(&mut s, &connect, Duration::from_millis(5))
         .await
         .unwrap();
     let ack = raw::expect_connack(&mut s, Version::V311, WAIT).await;
-    assert_eq!(ack.code, 0, "{ack:?}\n{}", broker.diagnostics());
+    assert_eq!(ack.code, 0, "{ack:?}\n{}", setup.broker.diagnostics());
     logs.wait_line(&["connection opened", "client_id=\"dev-slow\""], WAIT)
         .await
         .unwrap();
-    assert_eq!(broker.connected_usernames(), vec!["dev-slow"]);
+    assert_eq!(setup.broker.connected_usernames(), vec!["dev-slow"]);
 }
 
 #[tokio::test]
 async fn connect_and_publish_in_one_write_both_reach_mosquitto() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let mut obs = observer(&pki, &broker, "sensors/#").await;
-    let dev = pki.client("dev-eager");
-    let proxy = RunningProxy::start(
-        &ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&dev)),
-        pki.dir(),
-    )
-    .await;
+    let setup = Scenario::new().device("dev-eager").start().await;
+    let mut obs = observer(&setup.pki, &setup.broker, "sensors/#").await;
 
     let mut bytes = raw::connect(Version::V311, "dev-eager", 60);
     bytes.extend(raw::publish(Version::V311, "sensors/dev-eager/t", 1, 7, b"23.5"));
-    let mut s = raw::device(proxy.addr()).await;
+    let mut s = raw::device(setup.proxy.addr()).await;
     s.write_all(&bytes).await.unwrap();
 
     let ack = raw::expect_connack(&mut s, Version::V311, WAIT).await;
@@ -198,20 +185,13 @@ async fn connect_and_publish_in_one_write_both_reach_mosquitto() {
 #[tokio::test]
 async fn mqtt31_connect_passes_through_to_mosquitto() {
     let (logs, _guard) = Logs::capture();
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let mut obs = observer(&pki, &broker, "sensors/#").await;
-    let dev = pki.client("dev-31");
-    let proxy = RunningProxy::start(
-        &ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&dev)),
-        pki.dir(),
-    )
-    .await;
+    let setup = Scenario::new().device("dev-31").start().await;
+    let mut obs = observer(&setup.pki, &setup.broker, "sensors/#").await;
 
-    let mut s = raw::device(proxy.addr()).await;
+    let mut s = raw::device(setup.proxy.addr()).await;
     s.write_all(&raw::connect(Version::V31, "dev-31", 60)).await.unwrap();
     let ack = raw::expect_connack(&mut s, Version::V31, WAIT).await;
-    assert_eq!(ack.code, 0, "{ack:?}\n{}", broker.diagnostics());
+    assert_eq!(ack.code, 0, "{ack:?}\n{}", setup.broker.diagnostics());
     s.write_all(&raw::publish(Version::V31, "sensors/dev-31/t", 1, 1, b"old but gold"))
         .await
         .unwrap();
@@ -226,31 +206,28 @@ async fn mqtt31_connect_passes_through_to_mosquitto() {
         .unwrap();
     assert!(line.contains("mqtt=3.1 "), "{line}");
     // Mosquitto logs the protocol of the session it accepted: p1 is MQTT 3.1.
-    broker.wait_for_log("as dev-31 (p1,", 1, WAIT).await.unwrap();
+    setup.broker.wait_for_log("as dev-31 (p1,", 1, WAIT).await.unwrap();
 }
 
 #[tokio::test]
 async fn stalled_connect_is_cut_off_after_connect_timeout_while_others_are_served() {
     let (logs, _guard) = Logs::capture();
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let mut obs = observer(&pki, &broker, "sensors/#").await;
-    let stalled = pki.client("dev-stall");
-    let other = pki.client("dev-patient");
-    let mut cfg = ProxyConfig::new(&pki, broker.addr())
-        .device(DeviceEntry::new(&stalled))
-        .device(DeviceEntry::new(&other));
-    cfg.connect_timeout = "1s".into();
-    let proxy = RunningProxy::start(&cfg, pki.dir()).await;
+    let setup = Scenario::new()
+        .device("dev-stall")
+        .device("dev-patient")
+        .configure(|_, cfg| cfg.connect_timeout = "1s".into())
+        .start()
+        .await;
+    let mut obs = observer(&setup.pki, &setup.broker, "sensors/#").await;
 
     let started = Instant::now();
-    let mut s = raw::device(proxy.addr()).await;
+    let mut s = raw::device(setup.proxy.addr()).await;
     let peer = peer_tag(&s);
     let connect = raw::connect(Version::V311, "dev-stall", 60);
     s.write_all(&connect[..3]).await.unwrap();
 
     // While that CONNECT is stuck, another device is served normally.
-    rumqttc_device_publishes(&proxy, &mut obs, "dev-patient").await;
+    rumqttc_device_publishes(&setup.proxy, &mut obs, "dev-patient").await;
     assert_eq!(
         raw::peek_state(&s),
         PeekState::OpenQuiet,
@@ -273,26 +250,19 @@ async fn stalled_connect_is_cut_off_after_connect_timeout_while_others_are_serve
     let line = logs.wait_line(&["connect_timeout", &peer], WAIT).await.unwrap();
     assert!(line.contains("received=3"), "{line}");
     // The observer and dev-patient only: the stalled device never reached the broker.
-    assert_eq!(broker.connected_usernames(), vec!["observer", "dev-patient"]);
-    assert_eq!(broker.connections_from_log(), 2, "{}", broker.diagnostics());
+    assert_eq!(setup.broker.connected_usernames(), vec!["observer", "dev-patient"]);
+    assert_eq!(setup.broker.connections_from_log(), 2, "{}", setup.broker.diagnostics());
 }
 
 #[tokio::test]
 async fn garbage_first_packet_is_closed_unanswered_and_never_reaches_the_broker() {
     let (logs, _guard) = Logs::capture();
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let mut obs = observer(&pki, &broker, "sensors/#").await;
-    let other = pki.client("dev-sane");
-    let proxy = RunningProxy::start(
-        &ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&other)),
-        pki.dir(),
-    )
-    .await;
-    let before = broker.connections_from_log();
+    let setup = Scenario::new().device("dev-sane").start().await;
+    let mut obs = observer(&setup.pki, &setup.broker, "sensors/#").await;
+    let before = setup.broker.connections_from_log();
     assert_eq!(before, 1, "the observer");
 
-    let mut s = raw::device(proxy.addr()).await;
+    let mut s = raw::device(setup.proxy.addr()).await;
     let peer = peer_tag(&s);
     s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     let (got, _closed) = raw::read_until_closed(&mut s, Instant::now() + WAIT).await.unwrap();
@@ -300,15 +270,15 @@ async fn garbage_first_packet_is_closed_unanswered_and_never_reaches_the_broker(
     let line = logs.wait_line(&["bad_connect", &peer], WAIT).await.unwrap();
     assert!(line.contains("not a CONNECT"), "{line}");
 
-    rumqttc_device_publishes(&proxy, &mut obs, "dev-sane").await;
+    rumqttc_device_publishes(&setup.proxy, &mut obs, "dev-sane").await;
     assert_eq!(
-        broker.connections_from_log(),
+        setup.broker.connections_from_log(),
         before + 1,
         "only dev-sane may have reached the broker\n{}",
-        broker.diagnostics()
+        setup.broker.diagnostics()
     );
-    assert_eq!(broker.failed_accepts_from_log(), 0);
-    assert_eq!(broker.connected_usernames(), vec!["observer", "dev-sane"]);
+    assert_eq!(setup.broker.failed_accepts_from_log(), 0);
+    assert_eq!(setup.broker.connected_usernames(), vec!["observer", "dev-sane"]);
     assert!(
         !logs
             .text()
@@ -322,19 +292,18 @@ async fn garbage_first_packet_is_closed_unanswered_and_never_reaches_the_broker(
 #[tokio::test]
 async fn oversize_connect_is_closed_unanswered_and_not_forwarded() {
     let (logs, _guard) = Logs::capture();
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let dev = pki.client("dev-huge");
-    let mut cfg = ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&dev));
-    cfg.max_connect_size = 1024;
-    let proxy = RunningProxy::start(&cfg, pki.dir()).await;
+    let setup = Scenario::new()
+        .device("dev-huge")
+        .configure(|_, cfg| cfg.max_connect_size = 1024)
+        .start()
+        .await;
 
     // A well-formed CONNECT from a configured device, only too large.
     let connect = raw::Connect::new(Version::V311, "dev-huge", 60)
         .login("dev-huge", &[b'p'; 3000])
         .encode();
     assert!(connect.len() > 1024);
-    let mut s = raw::device(proxy.addr()).await;
+    let mut s = raw::device(setup.proxy.addr()).await;
     let peer = peer_tag(&s);
     // mqtls may close before it has read everything, so the write itself may fail.
     let _ = s.write_all(&connect).await;
@@ -344,24 +313,23 @@ async fn oversize_connect_is_closed_unanswered_and_not_forwarded() {
     assert!(line.contains("exceeds the limit of 1024 bytes"), "{line}");
 
     // The same device with a CONNECT of normal size is served, and only that one reaches the broker.
-    let mut ok = raw::device(proxy.addr()).await;
+    let mut ok = raw::device(setup.proxy.addr()).await;
     ok.write_all(&raw::connect(Version::V311, "dev-huge", 60))
         .await
         .unwrap();
     let ack = raw::expect_connack(&mut ok, Version::V311, WAIT).await;
     assert_eq!(ack.code, 0);
-    assert_eq!(broker.connections_from_log(), 1, "{}", broker.diagnostics());
-    assert_eq!(broker.failed_accepts_from_log(), 0);
+    assert_eq!(setup.broker.connections_from_log(), 1, "{}", setup.broker.diagnostics());
+    assert_eq!(setup.broker.failed_accepts_from_log(), 0);
 }
 
 #[tokio::test]
 async fn connect_of_exactly_max_connect_size_is_served() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let dev = pki.client("dev-edge");
-    let mut cfg = ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&dev));
-    cfg.max_connect_size = 1024;
-    let proxy = RunningProxy::start(&cfg, pki.dir()).await;
+    let setup = Scenario::new()
+        .device("dev-edge")
+        .configure(|_, cfg| cfg.max_connect_size = 1024)
+        .start()
+        .await;
 
     // Pad the password until the whole packet is exactly the limit.
     let mut pad = 0;
@@ -375,11 +343,11 @@ async fn connect_of_exactly_max_connect_size_is_served() {
         pad += 1;
     };
     assert_eq!(connect.len(), 1024);
-    let mut s = raw::device(proxy.addr()).await;
+    let mut s = raw::device(setup.proxy.addr()).await;
     s.write_all(&connect).await.unwrap();
     let ack = raw::expect_connack(&mut s, Version::V311, WAIT).await;
-    assert_eq!(ack.code, 0, "{ack:?}\n{}", broker.diagnostics());
-    assert_eq!(broker.connected_usernames(), vec!["dev-edge"]);
+    assert_eq!(ack.code, 0, "{ack:?}\n{}", setup.broker.diagnostics());
+    assert_eq!(setup.broker.connected_usernames(), vec!["dev-edge"]);
 }
 
 #[tokio::test]
@@ -387,17 +355,10 @@ async fn burst_of_packets_gets_every_answer_in_order_while_the_device_keeps_writ
     // 200 QoS 1 publishes each followed by a PINGREQ, written in one go while the answers are read
     // concurrently: exactly PUBACK n, PINGRESP, PUBACK n+1... must come back, and the observer gets the
     // messages in order.
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let mut obs = observer(&pki, &broker, "sensors/#").await;
-    let dev = pki.client("dev-burst");
-    let proxy = RunningProxy::start(
-        &ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&dev)),
-        pki.dir(),
-    )
-    .await;
+    let setup = Scenario::new().device("dev-burst").start().await;
+    let mut obs = observer(&setup.pki, &setup.broker, "sensors/#").await;
 
-    let mut s = raw::device(proxy.addr()).await;
+    let mut s = raw::device(setup.proxy.addr()).await;
     s.write_all(&raw::connect(Version::V311, "dev-burst", 60))
         .await
         .unwrap();

@@ -1,17 +1,16 @@
 //! Each device reaches the broker under its own certificate: the broker's per-identity ACL decides what
 //! each may publish, and a subscriber at the broker sees exactly the allowed messages.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::mqtt_client::{
+use crate::common::logs::Logs;
+use crate::common::mqtt_client::{
     device_v4, device_v5, is_puback_v4, is_puback_v5, is_suback_v4, is_suback_v5, spawn_eventloop_v4,
     spawn_eventloop_v5, wait_connack_v4, wait_connack_v5, MQTT_DEADLINE,
 };
-use common::proxy::{DeviceEntry, Logs, ProxyConfig, RunningProxy};
-use common::{observer, Mosquitto, Pki};
+use crate::common::observer;
+use crate::common::scenario::Scenario;
 use rumqttc::QoS;
 
 const MESSAGES_PER_DEVICE: usize = 20;
@@ -59,18 +58,16 @@ async fn publish_run_v4(client_id: &str, proxy: std::net::SocketAddr, other: &st
 
 #[tokio::test]
 async fn two_devices_publish_concurrently_each_under_its_own_identity() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let mut watch = observer(&pki, &broker, "sensors/#").await;
-    let (a, b) = (pki.client("boiler-a"), pki.client("boiler-b"));
-    let config = ProxyConfig::new(&pki, broker.addr())
-        .device(DeviceEntry::new(&a).source("127.0.0.1"))
-        .device(DeviceEntry::new(&b).source("127.0.0.1"));
-    let proxy = RunningProxy::start(&config, pki.dir()).await;
+    let setup = Scenario::new()
+        .device_with("boiler-a", |d| d.source("127.0.0.1"))
+        .device_with("boiler-b", |d| d.source("127.0.0.1"))
+        .start()
+        .await;
+    let mut watch = observer(&setup.pki, &setup.broker, "sensors/#").await;
 
     tokio::join!(
-        publish_run_v4("boiler-a", proxy.addr(), "boiler-b"),
-        publish_run_v4("boiler-b", proxy.addr(), "boiler-a"),
+        publish_run_v4("boiler-a", setup.proxy.addr(), "boiler-b"),
+        publish_run_v4("boiler-b", setup.proxy.addr(), "boiler-a"),
     );
 
     let mut got = Vec::new();
@@ -94,27 +91,20 @@ async fn two_devices_publish_concurrently_each_under_its_own_identity() {
     assert_eq!(got.len(), got_set.len(), "no duplicates");
     assert_eq!(got_set, expected, "exactly the allowed messages, none of the spoofs");
 
-    let users = broker.connected_usernames();
+    let users = setup.broker.connected_usernames();
     assert!(
         users.contains(&"boiler-a".to_string()) && users.contains(&"boiler-b".to_string()),
         "{users:?}"
     );
-    assert_eq!(broker.count_in_log("Denied PUBLISH"), 2, "{}", broker.log());
+    assert_eq!(setup.broker.count_in_log("Denied PUBLISH"), 2, "{}", setup.broker.log());
 }
 
 #[tokio::test]
 async fn mqtt5_device_publishes_and_receives_through_mqtls() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let mut watch = observer(&pki, &broker, "sensors/#").await;
-    let cert = pki.client("meter-5");
-    let proxy = RunningProxy::start(
-        &ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&cert)),
-        pki.dir(),
-    )
-    .await;
+    let setup = Scenario::new().device("meter-5").start().await;
+    let mut watch = observer(&setup.pki, &setup.broker, "sensors/#").await;
 
-    let (client, mut el) = device_v5("meter-5", proxy.addr(), Duration::from_secs(30));
+    let (client, mut el) = device_v5("meter-5", setup.proxy.addr(), Duration::from_secs(30));
     let ack = wait_connack_v5(&mut el).await.expect("accepted");
     assert_eq!(ack.code, rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success);
     let mut events = spawn_eventloop_v5(el);
@@ -152,20 +142,13 @@ async fn mqtt5_device_publishes_and_receives_through_mqtls() {
         watch.next_message(MQTT_DEADLINE).await,
         Some(("sensors/meter-5/cmd".into(), b"v5 hello".to_vec()))
     );
-    assert!(broker.connected_usernames().contains(&"meter-5".to_string()));
+    assert!(setup.broker.connected_usernames().contains(&"meter-5".to_string()));
 }
 
 #[tokio::test]
 async fn mqtt311_device_receives_what_it_subscribed_to() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let cert = pki.client("valve-4");
-    let proxy = RunningProxy::start(
-        &ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&cert)),
-        pki.dir(),
-    )
-    .await;
-    let (client, mut el) = device_v4("valve-4", proxy.addr(), Duration::from_secs(30));
+    let setup = Scenario::new().device("valve-4").start().await;
+    let (client, mut el) = device_v4("valve-4", setup.proxy.addr(), Duration::from_secs(30));
     wait_connack_v4(&mut el).await.expect("accepted");
     let mut events = spawn_eventloop_v4(el);
     client.subscribe("sensors/valve-4/#", QoS::AtLeastOnce).await.unwrap();
@@ -194,15 +177,8 @@ async fn mqtt311_device_receives_what_it_subscribed_to() {
 #[tokio::test]
 async fn open_and_close_are_logged_once_with_device_and_bytes() {
     let (logs, _guard) = Logs::capture();
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let cert = pki.client("pump-9");
-    let proxy = RunningProxy::start(
-        &ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&cert)),
-        pki.dir(),
-    )
-    .await;
-    let (client, mut el) = device_v4("pump-9", proxy.addr(), Duration::from_secs(30));
+    let setup = Scenario::new().device("pump-9").start().await;
+    let (client, mut el) = device_v4("pump-9", setup.proxy.addr(), Duration::from_secs(30));
     wait_connack_v4(&mut el).await.expect("accepted");
     let mut events = spawn_eventloop_v4(el);
     client

@@ -1,16 +1,17 @@
 //! When the broker cannot be reached, or cannot be trusted, the device is told "server unavailable"
 //! promptly, the log says why, and the daemon keeps serving.
 
-mod common;
-
 use std::time::Duration;
 
-use common::mosquitto::free_port;
-use common::mqtt_client::{
+use crate::common;
+use crate::common::logs::Logs;
+use crate::common::mosquitto::free_port;
+use crate::common::mqtt_client::{
     device_v4, device_v5, is_puback_v4, spawn_eventloop_v4, wait_connack_v4, wait_connack_v5, MQTT_DEADLINE,
 };
-use common::proxy::{DeviceEntry, Logs, ProxyConfig, RunningProxy};
-use common::{Mosquitto, Pki};
+use crate::common::proxy::{DeviceEntry, ProxyConfig, RunningProxy};
+use crate::common::scenario::Scenario;
+use crate::common::{Mosquitto, Pki};
 use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5Code;
 use rumqttc::{ConnectReturnCode as V4Code, QoS};
 
@@ -89,18 +90,18 @@ async fn broker_with_the_wrong_name_is_refused_and_logged() {
 #[tokio::test]
 async fn addresses_are_tried_in_order_until_one_answers() {
     let (logs, _g) = Logs::capture();
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let mut config = ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&pki.client("failover-1")));
-    config.upstream.insert(0, format!("127.0.0.1:{}", free_port()));
-    let proxy = RunningProxy::start(&config, pki.dir()).await;
+    let setup = Scenario::new()
+        .device("failover-1")
+        .configure(|_, config| config.upstream.insert(0, format!("127.0.0.1:{}", free_port())))
+        .start()
+        .await;
 
-    let (_c, mut el) = device_v4("failover-1", proxy.addr(), Duration::from_secs(30));
+    let (_c, mut el) = device_v4("failover-1", setup.proxy.addr(), Duration::from_secs(30));
     wait_connack_v4(&mut el).await.expect("the second address serves");
     logs.wait_line(&["failover-1", "connection opened"], MQTT_DEADLINE)
         .await
         .unwrap();
-    assert_eq!(broker.connected_usernames(), vec!["failover-1".to_string()]);
+    assert_eq!(setup.broker.connected_usernames(), vec!["failover-1".to_string()]);
 }
 
 #[tokio::test]
@@ -139,14 +140,9 @@ async fn upstream_names_are_resolved_at_connection_time() {
 #[tokio::test]
 async fn a_broker_that_goes_away_closes_its_devices_but_not_the_daemon() {
     let (logs, _g) = Logs::capture();
-    let pki = Pki::new();
-    let mut broker = Mosquitto::start(&pki).await;
-    let config = ProxyConfig::new(&pki, broker.addr())
-        .device(DeviceEntry::new(&pki.client("survivor-1")))
-        .device(DeviceEntry::new(&pki.client("survivor-2")));
-    let proxy = RunningProxy::start(&config, pki.dir()).await;
+    let mut setup = Scenario::new().device("survivor-1").device("survivor-2").start().await;
 
-    let (client, mut el) = device_v4("survivor-1", proxy.addr(), Duration::from_secs(30));
+    let (client, mut el) = device_v4("survivor-1", setup.proxy.addr(), Duration::from_secs(30));
     wait_connack_v4(&mut el).await.expect("accepted");
     let mut events = spawn_eventloop_v4(el);
     client
@@ -155,7 +151,7 @@ async fn a_broker_that_goes_away_closes_its_devices_but_not_the_daemon() {
         .unwrap();
     events.wait_for(is_puback_v4, MQTT_DEADLINE).await.expect("PUBACK");
 
-    broker.stop();
+    setup.broker.stop();
     events
         .wait_error(MQTT_DEADLINE)
         .await
@@ -165,7 +161,7 @@ async fn a_broker_that_goes_away_closes_its_devices_but_not_the_daemon() {
         .unwrap();
 
     // The daemon is still there and still answers, now with "server unavailable".
-    assert_eq!(refusal_v4(&proxy, "survivor-2").await, V4Code::ServiceUnavailable);
+    assert_eq!(refusal_v4(&setup.proxy, "survivor-2").await, V4Code::ServiceUnavailable);
 }
 
 #[tokio::test]

@@ -4,16 +4,15 @@
 //! a test can tell which certificate each connection used; open connections must keep passing bytes
 //! through every reload.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 
-use common::daemon::{Daemon, GUARD};
-use common::metrics::{scrape_until, Scrape};
-use common::proxy::{DeviceEntry, ProxyConfig};
-use common::raw::{self, Version};
-use common::{EchoMode, Pki, TlsEcho};
+use crate::common;
+use crate::common::daemon::{Daemon, GUARD};
+use crate::common::metrics::{scrape_until, Scrape};
+use crate::common::proxy::{DeviceEntry, ProxyConfig};
+use crate::common::raw::{self, Version};
+use crate::common::{EchoMode, Pki, TlsEcho};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;

@@ -1,9 +1,12 @@
-//! Shared integration-test harness: a throwaway PKI, a real Mosquitto broker
-//! configured from `deploy/mosquitto/`, a mutual-TLS echo server and MQTT
-//! clients. Used from test files via `mod common;`.
-#![allow(dead_code, unused_imports)]
+//! The integration tests' harness, shared by every module of the `it` test binary (`tests/it/main.rs`): a
+//! throwaway PKI, a real Mosquitto configured from `deploy/mosquitto/`, a mutual-TLS echo server, MQTT
+//! clients (rumqttc, and raw packets from [`codec`]), mqtls in-process or as `mqtls run`, per-test log
+//! capture, and the usual set-up of all of these in one [`scenario`]. The demo (`examples/demo.rs`)
+//! includes it too, and the bench driver includes `pki.rs` and `codec.rs`.
 
+pub mod codec;
 pub mod daemon;
+pub mod logs;
 pub mod metrics;
 pub mod metrics_contract;
 pub mod mosquitto;
@@ -11,13 +14,14 @@ pub mod mqtt_client;
 pub mod pki;
 pub mod proxy;
 pub mod raw;
+pub mod scenario;
 pub mod tls_echo;
 
 use std::sync::Arc;
 
 pub use mosquitto::Mosquitto;
 pub use mqtt_client::{observer, Observer};
-pub use pki::{ClientCert, Pki, ServerCert};
+pub use pki::{ClientCert, Pki};
 pub use tls_echo::{EchoMode, TlsEcho};
 
 /// The ring crypto provider (the only one compiled in).

@@ -1,11 +1,9 @@
 //! Running mqtls in-process for a test: write a config, load it with the library, bind 127.0.0.1:0, serve
-//! until the test ends. Log lines are captured so a test can assert what an operator would read.
+//! until the test ends.
 
 use std::fmt::Write as _;
-use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mqtls::Proxy;
@@ -220,76 +218,6 @@ impl Drop for RunningProxy {
         self.shutdown.cancel();
         if let Some(t) = &self.task {
             t.abort();
-        }
-    }
-}
-
-/// Captures mqtls's tracing output. One subscriber is installed for the whole test binary (per-thread
-/// subscribers miss events when tests run in parallel: tracing caches callsite interest globally), so a
-/// `Logs` sees every line logged since it was created, including other tests' lines: match on something
-/// unique to the test (a device name, a client id).
-#[derive(Clone)]
-pub struct Logs {
-    from: usize,
-}
-
-/// Returned by [`Logs::capture`]; kept for call-site symmetry with scoped subscribers.
-pub struct LogGuard;
-
-static SINK: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
-
-#[derive(Clone)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-fn sink() -> &'static Arc<Mutex<Vec<u8>>> {
-    SINK.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = Sink(buf.clone());
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("debug,rustls=info,rumqttc=info")
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber per test binary");
-        buf
-    })
-}
-
-impl Logs {
-    /// Starts capturing (from now on).
-    pub fn capture() -> (Logs, LogGuard) {
-        let from = sink().lock().unwrap().len();
-        (Logs { from }, LogGuard)
-    }
-
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&sink().lock().unwrap()[self.from..]).into_owned()
-    }
-
-    /// Waits until a line contains every one of `needles`; returns that line.
-    pub async fn wait_line(&self, needles: &[&str], timeout: Duration) -> Result<String, String> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(line) = self.text().lines().find(|l| needles.iter().all(|n| l.contains(n))) {
-                return Ok(line.to_string());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
-                    "no log line with {needles:?} within {timeout:?}; log:\n{}",
-                    self.text()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use super::codec::CONNACK_ACCEPTED;
 use super::pki::{self, Pki};
 
 /// What the server does on each accepted connection.
@@ -21,7 +22,7 @@ pub enum EchoMode {
     /// SHA-256 of everything received (32 bytes) followed by the byte count
     /// as a big-endian u64, then close with close_notify.
     EchoUntilEof,
-    /// Answer at once with [`CONNACK`] (as a broker answers a CONNECT), then as [`EchoMode::EchoUntilEof`]:
+    /// Answer at once with [`CONNACK_ACCEPTED`] (as a broker answers a CONNECT), then as [`EchoMode::EchoUntilEof`]:
     /// mqtls starts copying only once the broker's CONNACK has come.
     ConnackThenDigest,
     /// Immediately write `send`, then close the write side (close_notify +
@@ -75,9 +76,6 @@ pub struct TlsEcho {
     failures_rx: watch::Receiver<usize>,
     task: JoinHandle<()>,
 }
-
-/// The MQTT 3.1.1 CONNACK "accepted" that [`EchoMode::ConnackThenDigest`] answers with first.
-pub const CONNACK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
 
 /// The reply that [`EchoMode::EchoUntilEof`] replies with.
 pub fn expected_echo_reply(data: &[u8]) -> Vec<u8> {
@@ -265,7 +263,7 @@ async fn serve(
     match mode {
         EchoMode::EchoUntilEof | EchoMode::ConnackThenDigest => {
             if matches!(mode, EchoMode::ConnackThenDigest) {
-                let _ = tls.write_all(&CONNACK).await;
+                let _ = tls.write_all(&CONNACK_ACCEPTED).await;
             }
             let ending = read_to_eof(tls, &mut received).await;
             let reply = expected_echo_reply(&received);

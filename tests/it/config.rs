@@ -4,13 +4,11 @@
 //! reason. Every case loads the way `mqtls run` and `mqtls check` do: `Config::load`, then
 //! `Generation::load` (which loads every certificate and key).
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::pki::write_file;
-use common::Pki;
+use crate::common::pki::write_file;
+use crate::common::Pki;
 use mqtls::config::ConfigErrors;
 use mqtls::{Config, Generation};
 

@@ -8,15 +8,14 @@
 //! - the Grafana dashboard is a well-formed dashboard whose queries parse as PromQL;
 //! - the alert rules and the dashboard use only metrics, labels and label values mqtls exports.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::metrics_contract::{self, Exposition, CONTRACT};
-use common::{Mosquitto, Pki};
+use crate::common;
+use crate::common::metrics_contract::{self, Exposition, CONTRACT};
+use crate::common::{Mosquitto, Pki};
 use mqtls::{Config, Generation};
 use serde_json::Value as Json;
 

@@ -1,16 +1,15 @@
 //! Tests of the test harness itself (no mqtls involved): the shipped
 //! Mosquitto recipe works as documented, and the TLS echo server behaves.
 
-mod common;
-
 use std::time::Duration;
 
-use common::mqtt_client::{
+use crate::common;
+use crate::common::mqtt_client::{
     device_v4, device_v5, is_puback_v4, mtls_client_v4, spawn_eventloop_v4, unique_client_id, wait_connack_v4,
     wait_connack_v5,
 };
-use common::tls_echo::{expected_echo_reply, Ending};
-use common::{observer, EchoMode, Mosquitto, Pki, TlsEcho};
+use crate::common::tls_echo::{expected_echo_reply, Ending};
+use crate::common::{observer, EchoMode, Mosquitto, Pki, TlsEcho};
 use rumqttc::{ConnectReturnCode, ConnectionError, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

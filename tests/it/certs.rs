@@ -2,19 +2,20 @@
 //! openssl and x509-parser, loaded by `mqtls check`, and finally used for real: devices issued by
 //! `mqtls certs` publish through mqtls to a real Mosquitto that trusts only the CA made by `init-ca`.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::daemon::{BIN, GUARD};
-use common::mqtt_client::{device_v4, is_puback_v4, observer_as, spawn_eventloop_v4, wait_connack_v4, MQTT_DEADLINE};
-use common::pki::{load_certs, raw_serial, write_file, ClientCert};
-use common::proxy::{Logs, ProxyConfig, RunningProxy};
-use common::{Mosquitto, Pki};
+use crate::common::daemon::{BIN, GUARD};
+use crate::common::logs::Logs;
+use crate::common::mqtt_client::{
+    device_v4, is_puback_v4, observer_as, spawn_eventloop_v4, wait_connack_v4, MQTT_DEADLINE,
+};
+use crate::common::pki::{load_certs, raw_serial, write_file, ClientCert};
+use crate::common::proxy::{ProxyConfig, RunningProxy};
+use crate::common::{Mosquitto, Pki};
 use rumqttc::QoS;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateSigningRequestDer;

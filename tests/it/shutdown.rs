@@ -3,15 +3,13 @@
 //! rest are closed and mqtls exits 0. Driven through a real Mosquitto; every assertion is about order and
 //! outcome, never about how long something took.
 
-mod common;
-
 use std::io::ErrorKind;
 use std::time::Duration;
 
-use common::daemon::{Daemon, GUARD};
-use common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
-use common::proxy::{DeviceEntry, ProxyConfig};
-use common::{observer, Mosquitto, Pki};
+use crate::common::daemon::GUARD;
+use crate::common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
+use crate::common::observer;
+use crate::common::scenario::Scenario;
 use rumqttc::QoS;
 
 /// Longer than any test here runs: a connection that ends within it ends because its device left.
@@ -27,15 +25,13 @@ fn position(lines: &[String], needle: &str) -> usize {
 
 #[tokio::test]
 async fn sigterm_refuses_new_connections_while_a_live_one_keeps_relaying_until_it_leaves_then_exits_0() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let mut watch = observer(&pki, &broker, "sensors/#").await;
-    let config = ProxyConfig::new(&pki, broker.addr())
-        .shutdown_grace(LONG_GRACE)
-        .device(DeviceEntry::new(&pki.client("drain-live")))
-        .write(pki.dir());
-    let mut daemon = Daemon::spawn(&config);
-    let addr = daemon.ready().await;
+    let mut setup = Scenario::new()
+        .device("drain-live")
+        .configure(|_, c| c.shutdown_grace = Some(LONG_GRACE.into()))
+        .spawn()
+        .await;
+    let (daemon, addr) = (&mut setup.daemon, setup.addr);
+    let mut watch = observer(&setup.pki, &setup.broker, "sensors/#").await;
     let (client, mut el) = device_v4("drain-live", addr, Duration::from_secs(30));
     wait_connack_v4(&mut el).await.expect("device connected");
     let mut events = spawn_eventloop_v4(el);
@@ -83,14 +79,12 @@ async fn sigterm_refuses_new_connections_while_a_live_one_keeps_relaying_until_i
 
 #[tokio::test]
 async fn a_connection_that_outlives_the_grace_is_closed_at_its_end_and_mqtls_exits_0() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let config = ProxyConfig::new(&pki, broker.addr())
-        .shutdown_grace("1s")
-        .device(DeviceEntry::new(&pki.client("drain-stays")))
-        .write(pki.dir());
-    let mut daemon = Daemon::spawn(&config);
-    let addr = daemon.ready().await;
+    let mut setup = Scenario::new()
+        .device("drain-stays")
+        .configure(|_, c| c.shutdown_grace = Some("1s".into()))
+        .spawn()
+        .await;
+    let (daemon, addr) = (&mut setup.daemon, setup.addr);
     // Keep-alive far beyond the grace: only the stop can end this connection.
     let (_client, mut el) = device_v4("drain-stays", addr, Duration::from_secs(600));
     wait_connack_v4(&mut el).await.expect("device connected");
@@ -127,14 +121,12 @@ async fn a_connection_that_outlives_the_grace_is_closed_at_its_end_and_mqtls_exi
 
 #[tokio::test]
 async fn a_second_signal_during_the_grace_stops_at_once_with_exit_0() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let config = ProxyConfig::new(&pki, broker.addr())
-        .shutdown_grace(LONG_GRACE)
-        .device(DeviceEntry::new(&pki.client("drain-twice")))
-        .write(pki.dir());
-    let mut daemon = Daemon::spawn(&config);
-    let addr = daemon.ready().await;
+    let mut setup = Scenario::new()
+        .device("drain-twice")
+        .configure(|_, c| c.shutdown_grace = Some(LONG_GRACE.into()))
+        .spawn()
+        .await;
+    let (daemon, addr) = (&mut setup.daemon, setup.addr);
     let (_client, mut el) = device_v4("drain-twice", addr, Duration::from_secs(600));
     wait_connack_v4(&mut el).await.expect("device connected");
     let mut events = spawn_eventloop_v4(el);

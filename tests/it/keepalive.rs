@@ -12,17 +12,14 @@
 //! S + 0.35 s + 1.5 x keep-alive, which for keep-alive 1 s and for 10 s is at least 0.15 s before
 //! Mosquitto could. [`connect_early_in_a_second`] arranges that, and the tests then also check that
 //! Mosquitto never logged a keep-alive timeout of its own.
-//!
-//! mqtls's log is shared by every test in this binary: each test uses its own device name.
-
-mod common;
 
 use std::time::Duration;
 
-use common::mosquitto::{deploy_acl, deploy_conf};
-use common::proxy::{DeviceEntry, Logs, ProxyConfig, RunningProxy};
-use common::raw::{self, Closed, Connack, PeekState, Version};
-use common::{Mosquitto, Pki};
+use crate::common;
+use crate::common::logs::Logs;
+use crate::common::raw::{self, Closed, Connack, PeekState, Version};
+use crate::common::scenario::{Running, Scenario};
+use crate::common::Mosquitto;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -166,43 +163,47 @@ async fn assert_cut_off_by_mqtls(
     );
 }
 
-async fn mosquitto_and_proxy(pki: &Pki, conf_extra: &str, cn: &str) -> (Mosquitto, RunningProxy) {
-    let server = pki.server("mosquitto", &["localhost", "127.0.0.1"]);
-    let conf = format!("{}\n{conf_extra}\n", deploy_conf());
-    let broker = Mosquitto::start_custom(pki, &server, &conf, &deploy_acl()).await;
-    // Matched by address, so that any client id is this device (see `connect_early_in_a_second`).
-    let dev = DeviceEntry::new(&pki.client(cn)).client_id(None).source("127.0.0.1");
-    let proxy = RunningProxy::start(&ProxyConfig::new(pki, broker.addr()).device(dev), pki.dir()).await;
-    (broker, proxy)
+/// Mosquitto with `conf_extra` added to its recipe, and mqtls in front of it with the one device `cn`.
+async fn mosquitto_and_proxy(conf_extra: &str, cn: &str) -> Running {
+    Scenario::new()
+        .broker_conf(conf_extra)
+        // Matched by address, so that any client id is this device (see `connect_early_in_a_second`).
+        .device_with(cn, |dev| dev.client_id(None).source("127.0.0.1"))
+        .start()
+        .await
 }
 
 #[tokio::test]
 async fn silent_device_is_cut_off_after_one_and_a_half_keep_alives() {
     let (logs, _guard) = Logs::capture();
-    let pki = Pki::new();
-    let (broker, proxy) = mosquitto_and_proxy(&pki, "", "dev-mute").await;
+    let setup = mosquitto_and_proxy("", "dev-mute").await;
 
-    let mut conn = connect_early_in_a_second(proxy.addr(), "dev-mute", Version::V311, |id| {
+    let mut conn = connect_early_in_a_second(setup.proxy.addr(), "dev-mute", Version::V311, |id| {
         raw::connect(Version::V311, id, 1)
     })
     .await;
-    assert_eq!(conn.connack.code, 0, "{:?}\n{}", conn.connack, broker.diagnostics());
+    assert_eq!(
+        conn.connack.code,
+        0,
+        "{:?}\n{}",
+        conn.connack,
+        setup.broker.diagnostics()
+    );
 
-    assert_cut_off_by_mqtls(&mut conn, &broker, &logs, Duration::from_millis(1500), "1.5s").await;
+    assert_cut_off_by_mqtls(&mut conn, &setup.broker, &logs, Duration::from_millis(1500), "1.5s").await;
 }
 
 #[tokio::test]
 async fn pingreq_every_400ms_keeps_a_one_second_keep_alive_device_connected() {
     let (logs, _guard) = Logs::capture();
-    let pki = Pki::new();
-    let (broker, proxy) = mosquitto_and_proxy(&pki, "", "dev-chatty").await;
+    let setup = mosquitto_and_proxy("", "dev-chatty").await;
 
-    let mut s = raw::device(proxy.addr()).await;
+    let mut s = raw::device(setup.proxy.addr()).await;
     s.write_all(&raw::connect(Version::V311, "dev-chatty", 1))
         .await
         .unwrap();
     let ack = raw::expect_connack(&mut s, Version::V311, WAIT).await;
-    assert_eq!(ack.code, 0, "{ack:?}\n{}", broker.diagnostics());
+    assert_eq!(ack.code, 0, "{ack:?}\n{}", setup.broker.diagnostics());
 
     // 3.2 s is more than twice the 1.5 s limit: only the pings can keep the connection alive.
     let connected = Instant::now();
@@ -229,13 +230,12 @@ async fn pingreq_every_400ms_keeps_a_one_second_keep_alive_device_connected() {
 #[tokio::test]
 async fn keep_alive_zero_is_never_cut_off() {
     let (logs, _guard) = Logs::capture();
-    let pki = Pki::new();
-    let (broker, proxy) = mosquitto_and_proxy(&pki, "", "dev-quiet").await;
+    let setup = mosquitto_and_proxy("", "dev-quiet").await;
 
-    let mut s = raw::device(proxy.addr()).await;
+    let mut s = raw::device(setup.proxy.addr()).await;
     s.write_all(&raw::connect(Version::V311, "dev-quiet", 0)).await.unwrap();
     let ack = raw::expect_connack(&mut s, Version::V311, WAIT).await;
-    assert_eq!(ack.code, 0, "{ack:?}\n{}", broker.diagnostics());
+    assert_eq!(ack.code, 0, "{ack:?}\n{}", setup.broker.diagnostics());
 
     // An observation window, not a wait for something to happen: the device stays silent through it.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -254,38 +254,48 @@ async fn keep_alive_zero_is_never_cut_off() {
 #[tokio::test]
 async fn mqtt5_device_keep_alive_applies_when_the_connack_has_no_server_keep_alive() {
     let (logs, _guard) = Logs::capture();
-    let pki = Pki::new();
-    let (broker, proxy) = mosquitto_and_proxy(&pki, "", "dev-five-own").await;
+    let setup = mosquitto_and_proxy("", "dev-five-own").await;
 
-    let mut conn = connect_early_in_a_second(proxy.addr(), "dev-five-own", Version::V5, |id| {
+    let mut conn = connect_early_in_a_second(setup.proxy.addr(), "dev-five-own", Version::V5, |id| {
         raw::connect(Version::V5, id, 1)
     })
     .await;
-    assert_eq!(conn.connack.code, 0, "{:?}\n{}", conn.connack, broker.diagnostics());
+    assert_eq!(
+        conn.connack.code,
+        0,
+        "{:?}\n{}",
+        conn.connack,
+        setup.broker.diagnostics()
+    );
     // Mosquitto sends other properties (e.g. Topic Alias Maximum), but no Server Keep Alive.
     assert!(!conn.connack.properties.is_empty(), "{:?}", conn.connack);
     assert_eq!(conn.connack.server_keep_alive(), None, "{:?}", conn.connack);
 
-    assert_cut_off_by_mqtls(&mut conn, &broker, &logs, Duration::from_millis(1500), "1.5s").await;
+    assert_cut_off_by_mqtls(&mut conn, &setup.broker, &logs, Duration::from_millis(1500), "1.5s").await;
 }
 
 #[tokio::test]
 async fn mqtt5_server_keep_alive_replaces_the_device_keep_alive() {
     let (logs, _guard) = Logs::capture();
-    let pki = Pki::new();
     // Mosquitto 2.0.11 refuses max_keepalive below 10. A v5 device asking for more gets CONNACK Server
     // Keep Alive 10 (and Mosquitto then enforces 10 itself).
-    let (broker, proxy) = mosquitto_and_proxy(&pki, "max_keepalive 10", "dev-five").await;
+    let setup = mosquitto_and_proxy("max_keepalive 10", "dev-five").await;
 
-    let mut conn = connect_early_in_a_second(proxy.addr(), "dev-five", Version::V5, |id| {
+    let mut conn = connect_early_in_a_second(setup.proxy.addr(), "dev-five", Version::V5, |id| {
         raw::connect(Version::V5, id, 60)
     })
     .await;
-    assert_eq!(conn.connack.code, 0, "{:?}\n{}", conn.connack, broker.diagnostics());
+    assert_eq!(
+        conn.connack.code,
+        0,
+        "{:?}\n{}",
+        conn.connack,
+        setup.broker.diagnostics()
+    );
     assert_eq!(conn.connack.server_keep_alive(), Some(10), "{:?}", conn.connack);
 
     // With the device's own 60 s mqtls would wait 90 s; the broker's 10 s means 15 s.
-    assert_cut_off_by_mqtls(&mut conn, &broker, &logs, Duration::from_secs(15), "15s").await;
+    assert_cut_off_by_mqtls(&mut conn, &setup.broker, &logs, Duration::from_secs(15), "15s").await;
     logs.wait_line(&["server_keep_alive=10", &conn.peer], WAIT)
         .await
         .unwrap();

@@ -1,19 +1,11 @@
-//! Hand-built MQTT packets and a raw-socket "device", for tests where the exact bytes on the wire matter.
+//! MQTT packets built and parsed from the specifications (3.1 `MQIsdp` level 3, 3.1.1 level 4, 5.0
+//! level 5), for tests and the benchmark driver that must control or check the exact bytes on the wire.
 //!
-//! Packets are encoded here from the specifications (3.1 `MQIsdp` level 3, 3.1.1 level 4, 5.0 level 5),
-//! independently of mqtls's own parser, and the answers (CONNACK, PUBACK, PINGRESP) are read back from the
-//! socket under deadlines so that a missing answer fails the test instead of hanging it.
+//! It is written independently of mqtls's own parser (`src/mqtt.rs`), which it exists to check, so it
+//! never uses the `mqtls` crate. The benchmark driver (`bench/`, a crate of its own) includes this file
+//! by `#[path]`, so it uses nothing but `std` and does no I/O: sockets are the caller's business.
 
-use std::io;
-use std::mem::MaybeUninit;
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::time::{timeout_at, Instant};
-
-/// The protocol a raw CONNECT speaks.
+/// The protocol a CONNECT speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
     /// MQTT 3.1: protocol name `MQIsdp`, level 3.
@@ -23,6 +15,9 @@ pub enum Version {
     /// MQTT 5.0: protocol name `MQTT`, level 5.
     V5,
 }
+
+/// The MQTT 3.1.1 CONNACK that accepts a connection (no session present), as a broker answers a CONNECT.
+pub const CONNACK_ACCEPTED: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
 
 /// MQTT Variable Byte Integer (the remaining length and v5 property lengths).
 pub fn varint(mut n: usize) -> Vec<u8> {
@@ -165,44 +160,26 @@ pub struct Packet {
 }
 
 impl Packet {
-    /// The packet type (upper four bits of the first byte): 2 CONNACK, 4 PUBACK, 13 PINGRESP...
-    pub fn kind(&self) -> u8 {
-        self.first_byte >> 4
-    }
-
     /// The packet as it was on the wire.
     pub fn to_bytes(&self) -> Vec<u8> {
         packet(self.first_byte, &self.body)
     }
 }
 
-/// Reads one whole packet before `deadline`. `Err` describes a timeout, an end of stream or an I/O
-/// error, with whatever had been read.
-pub async fn read_packet<R: AsyncRead + Unpin>(r: &mut R, deadline: Instant) -> Result<Packet, String> {
-    let read = async {
-        let first_byte = r.read_u8().await?;
-        let mut remaining = 0usize;
-        let mut shift = 0;
-        loop {
-            let b = r.read_u8().await?;
-            remaining |= usize::from(b & 0x7F) << shift;
-            if b & 0x80 == 0 {
-                break;
-            }
-            shift += 7;
-            if shift > 21 {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "remaining length > 4 bytes"));
-            }
+/// The start of a packet's bytes as (fixed header length, remaining length), once the fixed header is
+/// complete; `Ok(None)` while more bytes are needed. `Err` for a remaining length longer than 4 bytes.
+pub fn fixed_header(bytes: &[u8]) -> Result<Option<(usize, usize)>, String> {
+    let mut remaining = 0usize;
+    for i in 0..4 {
+        let Some(&b) = bytes.get(1 + i) else {
+            return Ok(None);
+        };
+        remaining |= usize::from(b & 0x7F) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(Some((2 + i, remaining)));
         }
-        let mut body = vec![0; remaining];
-        r.read_exact(&mut body).await?;
-        Ok(Packet { first_byte, body })
-    };
-    match timeout_at(deadline, read).await {
-        Ok(Ok(p)) => Ok(p),
-        Ok(Err(e)) => Err(format!("reading a packet failed: {e} ({:?})", e.kind())),
-        Err(_) => Err("no complete packet before the deadline".to_string()),
     }
+    Err("remaining length longer than 4 bytes".into())
 }
 
 /// A parsed CONNACK.
@@ -342,97 +319,10 @@ pub fn parse_puback(p: &Packet) -> Result<u16, String> {
     Ok(u16::from_be_bytes([p.body[0], p.body[1]]))
 }
 
-/// A plain-TCP device socket to `addr`, with Nagle off so that every write leaves at once.
-pub async fn device(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    s.set_nodelay(true).expect("TCP_NODELAY");
-    s
-}
-
-/// Reads the next packet and parses it as a CONNACK; panics (with what arrived) otherwise.
-pub async fn expect_connack(s: &mut TcpStream, version: Version, within: Duration) -> Connack {
-    let p = read_packet(s, Instant::now() + within)
-        .await
-        .unwrap_or_else(|e| panic!("waiting for CONNACK: {e}"));
-    parse_connack(&p, version).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Sends a PINGREQ and waits for the PINGRESP; `Err` says what happened instead.
-pub async fn ping(s: &mut TcpStream, within: Duration) -> Result<(), String> {
-    s.write_all(&pingreq())
-        .await
-        .map_err(|e| format!("writing PINGREQ: {e}"))?;
-    let p = read_packet(s, Instant::now() + within).await?;
-    if p.to_bytes() != [0xD0, 0x00] {
-        return Err(format!("expected PINGRESP, got {:02x?}", p.to_bytes()));
-    }
-    Ok(())
-}
-
-/// Writes `bytes` one at a time, each in its own TCP segment, pausing `pause` after each.
-pub async fn write_bytewise(s: &mut TcpStream, bytes: &[u8], pause: Duration) -> io::Result<()> {
-    for b in bytes {
-        s.write_all(std::slice::from_ref(b)).await?;
-        s.flush().await?;
-        tokio::time::sleep(pause).await;
-    }
-    Ok(())
-}
-
-/// How a socket's receive direction ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Closed {
-    /// Orderly end of stream (FIN).
-    Eof,
-    /// The peer reset the connection (e.g. it closed with unread data).
-    Reset,
-}
-
-/// Reads until the peer ends the stream or resets the connection, before `deadline`. Returns the bytes
-/// that arrived before the end and how it ended; `Err` on timeout or another I/O error.
-pub async fn read_until_closed(s: &mut TcpStream, deadline: Instant) -> Result<(Vec<u8>, Closed), String> {
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        match timeout_at(deadline, s.read(&mut chunk)).await {
-            Err(_) => {
-                return Err(format!(
-                    "connection still open at the deadline; received {} bytes: {:02x?}",
-                    got.len(),
-                    &got[..got.len().min(64)]
-                ))
-            }
-            Ok(Ok(0)) => return Ok((got, Closed::Eof)),
-            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
-            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => return Ok((got, Closed::Reset)),
-            Ok(Err(e)) => return Err(format!("read failed: {e}")),
-        }
-    }
-}
-
-/// What a non-blocking peek at the socket's receive queue shows right now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PeekState {
-    /// Open, nothing to read.
-    OpenQuiet,
-    /// Bytes are waiting.
-    Data,
-    /// The peer ended the stream.
-    Eof,
-    /// The socket failed (e.g. reset).
-    Error(io::ErrorKind),
-}
-
-/// Asks the kernel directly (MSG_PEEK on the non-blocking socket, so nothing is consumed and tokio's
-/// readiness cache cannot hide an end of stream that already arrived).
-pub fn peek_state(s: &TcpStream) -> PeekState {
-    let mut buf = [MaybeUninit::<u8>::uninit(); 1];
-    match socket2::SockRef::from(s).peek(&mut buf) {
-        Ok(0) => PeekState::Eof,
-        Ok(_) => PeekState::Data,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => PeekState::OpenQuiet,
-        Err(e) => PeekState::Error(e.kind()),
+/// Checks that `p` is a PINGRESP.
+pub fn parse_pingresp(p: &Packet) -> Result<(), String> {
+    match p.to_bytes()[..] {
+        [0xD0, 0x00] => Ok(()),
+        _ => Err(format!("expected PINGRESP, got {:02x?}", p.to_bytes())),
     }
 }

@@ -5,15 +5,13 @@
 //! reaches the observer on `sensors/<cn>/...` proves the connection was presented to the broker as `<cn>`;
 //! the broker's log (`connected_usernames`) names the identity as well.
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4, Observer};
-use common::proxy::{DeviceEntry, ProxyConfig, RunningProxy};
-use common::raw::{self, Version};
-use common::{observer, Mosquitto, Pki};
+use crate::common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4, Observer};
+use crate::common::raw::{self, Version};
+use crate::common::scenario::{Running, Scenario};
+use crate::common::{observer, Mosquitto};
 use rumqttc::{ConnectReturnCode, ConnectionError, QoS};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
@@ -21,12 +19,6 @@ use tokio::time::Instant;
 
 /// Guard against hangs; nothing here is a performance threshold.
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn broker_and_observer(pki: &Pki) -> (Mosquitto, Observer) {
-    let broker = Mosquitto::start(pki).await;
-    let watch = observer(pki, &broker, "sensors/#").await;
-    (broker, watch)
-}
 
 /// Connects a plain MQTT 3.1.1 device (rumqttc) to `addr` as `client_id`, publishes one QoS 1 message and
 /// waits for its PUBACK. `Err` carries the CONNACK refusal or connection error.
@@ -105,51 +97,50 @@ async fn publish_raw(stream: &mut TcpStream, topic: &str, payload: &str) {
 // ---------------------------------------------------------------------------------------------------------
 // Device directory
 
+/// mqtls serving the device directory `fleet/`, with one entry for `cn` in it and, if `client_id` is
+/// given, a `device.toml` that sets it.
+async fn device_dir_setup(cn: &'static str, client_id: Option<&'static str>) -> Running {
+    Scenario::new()
+        .configure(move |pki, cfg| {
+            let entry = pki.dir().join("fleet").join(cn);
+            pki.client_in(&entry, cn);
+            if let Some(id) = client_id {
+                std::fs::write(entry.join("device.toml"), format!("client_id = {id:?}\n")).unwrap();
+            }
+            cfg.extra = "\n[device_dir]\npath = \"fleet\"\n".into();
+        })
+        .start()
+        .await
+}
+
 #[tokio::test]
 async fn device_dir_entry_is_served_under_its_own_identity() {
-    let pki = Pki::new();
-    let (broker, mut watch) = broker_and_observer(&pki).await;
-    pki.client_in(&pki.dir().join("fleet/dir-sensor-1"), "dir-sensor-1");
-    let mut cfg = ProxyConfig::new(&pki, broker.addr());
-    cfg.extra = "\n[device_dir]\npath = \"fleet\"\n".into();
-    let proxy = RunningProxy::start(&cfg, pki.dir()).await;
+    let setup = device_dir_setup("dir-sensor-1", None).await;
+    let mut watch = observer(&setup.pki, &setup.broker, "sensors/#").await;
 
-    publish_via(proxy.addr(), "dir-sensor-1", "sensors/dir-sensor-1/t", "19.0")
+    publish_via(setup.proxy.addr(), "dir-sensor-1", "sensors/dir-sensor-1/t", "19.0")
         .await
         .expect("directory device served");
-    assert_delivered(&mut watch, &broker, "sensors/dir-sensor-1/t", "19.0").await;
-    assert!(broker.connected_usernames().contains(&"dir-sensor-1".to_string()));
+    assert_delivered(&mut watch, &setup.broker, "sensors/dir-sensor-1/t", "19.0").await;
+    assert!(setup.broker.connected_usernames().contains(&"dir-sensor-1".to_string()));
 }
 
 #[tokio::test]
 async fn device_dir_entry_with_device_toml_is_matched_by_its_client_id() {
-    let pki = Pki::new();
-    let (broker, mut watch) = broker_and_observer(&pki).await;
-    let entry = pki.dir().join("fleet/dir-meter-2");
-    pki.client_in(&entry, "dir-meter-2");
-    std::fs::write(entry.join("device.toml"), "client_id = \"legacy-0042\"\n").unwrap();
-    let mut cfg = ProxyConfig::new(&pki, broker.addr());
-    cfg.extra = "\n[device_dir]\npath = \"fleet\"\n".into();
-    let proxy = RunningProxy::start(&cfg, pki.dir()).await;
+    let setup = device_dir_setup("dir-meter-2", Some("legacy-0042")).await;
+    let mut watch = observer(&setup.pki, &setup.broker, "sensors/#").await;
 
-    publish_via(proxy.addr(), "legacy-0042", "sensors/dir-meter-2/kwh", "7")
+    publish_via(setup.proxy.addr(), "legacy-0042", "sensors/dir-meter-2/kwh", "7")
         .await
         .expect("device.toml client id served");
-    assert_delivered(&mut watch, &broker, "sensors/dir-meter-2/kwh", "7").await;
+    assert_delivered(&mut watch, &setup.broker, "sensors/dir-meter-2/kwh", "7").await;
 }
 
 #[tokio::test]
 async fn device_dir_entry_with_device_toml_client_id_is_not_matched_by_its_directory_name() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let entry = pki.dir().join("fleet/dir-meter-3");
-    pki.client_in(&entry, "dir-meter-3");
-    std::fs::write(entry.join("device.toml"), "client_id = \"legacy-0043\"\n").unwrap();
-    let mut cfg = ProxyConfig::new(&pki, broker.addr());
-    cfg.extra = "\n[device_dir]\npath = \"fleet\"\n".into();
-    let proxy = RunningProxy::start(&cfg, pki.dir()).await;
+    let setup = device_dir_setup("dir-meter-3", Some("legacy-0043")).await;
 
-    match publish_via(proxy.addr(), "dir-meter-3", "sensors/dir-meter-3/kwh", "7").await {
+    match publish_via(setup.proxy.addr(), "dir-meter-3", "sensors/dir-meter-3/kwh", "7").await {
         Err(ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId)) => {}
         other => panic!("expected CONNACK identifier rejected, got {other:?}"),
     }
@@ -159,37 +150,33 @@ async fn device_dir_entry_with_device_toml_client_id_is_not_matched_by_its_direc
 // Dedicated listener
 
 /// A device with no client id of its own, served on a listener of its own.
-async fn dedicated_setup(pki: &Pki, broker: &Mosquitto) -> (RunningProxy, SocketAddr) {
+async fn dedicated_setup() -> (Running, SocketAddr) {
     let (reservation, dedicated) = reserve_local_port();
-    let meter = DeviceEntry::new(&pki.client("old-meter"))
-        .client_id(None)
-        .listen(dedicated);
-    let cfg = ProxyConfig::new(pki, broker.addr()).device(meter);
-    let proxy = RunningProxy::start(&cfg, pki.dir()).await;
+    let setup = Scenario::new()
+        .device_with("old-meter", move |meter| meter.client_id(None).listen(dedicated))
+        .start()
+        .await;
     drop(reservation);
-    assert!(proxy.addrs.contains(&dedicated), "{:?}", proxy.addrs);
-    (proxy, dedicated)
+    assert!(setup.proxy.addrs.contains(&dedicated), "{:?}", setup.proxy.addrs);
+    (setup, dedicated)
 }
 
 #[tokio::test]
 async fn dedicated_listener_serves_its_device_with_an_empty_client_id() {
-    let pki = Pki::new();
-    let (broker, mut watch) = broker_and_observer(&pki).await;
-    let (_proxy, dedicated) = dedicated_setup(&pki, &broker).await;
+    let (setup, dedicated) = dedicated_setup().await;
+    let mut watch = observer(&setup.pki, &setup.broker, "sensors/#").await;
 
     publish_via(dedicated, "", "sensors/old-meter/kwh", "1234")
         .await
         .expect("served on its own listener");
-    assert_delivered(&mut watch, &broker, "sensors/old-meter/kwh", "1234").await;
-    assert!(broker.connected_usernames().contains(&"old-meter".to_string()));
+    assert_delivered(&mut watch, &setup.broker, "sensors/old-meter/kwh", "1234").await;
+    assert!(setup.broker.connected_usernames().contains(&"old-meter".to_string()));
 }
 
 #[tokio::test]
 async fn dedicated_device_is_refused_on_the_shared_listener() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let (proxy, dedicated) = dedicated_setup(&pki, &broker).await;
-    let shared = proxy.addr();
+    let (setup, dedicated) = dedicated_setup().await;
+    let shared = setup.proxy.addr();
     assert_ne!(shared, dedicated);
 
     match publish_via(shared, "", "sensors/old-meter/kwh", "1234").await {
@@ -202,54 +189,47 @@ async fn dedicated_device_is_refused_on_the_shared_listener() {
 // Source rules
 
 /// Two devices that send the same client id, told apart by their source address.
-async fn source_setup(pki: &Pki, broker: &Mosquitto) -> RunningProxy {
-    let a = DeviceEntry::new(&pki.client("src-a"))
-        .client_id(Some("shared-sensor"))
-        .source("127.0.0.1");
-    let b = DeviceEntry::new(&pki.client("src-b"))
-        .client_id(Some("shared-sensor"))
-        .source("127.0.0.2/32");
-    let cfg = ProxyConfig::new(pki, broker.addr()).device(a).device(b);
-    RunningProxy::start(&cfg, pki.dir()).await
+async fn source_setup() -> Running {
+    Scenario::new()
+        .device_with("src-a", |a| a.client_id(Some("shared-sensor")).source("127.0.0.1"))
+        .device_with("src-b", |b| b.client_id(Some("shared-sensor")).source("127.0.0.2/32"))
+        .start()
+        .await
 }
 
 #[tokio::test]
 async fn same_client_id_from_127_0_0_2_gets_the_identity_with_that_source() {
-    let pki = Pki::new();
-    let (broker, mut watch) = broker_and_observer(&pki).await;
-    let proxy = source_setup(&pki, &broker).await;
+    let setup = source_setup().await;
+    let mut watch = observer(&setup.pki, &setup.broker, "sensors/#").await;
 
-    let (mut dev, code) = connect_from([127, 0, 0, 2].into(), proxy.addr(), "shared-sensor").await;
+    let (mut dev, code) = connect_from([127, 0, 0, 2].into(), setup.proxy.addr(), "shared-sensor").await;
     assert_eq!(code, CONNACK_ACCEPTED);
     publish_raw(&mut dev, "sensors/src-b/t", "from .2").await;
-    assert_delivered(&mut watch, &broker, "sensors/src-b/t", "from .2").await;
-    let users = broker.connected_usernames();
+    assert_delivered(&mut watch, &setup.broker, "sensors/src-b/t", "from .2").await;
+    let users = setup.broker.connected_usernames();
     assert!(users.contains(&"src-b".to_string()), "{users:?}");
     assert!(!users.contains(&"src-a".to_string()), "{users:?}");
 }
 
 #[tokio::test]
 async fn same_client_id_from_127_0_0_1_gets_the_identity_with_that_source() {
-    let pki = Pki::new();
-    let (broker, mut watch) = broker_and_observer(&pki).await;
-    let proxy = source_setup(&pki, &broker).await;
+    let setup = source_setup().await;
+    let mut watch = observer(&setup.pki, &setup.broker, "sensors/#").await;
 
-    let (mut dev, code) = connect_from([127, 0, 0, 1].into(), proxy.addr(), "shared-sensor").await;
+    let (mut dev, code) = connect_from([127, 0, 0, 1].into(), setup.proxy.addr(), "shared-sensor").await;
     assert_eq!(code, CONNACK_ACCEPTED);
     publish_raw(&mut dev, "sensors/src-a/t", "from .1").await;
-    assert_delivered(&mut watch, &broker, "sensors/src-a/t", "from .1").await;
-    let users = broker.connected_usernames();
+    assert_delivered(&mut watch, &setup.broker, "sensors/src-a/t", "from .1").await;
+    let users = setup.broker.connected_usernames();
     assert!(users.contains(&"src-a".to_string()), "{users:?}");
     assert!(!users.contains(&"src-b".to_string()), "{users:?}");
 }
 
 #[tokio::test]
 async fn client_id_from_an_address_outside_every_source_is_refused() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let proxy = source_setup(&pki, &broker).await;
+    let setup = source_setup().await;
 
-    let (_dev, code) = connect_from([127, 0, 0, 3].into(), proxy.addr(), "shared-sensor").await;
+    let (_dev, code) = connect_from([127, 0, 0, 3].into(), setup.proxy.addr(), "shared-sensor").await;
     assert_eq!(code, CONNACK_IDENTIFIER_REJECTED);
 }
 
@@ -257,48 +237,54 @@ async fn client_id_from_an_address_outside_every_source_is_refused() {
 // Fallback
 
 /// A known device "boiler-1" and, optionally, a fallback identity with CN "gateway-shared".
-async fn fallback_setup(pki: &Pki, broker: &Mosquitto, with_fallback: bool) -> RunningProxy {
-    let mut cfg = ProxyConfig::new(pki, broker.addr()).device(DeviceEntry::new(&pki.client("boiler-1")));
-    if with_fallback {
-        let shared = pki.client_in(&pki.dir().join("fallback"), "gateway-shared");
-        cfg.extra = format!("\n[fallback]\ncert = {:?}\nkey = {:?}\n", shared.cert, shared.key);
-    }
-    RunningProxy::start(&cfg, pki.dir()).await
+async fn fallback_setup(with_fallback: bool) -> Running {
+    Scenario::new()
+        .device("boiler-1")
+        .configure(move |pki, cfg| {
+            if with_fallback {
+                let shared = pki.client_in(&pki.dir().join("fallback"), "gateway-shared");
+                cfg.extra = format!("\n[fallback]\ncert = {:?}\nkey = {:?}\n", shared.cert, shared.key);
+            }
+        })
+        .start()
+        .await
 }
 
 #[tokio::test]
 async fn fallback_identity_serves_an_unknown_client_id() {
-    let pki = Pki::new();
-    let (broker, mut watch) = broker_and_observer(&pki).await;
-    let proxy = fallback_setup(&pki, &broker, true).await;
+    let setup = fallback_setup(true).await;
+    let mut watch = observer(&setup.pki, &setup.broker, "sensors/#").await;
 
-    publish_via(proxy.addr(), "stranger-7", "sensors/gateway-shared/t", "hi")
+    publish_via(setup.proxy.addr(), "stranger-7", "sensors/gateway-shared/t", "hi")
         .await
         .expect("unknown client id served by the fallback");
-    assert_delivered(&mut watch, &broker, "sensors/gateway-shared/t", "hi").await;
-    assert!(broker.connected_usernames().contains(&"gateway-shared".to_string()));
+    assert_delivered(&mut watch, &setup.broker, "sensors/gateway-shared/t", "hi").await;
+    assert!(setup
+        .broker
+        .connected_usernames()
+        .contains(&"gateway-shared".to_string()));
 }
 
 #[tokio::test]
 async fn fallback_does_not_take_over_a_known_device() {
-    let pki = Pki::new();
-    let (broker, mut watch) = broker_and_observer(&pki).await;
-    let proxy = fallback_setup(&pki, &broker, true).await;
+    let setup = fallback_setup(true).await;
+    let mut watch = observer(&setup.pki, &setup.broker, "sensors/#").await;
 
-    publish_via(proxy.addr(), "boiler-1", "sensors/boiler-1/t", "60")
+    publish_via(setup.proxy.addr(), "boiler-1", "sensors/boiler-1/t", "60")
         .await
         .expect("known device served");
-    assert_delivered(&mut watch, &broker, "sensors/boiler-1/t", "60").await;
-    assert!(!broker.connected_usernames().contains(&"gateway-shared".to_string()));
+    assert_delivered(&mut watch, &setup.broker, "sensors/boiler-1/t", "60").await;
+    assert!(!setup
+        .broker
+        .connected_usernames()
+        .contains(&"gateway-shared".to_string()));
 }
 
 #[tokio::test]
 async fn unknown_client_id_without_fallback_is_refused_identifier_rejected() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let proxy = fallback_setup(&pki, &broker, false).await;
+    let setup = fallback_setup(false).await;
 
-    match publish_via(proxy.addr(), "stranger-7", "sensors/stranger-7/t", "hi").await {
+    match publish_via(setup.proxy.addr(), "stranger-7", "sensors/stranger-7/t", "hi").await {
         Err(ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId)) => {}
         other => panic!("expected CONNACK identifier rejected, got {other:?}"),
     }

@@ -2,18 +2,18 @@
 //! `run` is driven against a real Mosquitto; its readiness and bound address come from the
 //! "mqtls ready" line on stderr.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::daemon::{Daemon, BIN, GUARD};
-use common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
-use common::pki::write_file;
-use common::proxy::{DeviceEntry, ProxyConfig};
-use common::{observer, Mosquitto, Pki};
+use crate::common;
+use crate::common::daemon::{Daemon, BIN, GUARD};
+use crate::common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
+use crate::common::pki::write_file;
+use crate::common::proxy::{DeviceEntry, ProxyConfig};
+use crate::common::scenario::Scenario;
+use crate::common::{observer, Pki};
 use rumqttc::QoS;
 
 fn mqtls(args: &[&str]) -> Output {
@@ -215,21 +215,15 @@ fn idle(pki: &Pki) -> ProxyConfig {
 
 #[tokio::test]
 async fn run_relays_a_device_publish_to_the_broker() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let mut watch = observer(&pki, &broker, "sensors/#").await;
-    let config = ProxyConfig::new(&pki, broker.addr())
-        .device(DeviceEntry::new(&pki.client("cli-sensor")))
-        .write(pki.dir());
-    let daemon = Daemon::spawn(&config);
-    let addr = daemon.ready().await;
+    let setup = Scenario::new().device("cli-sensor").spawn().await;
+    let mut watch = observer(&setup.pki, &setup.broker, "sensors/#").await;
 
-    let (client, mut el) = device_v4("cli-sensor", addr, Duration::from_secs(30));
+    let (client, mut el) = device_v4("cli-sensor", setup.addr, Duration::from_secs(30));
     if let Err(e) = wait_connack_v4(&mut el).await {
         panic!(
             "device refused: {e:?}\nmqtls:\n{}\n{}",
-            daemon.stderr(),
-            broker.diagnostics()
+            setup.daemon.stderr(),
+            setup.broker.diagnostics()
         );
     }
     client
@@ -267,13 +261,8 @@ async fn sigterm_right_after_ready_exits_0() {
 
 #[tokio::test]
 async fn sighup_does_not_stop_the_daemon() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let config = ProxyConfig::new(&pki, broker.addr())
-        .device(DeviceEntry::new(&pki.client("cli-hup")))
-        .write(pki.dir());
-    let mut daemon = Daemon::spawn(&config);
-    let addr = daemon.ready().await;
+    let mut setup = Scenario::new().device("cli-hup").spawn().await;
+    let (daemon, addr) = (&mut setup.daemon, setup.addr);
     daemon.signal("HUP");
     daemon.wait_line(&["SIGHUP"]).await;
     let (_client, mut el) = device_v4("cli-hup", addr, Duration::from_secs(30));

@@ -59,7 +59,8 @@ pub fn mtls_client_v4(trust: &Pki, broker: &Mosquitto, cert: &ClientCert, client
 /// the CN `observer` certificate. The event loop runs in a background task
 /// (aborted on drop) that forwards every PUBLISH.
 pub struct Observer {
-    pub client: AsyncClient,
+    /// Held, not used: the event loop ends once every client handle is dropped.
+    _client: AsyncClient,
     rx: mpsc::UnboundedReceiver<Message>,
     task: JoinHandle<()>,
 }
@@ -127,24 +128,17 @@ pub async fn observer_as(trust: &Pki, broker: &Mosquitto, cert: &ClientCert, top
             }
         }
     });
-    Observer { client, rx, task }
+    Observer {
+        _client: client,
+        rx,
+        task,
+    }
 }
 
 impl Observer {
     /// The next message, or `None` if none arrives within `timeout`.
     pub async fn next_message(&mut self, timeout: Duration) -> Option<Message> {
         tokio::time::timeout(timeout, self.rx.recv()).await.ok().flatten()
-    }
-
-    /// Everything that arrives during `duration` (use only to assert absence
-    /// or to gather a burst; prefer `next_message` to wait for a message).
-    pub async fn collect_for(&mut self, duration: Duration) -> Vec<Message> {
-        let deadline = Instant::now() + duration;
-        let mut out = Vec::new();
-        while let Ok(Some(m)) = timeout_at(deadline, self.rx.recv()).await {
-            out.push(m);
-        }
-        out
     }
 
     /// Messages until (and including) the first one on `topic`; panics if it
@@ -314,11 +308,6 @@ impl<Ev: std::fmt::Debug, Er: std::fmt::Debug> EventLoopTask<Ev, Er> {
             }
         }
     }
-
-    /// Whether the background task has finished (after an error).
-    pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
-    }
 }
 
 impl<Ev, Er> Drop for EventLoopTask<Ev, Er> {
@@ -327,12 +316,7 @@ impl<Ev, Er> Drop for EventLoopTask<Ev, Er> {
     }
 }
 
-/// Predicate for [`EventLoopTask::wait_for`]: an incoming v4 PUBLISH.
-pub fn is_publish_v4(ev: &Event) -> bool {
-    matches!(ev, Event::Incoming(Packet::Publish(_)))
-}
-
-/// Predicate: an incoming v4 PUBACK.
+/// Predicate for [`EventLoopTask::wait_for`]: an incoming v4 PUBACK.
 pub fn is_puback_v4(ev: &Event) -> bool {
     matches!(ev, Event::Incoming(Packet::PubAck(_)))
 }

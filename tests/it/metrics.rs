@@ -1,15 +1,15 @@
 //! The Prometheus endpoint of `mqtls run`, scraped over HTTP after real traffic through a real Mosquitto:
 //! the values an operator's dashboards and alerts rely on must follow what happened.
 
-mod common;
-
 use std::path::Path;
 
-use common::daemon::{Daemon, GUARD};
-use common::metrics::{http_get, scrape_until, Scrape};
-use common::proxy::{DeviceEntry, ProxyConfig};
-use common::raw::{self, Version};
-use common::{Mosquitto, Pki};
+use crate::common;
+use crate::common::daemon::{Daemon, GUARD};
+use crate::common::metrics::{http_get, scrape_until, Scrape};
+use crate::common::proxy::{DeviceEntry, ProxyConfig};
+use crate::common::raw::{self, Version};
+use crate::common::scenario::Scenario;
+use crate::common::{Mosquitto, Pki};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
@@ -25,14 +25,13 @@ fn not_after(cert: &Path) -> i64 {
 
 #[tokio::test]
 async fn scrape_follows_real_traffic() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let sensor = pki.client("metrics-sensor");
-    let mut config = ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&sensor));
-    config.extra.push_str(METRICS);
-    let daemon = Daemon::spawn(&config.write(pki.dir()));
-    let addr = daemon.ready().await;
-    let metrics = daemon.metrics_addr().await;
+    let setup = Scenario::new()
+        .device("metrics-sensor")
+        .configure(|_, config| config.extra.push_str(METRICS))
+        .spawn()
+        .await;
+    let sensor = &setup.devices[0];
+    let metrics = setup.daemon.metrics_addr().await;
 
     let before = Scrape::take(metrics).await;
     let active = "mqtls_connections_active{device=\"metrics-sensor\"}";
@@ -58,7 +57,7 @@ async fn scrape_follows_real_traffic() {
     // A device with a known byte count each way: CONNECT + PUBLISH in, CONNACK + PUBACK out.
     let connect = raw::connect(Version::V311, "metrics-sensor", 60);
     let publish = raw::publish(Version::V311, "sensors/metrics-sensor/t", 1, 7, b"21.5");
-    let mut dev = raw::device(addr).await;
+    let mut dev = raw::device(setup.addr).await;
     dev.write_all(&connect).await.unwrap();
     assert_eq!(raw::expect_connack(&mut dev, Version::V311, GUARD).await.code, 0);
     dev.write_all(&publish).await.unwrap();
@@ -89,13 +88,13 @@ async fn scrape_follows_real_traffic() {
     assert!(after.get("mqtls_connection_duration_seconds_sum") > 0.0);
 
     // Refusals, each counted under its own reason.
-    let mut stranger = raw::device(addr).await;
+    let mut stranger = raw::device(setup.addr).await;
     stranger
         .write_all(&raw::connect(Version::V311, "stranger", 60))
         .await
         .unwrap();
     assert_eq!(raw::expect_connack(&mut stranger, Version::V311, GUARD).await.code, 2);
-    let mut garbage = raw::device(addr).await;
+    let mut garbage = raw::device(setup.addr).await;
     garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     let refused = scrape_until(metrics, "both refusals counted", |s| {
         s.value("mqtls_connections_refused_total{reason=\"bad_connect\"}") == Some(1.0)
@@ -165,21 +164,21 @@ async fn an_unreachable_broker_counts_a_refusal_and_a_connect_failure() {
 
 #[tokio::test]
 async fn device_labels_can_be_switched_off() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
-    let mut config = ProxyConfig::new(&pki, broker.addr())
-        .device(DeviceEntry::new(&pki.client("quiet-a")))
-        .device(DeviceEntry::new(&pki.client("quiet-b")));
-    config
-        .extra
-        .push_str("\n[metrics]\naddress = \"127.0.0.1:0\"\ndevice_labels = false\n");
-    let daemon = Daemon::spawn(&config.write(pki.dir()));
-    let addr = daemon.ready().await;
-    let metrics = daemon.metrics_addr().await;
+    let setup = Scenario::new()
+        .device("quiet-a")
+        .device("quiet-b")
+        .configure(|_, config| {
+            config
+                .extra
+                .push_str("\n[metrics]\naddress = \"127.0.0.1:0\"\ndevice_labels = false\n")
+        })
+        .spawn()
+        .await;
+    let metrics = setup.daemon.metrics_addr().await;
 
     let mut devs = Vec::new();
     for id in ["quiet-a", "quiet-b"] {
-        let mut d = raw::device(addr).await;
+        let mut d = raw::device(setup.addr).await;
         d.write_all(&raw::connect(Version::V311, id, 60)).await.unwrap();
         assert_eq!(raw::expect_connack(&mut d, Version::V311, GUARD).await.code, 0);
         devs.push(d);
@@ -341,17 +340,18 @@ async fn a_broker_that_rejects_the_device_certificate_is_counted_and_the_device_
 
 #[tokio::test]
 async fn a_failover_counts_the_attempt_that_failed_before_it() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki).await;
     let dead = common::mosquitto::free_port();
-    let mut config = ProxyConfig::new(&pki, broker.addr()).device(DeviceEntry::new(&pki.client("second-try")));
-    config.upstream = vec![format!("127.0.0.1:{dead}"), broker.addr().to_string()];
-    config.extra.push_str(METRICS);
-    let daemon = Daemon::spawn(&config.write(pki.dir()));
-    let addr = daemon.ready().await;
-    let metrics = daemon.metrics_addr().await;
+    let setup = Scenario::new()
+        .device("second-try")
+        .configure(move |_, config| {
+            config.upstream.insert(0, format!("127.0.0.1:{dead}"));
+            config.extra.push_str(METRICS);
+        })
+        .spawn()
+        .await;
+    let metrics = setup.daemon.metrics_addr().await;
 
-    let mut dev = raw::device(addr).await;
+    let mut dev = raw::device(setup.addr).await;
     dev.write_all(&raw::connect(Version::V311, "second-try", 60))
         .await
         .unwrap();

@@ -4,8 +4,6 @@
 //! journal stream. The shipped unit is held to `systemd-analyze security` (2.0 or better) and `verify`.
 //! JSON logs are checked here too, as what a log shipper reading the journal would parse.
 
-mod common;
-
 use std::ffi::OsString;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -18,10 +16,11 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::daemon::{scrub_env, Daemon, BIN, GUARD};
-use common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
-use common::proxy::{DeviceEntry, ProxyConfig};
-use common::{observer, wait_until, Mosquitto, Pki};
+use crate::common;
+use crate::common::daemon::{scrub_env, Daemon, BIN, GUARD};
+use crate::common::mqtt_client::{device_v4, is_puback_v4, spawn_eventloop_v4, wait_connack_v4};
+use crate::common::proxy::{DeviceEntry, ProxyConfig};
+use crate::common::{observer, wait_until, Mosquitto, Pki};
 use mqtls::systemd::monotonic_usec;
 use rumqttc::QoS;
 use tokio::time::{timeout_at, Instant};
