@@ -1,8 +1,8 @@
 //! Configuration validation, "valid baseline, one change per case": a baseline configuration that loads
 //! (with real certificates and keys from a throwaway PKI, so identity loading succeeds too) is changed in
 //! exactly one place per case, and the error an operator reads must name the file, the key and the
-//! reason. Every case loads the way `mqtls run` and `mqtls check` do: `Config::load`, then
-//! `Generation::load` (which loads every certificate and key).
+//! reason. Every case loads the way `mqtls run` and `mqtls check` do: `mqtls::load` (the configuration,
+//! then every certificate and key it names).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -93,9 +93,7 @@ impl Fixture {
 }
 
 fn load(path: &Path) -> Result<(Config, Generation), ConfigErrors> {
-    let config = Config::load(path)?;
-    let generation = Generation::load(&config)?;
-    Ok((config, generation))
+    mqtls::load(path).map(|loaded| (loaded.config, loaded.generation))
 }
 
 fn refused(result: Result<(Config, Generation), ConfigErrors>) -> ConfigErrors {

@@ -170,7 +170,8 @@ async fn client_cert_from_untrusted_ca_is_refused() {
         Some(rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA)),
         "{err:?}"
     );
-    broker.wait_connections(1, WAIT).await.unwrap();
+    // The broker's refusal proves the connection reached it. (Mosquitto logs "New connection from" only
+    // when the handshake did not fail within the accept itself, which depends on timing.)
     broker.wait_for_log("certificate verify failed", 1, WAIT).await.unwrap();
     assert!(broker.connected_usernames().is_empty());
 }

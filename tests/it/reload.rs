@@ -427,9 +427,8 @@ async fn an_open_connection_does_not_keep_the_old_configuration_alive() {
     let old = std::sync::Arc::downgrade(&proxy.handle.generation());
     let mut open = Session::open(proxy.addr(), "long-lived").await;
 
-    let reread = mqtls::Config::load(&proxy.config_path).unwrap();
-    let generation = mqtls::Generation::load(&reread).unwrap();
-    proxy.handle.replace(&reread, generation).await.unwrap();
+    let reread = mqtls::load(&proxy.config_path).unwrap();
+    proxy.handle.replace(&reread.config, reread.generation).await.unwrap();
     open.roundtrip("months later").await;
     assert!(
         old.upgrade().is_none(),

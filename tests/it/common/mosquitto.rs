@@ -393,24 +393,6 @@ impl Mosquitto {
         }
     }
 
-    /// Wait until the broker has accepted at least `n` connections (see
-    /// [`Mosquitto::connections_from_log`]).
-    pub async fn wait_connections(&self, n: usize, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.connections_from_log() >= n {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "timed out after {timeout:?} waiting for {n} connections\n{}",
-                    self.diagnostics()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
     /// Whether the broker process is still alive.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
