@@ -42,8 +42,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Binds the device listeners and the metrics endpoint, and starts the reloader (and the watchdog,
-    /// when systemd asks for one). Call from within a tokio runtime.
+    /// Binds the device listeners and the metrics endpoint, and starts the reloader. Call from within a
+    /// tokio runtime.
     pub async fn start(loaded: Loaded, control: Control) -> anyhow::Result<Daemon> {
         let Loaded {
             config,
@@ -71,9 +71,6 @@ impl Daemon {
         }
         let reloader = Reloader::new(&path, config, baseline, proxy.handle()).on_reload(hook);
         tokio::spawn(reloader.run(control.reload, control.shutdown.clone()));
-        if let Some(interval) = systemd::watchdog_interval() {
-            tokio::spawn(systemd::feed_watchdog(control.notifier.clone(), interval));
-        }
         Ok(Daemon {
             proxy,
             metrics_address,
@@ -99,13 +96,18 @@ impl Daemon {
         self.proxy.handle()
     }
 
-    /// Says READY to systemd and serves until the shutdown token is cancelled, then drains.
+    /// Says READY to systemd (and feeds its watchdog, when it asks for one) and serves until the shutdown
+    /// token is cancelled, then drains.
     pub async fn run(self) {
         let handle = self.proxy.handle();
         let addrs: Vec<String> = handle.local_addrs().iter().map(ToString::to_string).collect();
         let devices = handle.generation().table.devices().len();
         info!(listen = %addrs.join(","), devices, version = env!("CARGO_PKG_VERSION"), "mqtls ready");
         self.notifier.ready(&serving_status(&handle));
+        // After READY: systemd only watches a service that has said it is ready.
+        if let Some(interval) = systemd::watchdog_interval() {
+            tokio::spawn(systemd::feed_watchdog(self.notifier.clone(), interval));
+        }
         self.proxy.run(self.shutdown, self.grace).await;
         self.metrics_stop.cancel();
         info!("stopped");

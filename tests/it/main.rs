@@ -13,6 +13,7 @@ mod broker_failures;
 mod certs;
 mod cli;
 mod config;
+mod daemon;
 mod harness;
 mod identity;
 mod keepalive;
