@@ -12,18 +12,23 @@
 #                                           package, and the binary under qemu-user: --version, certs
 #                                           init-ca and issue, check, a real session through Mosquitto
 #
-# Options: --no-systemd skips the booted container. The Debian tree is made once with debootstrap and
-# kept as a tarball in ~/.cache/mqtls (MQTLS_DEBIAN_MIRROR picks the mirror).
+# Options: --suite trixie tests in a Debian 13 tree instead of 12 (bookworm); --no-systemd skips the
+# booted container. The Debian tree is made once with debootstrap and kept as a tarball in ~/.cache/mqtls
+# (MQTLS_DEBIAN_MIRROR picks the mirror).
 set -euo pipefail
+# A failure inside $(...) stops the script too.
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 repo=$PWD
 
 host_arch=$(dpkg --print-architecture)
 arch=$host_arch
 systemd_phase=1
+suite=bookworm
 while [ $# -gt 0 ]; do
   case "$1" in
     --arch) arch="$2"; shift 2 ;;
+    --suite) suite="$2"; shift 2 ;;
     --no-systemd) systemd_phase=0; shift ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | sed -n 's/^# \{0,1\}//p'; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
@@ -170,11 +175,11 @@ publish_through() {
 tree_packages=systemd,systemd-sysv,dbus,procps
 
 debian_tree() {
-  local tarball="$cache/debootstrap/bookworm-$host_arch-minbase+$tree_packages.tar.gz" root
+  local tarball="$cache/debootstrap/$suite-$host_arch-minbase+$tree_packages.tar.gz" root
   if [ ! -f "$tarball" ]; then
-    echo "package-test.sh: making a Debian 12 tree with debootstrap (once; kept in $tarball)" >&2
+    echo "package-test.sh: making a Debian $suite tree with debootstrap (once; kept in $tarball)" >&2
     local tmp=$work/debootstrap
-    debootstrap --variant=minbase --include="$tree_packages" bookworm "$tmp" "$mirror" >"$work/debootstrap.log" 2>&1 ||
+    debootstrap --variant=minbase --include="$tree_packages" "$suite" "$tmp" "$mirror" >"$work/debootstrap.log" 2>&1 ||
       { tail -n 20 "$work/debootstrap.log" >&2; fail "debootstrap"; }
     mkdir -p "$(dirname "$tarball")"
     tar -C "$tmp" -czf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
@@ -261,7 +266,7 @@ check_user() {
 }
 
 chroot_phase() {
-  phase "the package in a clean Debian 12 tree (chroot)"
+  phase "the package in a clean Debian $suite tree (chroot)"
   local root out
   root=$(debian_tree)
   mount -t proc proc "$root/proc" && mounts+=("$root/proc")
@@ -563,4 +568,4 @@ if [ "$arch" = "$host_arch" ]; then
 else
   foreign_phase
 fi
-echo "package-test.sh: $arch: all $checks checks passed"
+echo "package-test.sh: $arch${suite:+ on $suite}: all $checks checks passed"

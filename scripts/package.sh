@@ -6,18 +6,20 @@
 #                                                               file, /etc/mqtls, man pages, completions
 #   target/debian/mqtls-dbgsym_<version>-<revision>_<arch>.deb  its debug symbols (by build id)
 #
-# Usage: scripts/package.sh [--arch amd64|arm64|armhf|all] [--revision N] [--out DIR]
-#   --arch      the architecture to build for; repeatable; `all` is amd64 and arm64 (default: amd64)
+# Usage: scripts/package.sh [--arch amd64|arm64|all] [--revision N] [--out DIR]
+#   --arch      the architecture to build for; repeatable; `all` is amd64 and arm64 (default: amd64);
+#               armhf is wired the same way but untested
 #   --revision  the Debian revision (default 1); the version itself is Cargo.toml's
 #   --out       where the packages go (default target/debian)
 #
 # The package is assembled with dpkg-deb from the files listed below; no debhelper, no cargo-deb.
 # amd64 is built with the toolchain on PATH. Other architectures are cross-built with Debian's gcc cross
-# compiler and the Rust standard library for that architecture: from rustup when its target is installed
-# (`rustup target add aarch64-unknown-linux-gnu`), otherwise from Debian (rustc-web and cargo-web, and
-# libstd-rust-web-dev for the target architecture, downloaded with apt-get into ~/.cache/mqtls and
-# unpacked there: the machine's dpkg architectures are not changed).
+# compiler and Debian's Rust: rustc-web and cargo-web, with libstd-rust-web-dev of the same version for
+# the target architecture, downloaded with apt-get into ~/.cache/mqtls and unpacked there (the machine's
+# dpkg architectures are not changed). Only Debian's archive is needed, no rustup download.
 set -euo pipefail
+# A failure inside $(...) stops the script too.
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 repo=$PWD
 
@@ -91,7 +93,13 @@ debian_std_sysroot() {
       -o "APT::Architectures::=$(dpkg --print-architecture)" -o "APT::Architectures::=$arch"
       -o APT::Sandbox::User=root -o Debug::NoLocking=1)
     say "fetching libstd-rust-web-dev:$arch $rustc_version (Debian's Rust standard library for $arch)"
-    "${apt[@]}" update
+    # A mirror in the middle of a sync serves index files that do not match yet: try again a little later.
+    local try
+    for try in 1 2 3; do
+      "${apt[@]}" update && break
+      [ "$try" -lt 3 ] || die "apt-get update failed for $arch"
+      sleep 30
+    done
     (cd "$lists/download" && rm -f ./*.deb &&
       "${apt[@]}" download "libstd-rust-web-dev:$arch=$rustc_version") ||
       die "libstd-rust-web-dev:$arch=$rustc_version is not in the archive; upgrade rustc-web (apt-get install rustc-web cargo-web) and run again"
@@ -118,14 +126,6 @@ build() {
   local upper env=()
   upper=$(echo "$triple" | tr 'a-z-' 'A-Z_')
   env+=("CARGO_TARGET_${upper}_LINKER=$gnu-gcc" "CC_${triple//-/_}=$gnu-gcc" "AR_${triple//-/_}=$gnu-ar")
-  local libdir
-  libdir=$(rustc --print target-libdir --target "$triple" 2>/dev/null || true)
-  if compgen -G "$libdir/libstd-*.rlib" >/dev/null; then
-    say "building mqtls $version for $arch with $(rustc --version) and its $triple standard library"
-    env "${env[@]}" cargo build --release --locked --bin mqtls --target "$triple" >&2
-    echo "$repo/target/$triple/release/mqtls"
-    return
-  fi
   need_debs rustc-web cargo-web
   local sysroot
   sysroot=$(debian_std_sysroot "$arch")
@@ -297,9 +297,7 @@ need_debs binutils
 host_arch=$(dpkg --print-architecture)
 host_bin=$(build "$host_arch")
 for arch in "${arches[@]}"; do
-  if [ "$arch" = "$host_arch" ]; then
-    package "$arch" "$host_bin" "$host_bin"
-  else
-    package "$arch" "$(build "$arch")" "$host_bin"
-  fi
+  bin=$host_bin
+  [ "$arch" = "$host_arch" ] || bin=$(build "$arch")
+  package "$arch" "$bin" "$host_bin"
 done
