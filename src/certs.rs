@@ -897,6 +897,8 @@ impl Flag {
 pub struct IdentityRow {
     /// The device's name (`fallback` for the fallback identity).
     pub name: String,
+    /// The MQTT client id the device is matched by, if any (`mqtls certs list`).
+    pub client_id: Option<String>,
     /// The certificate file (none for a pending device).
     pub cert: Option<PathBuf>,
     /// The private key file.
@@ -931,6 +933,7 @@ impl IdentityRow {
         }
         IdentityRow {
             name: name.to_string(),
+            client_id: None,
             cert: None,
             key: None,
             summary: Some(summary),
@@ -951,6 +954,7 @@ impl IdentityRow {
         }
         IdentityRow {
             name: p.name.clone(),
+            client_id: Some(dir_client_id(&p.dir, &p.name)),
             cert: None,
             key: Some(p.key.clone()),
             summary: None,
@@ -969,6 +973,7 @@ impl IdentityRow {
             Ok(summary) => IdentityRow::new(name, summary, key_mode, now, soon_days),
             Err(problem) => IdentityRow {
                 name: name.to_string(),
+                client_id: None,
                 cert: None,
                 key: None,
                 summary: None,
@@ -988,6 +993,12 @@ impl IdentityRow {
         row
     }
 
+    /// The same row with the client id the device is matched by.
+    pub fn with_client_id(mut self, client_id: Option<String>) -> Self {
+        self.client_id = client_id;
+        self
+    }
+
     /// The same row with the match rules set (for `mqtls check`).
     pub fn with_rules(mut self, rules: String) -> Self {
         self.rules = Some(rules);
@@ -1004,6 +1015,7 @@ impl IdentityRow {
         let summary = self.summary.as_ref();
         match column {
             Column::Name => self.name.clone(),
+            Column::ClientId => self.client_id.clone().unwrap_or_else(dash),
             Column::NotAfter => summary.map_or_else(dash, |s| rfc3339(s.not_after)),
             Column::DaysLeft => self.days_left.map_or_else(dash, |d| d.to_string()),
             Column::Subject => summary.map_or_else(dash, |s| s.subject.clone()),
@@ -1034,6 +1046,8 @@ impl IdentityRow {
 pub enum Column {
     /// The device's name.
     Name,
+    /// The MQTT client id it is matched by.
+    ClientId,
     /// notAfter, RFC 3339 in UTC.
     NotAfter,
     /// Whole days until notAfter.
@@ -1054,6 +1068,7 @@ impl Column {
     fn header(self) -> &'static str {
         match self {
             Column::Name => "NAME",
+            Column::ClientId => "CLIENT ID",
             Column::NotAfter => "NOT AFTER",
             Column::DaysLeft => "DAYS LEFT",
             Column::Subject => "SUBJECT",
@@ -1068,6 +1083,7 @@ impl Column {
 /// The columns of `mqtls certs list`.
 pub const LIST_COLUMNS: &[Column] = &[
     Column::Name,
+    Column::ClientId,
     Column::NotAfter,
     Column::DaysLeft,
     Column::Subject,
@@ -1122,6 +1138,7 @@ pub fn render_table(rows: &[IdentityRow], columns: &[Column]) -> String {
 #[derive(Serialize)]
 struct JsonRow<'a> {
     name: &'a str,
+    client_id: Option<&'a str>,
     cert: Option<&'a Path>,
     key: Option<&'a Path>,
     subject: Option<&'a str>,
@@ -1143,6 +1160,7 @@ pub fn render_json(rows: &[IdentityRow]) -> String {
             let s = r.summary.as_ref();
             JsonRow {
                 name: &r.name,
+                client_id: r.client_id.as_deref(),
                 cert: r.cert.as_deref(),
                 key: r.key.as_deref(),
                 subject: s.map(|s| s.subject.as_str()),
@@ -1164,10 +1182,10 @@ pub fn render_json(rows: &[IdentityRow]) -> String {
 
 /// Every identity a configuration names: its devices, the fallback, and pending directory entries.
 pub fn rows_from_config(config: &Config, now: SystemTime, soon_days: u32) -> Vec<IdentityRow> {
-    let devices = config
-        .devices
-        .iter()
-        .map(|d| IdentityRow::inspect(&d.name, &d.identity.cert, &d.identity.key, now, soon_days));
+    let devices = config.devices.iter().map(|d| {
+        IdentityRow::inspect(&d.name, &d.identity.cert, &d.identity.key, now, soon_days)
+            .with_client_id(d.client_id.clone())
+    });
     let fallback = config
         .fallback
         .iter()
@@ -1194,6 +1212,17 @@ fn dir_row(entry: &Path, now: SystemTime, soon_days: u32) -> IdentityRow {
         now,
         soon_days,
     )
+    .with_client_id(Some(dir_client_id(entry, &name)))
+}
+
+/// The client id of a device directory entry: `client_id` in its `device.toml`, else the entry's name
+/// (as the configuration reads it). An unreadable `device.toml` is the configuration's to report.
+fn dir_client_id(entry: &Path, name: &str) -> String {
+    fs::read_to_string(entry.join(DEVICE_DIR_SETTINGS))
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("client_id")?.as_str().map(String::from))
+        .unwrap_or_else(|| name.to_string())
 }
 
 fn read_leaf(path: &Path) -> Result<CertSummary, String> {

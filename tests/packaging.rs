@@ -211,3 +211,50 @@ fn demo_stopped_with_ctrl_c_prints_its_summary_and_exits_0() {
     assert!(summary.contains("[ok] mqtls stopped cleanly (exit 0)"), "{summary}");
     assert!(status.success(), "{status:?}\n{text}\n{stderr}");
 }
+
+#[test]
+fn certs_list_shows_the_client_id_each_device_is_matched_by() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
+    stdout(&mqtls(&["certs", "init-ca", "--out", &path("ca")]));
+    let (ca, devices) = (path("ca"), path("devices"));
+    let issue = |name: &str, extra: &[&str]| {
+        let mut args = vec!["certs", "issue", "--ca", &ca, "--out", &devices];
+        args.extend_from_slice(extra);
+        args.push(name);
+        stdout(&Command::new(BIN).args(&args).output().unwrap());
+    };
+    issue("boiler-7", &["--client-id", "BOILER 7 legacy"]);
+    issue("meter-3", &[]);
+    stdout(&mqtls(&["certs", "csr", "--out", &path("devices"), "waiting"]));
+
+    let table = stdout(&mqtls(&["certs", "list", "--dir", &path("devices")]));
+    let header = table.lines().next().unwrap();
+    assert!(
+        header.starts_with("NAME") && header.contains("  CLIENT ID  "),
+        "{table}"
+    );
+    let column = header.find("CLIENT ID").unwrap();
+    let client_id = |name: &str| {
+        let line = table.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap();
+        line[column..].split("  ").next().unwrap().to_string()
+    };
+    assert_eq!(client_id("boiler-7"), "BOILER 7 legacy", "{table}");
+    assert_eq!(client_id("meter-3"), "meter-3", "{table}");
+    assert_eq!(client_id("waiting"), "waiting", "{table}");
+
+    let json = stdout(&mqtls(&["certs", "list", "--dir", &path("devices"), "--json"]));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let ids: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap(), r["client_id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("boiler-7", "BOILER 7 legacy"),
+            ("meter-3", "meter-3"),
+            ("waiting", "waiting")
+        ]
+    );
+}
