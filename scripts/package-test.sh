@@ -62,7 +62,7 @@ checks=0
 phase() { echo "== $*"; }
 ok() { checks=$((checks + 1)); echo "  ok  $*"; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
-expect_eq() { [ "$1" = "$2" ] && ok "$3" || fail "$3: expected [$2], got [$1]"; }
+expect_eq() { if [ "$1" = "$2" ]; then ok "$3"; else fail "$3: expected [$2], got [$1]"; fi; }
 expect_in() { case "$1" in *"$2"*) ok "$3" ;; *) fail "$3: [$2] not in [$1]" ;; esac; }
 
 # Waits until the shell condition $3 (evaluated anew each time) holds, for at most $1 seconds (a guard,
@@ -110,9 +110,11 @@ http_get() {
 metric() { http_get "$1" /metrics | awk -v s="$2" '$1 == s { print $2; found = 1 } END { if (!found) print 0 }'; }
 
 # ---------------------------------------------------------------------------------------------------------
-# A broker for real sessions: Mosquitto on this machine with mutual TLS, accepting client certificates
-# signed by the CA in $1 (the mqtls CA that issued the devices), its own server certificate from a
-# throwaway CA (openssl). Sets broker_port, broker_ca, broker_log.
+# A broker for real sessions: Mosquitto on this machine running the recipe in deploy/mosquitto/ (mutual
+# TLS, the certificate's CN as the username, each device publishing only under sensors/<CN>/, `observer`
+# reading everything), with its paths and port rewritten as the test suite's harness does. It accepts
+# client certificates signed by the CA in $1 (the mqtls CA that issued the devices) and presents a server
+# certificate from a throwaway CA (openssl). Sets broker_port, broker_ca, broker_log.
 
 start_broker() {
   local client_ca=$1 d=$work/broker
@@ -127,21 +129,18 @@ start_broker() {
   broker_port=$(free_port)
   broker_ca=$d/ca.pem
   broker_log=$d/mosquitto.log
-  cat >"$d/mosquitto.conf" <<EOF
-per_listener_settings false
-allow_anonymous false
-persistence false
-user root
-log_dest file $broker_log
-log_type all
-connection_messages true
-listener $broker_port 127.0.0.1
-cafile $client_ca
-certfile $d/server.pem
-keyfile $d/server.key
-require_certificate true
-use_identity_as_username true
-EOF
+  awk -v port="$broker_port" -v ca="$client_ca" -v cert="$d/server.pem" -v key="$d/server.key" \
+    -v acl="$repo/deploy/mosquitto/acl" '
+      $1 == "listener" { print "listener", port, "127.0.0.1"; next }
+      $1 == "cafile" { print "cafile", ca; next }
+      $1 == "certfile" { print "certfile", cert; next }
+      $1 == "keyfile" { print "keyfile", key; next }
+      $1 == "acl_file" { print "acl_file", acl; next }
+      $1 ~ /^(log_dest|log_type|persistence|persistence_location|pid_file|user|include_dir|connection_messages)$/ { next }
+      { print }' deploy/mosquitto/mosquitto.conf >"$d/mosquitto.conf"
+  # As root, Mosquitto would drop to its own user, which cannot read the keys here.
+  printf '%s\n' "persistence false" "log_dest file $broker_log" "log_type all" "connection_messages true" \
+    "user root" >>"$d/mosquitto.conf"
   mosquitto -c "$d/mosquitto.conf" >"$d/stdout" 2>&1 &
   pids+=($!)
   wait_for 30 "Mosquitto listening on $broker_port" 'grep -q " running" "$broker_log"'
@@ -155,6 +154,7 @@ publish_through() {
     --key "$observer/key.pem" -i "observer-$RANDOM" -t "sensors/#" -C 1 -W 60 >"$work/received" 2>&1 &
   local sub=$!
   local subscribed_before
+  # shellcheck disable=SC2034 # read by the condition below
   subscribed_before=$(grep -c "Received SUBSCRIBE" "$broker_log" || true)
   diagnose='cat "$work/received"; tail -n 5 "$broker_log"'
   wait_for 30 "the observer subscribed" '[ "$(grep -c "Received SUBSCRIBE" "$broker_log")" -gt "$subscribed_before" ]'
@@ -427,6 +427,7 @@ EOF
   # Reload: a renewed certificate (new key too), then systemctl reload. The file watcher may get there
   # first; either way the reload that renews sensor-1 is logged and counted.
   local reloads
+  # shellcheck disable=SC2034 # read by a wait_for condition
   reloads=$(metric "$metrics" 'mqtls_config_reloads_total{result="success"}')
   ct mqtls certs issue --ca /root/ca --out /etc/mqtls/devices.d --owner mqtls --force sensor-1 >/dev/null
   ct systemctl reload mqtls.service || fail "systemctl reload"
@@ -442,6 +443,7 @@ EOF
   ct systemctl restart mqtls.service
   pid=$(prop mqtls.service MainPID)
   local first
+  # shellcheck disable=SC2034 # read by a wait_for condition
   first=$(prop mqtls.service WatchdogTimestampMonotonic)
   wait_for 20 "a second watchdog ping" '[ "$(prop mqtls.service WatchdogTimestampMonotonic)" -gt "$first" ]'
   ok "WatchdogSec=2s: systemd receives the pings"
@@ -485,7 +487,7 @@ EOF
 
 foreign_phase() {
   phase "the $arch package beside the $host_arch one"
-  local host_deb="target/debian/mqtls_${version}-1_$host_arch.deb" listing
+  local host_deb="target/debian/mqtls_${version}-1_$host_arch.deb"
   [ -f "$host_deb" ] || fail "no $host_deb to compare with: scripts/package.sh --arch $host_arch"
   listing() { dpkg-deb -c "$1" | awk '{ print $1, $2, $6 }' | grep -v ' ./usr/bin/mqtls$'; }
   [ "$(listing "$deb")" = "$(listing "$host_deb")" ] || fail "the packages differ: $(diff <(listing "$host_deb") <(listing "$deb"))"
@@ -493,8 +495,8 @@ foreign_phase() {
   expect_eq "$(dpkg-deb -f "$deb" Architecture)" "$arch" "Architecture: $arch"
   local gnu qemu bin
   case "$arch" in
-    arm64) gnu=aarch64-linux-gnu; qemu=qemu-aarch64 ;;
-    armhf) gnu=arm-linux-gnueabihf; qemu=qemu-arm ;;
+    arm64) gnu=aarch64-linux-gnu; qemu="qemu-aarch64" ;;
+    armhf) gnu=arm-linux-gnueabihf; qemu="qemu-arm" ;;
     *) fail "no emulator known for $arch" ;;
   esac
   need_debs qemu-user "libc6-$arch-cross" "libgcc-s1-$arch-cross"
