@@ -7,6 +7,11 @@
 //! Run it with `./scripts/demo.sh` (which installs Mosquitto if needed and builds mqtls). Ctrl-C stops
 //! everything. `--seconds N` stops after N seconds and exits non-zero if something did not happen as
 //! it should (used by CI).
+//!
+//! Ctrl-C reaches every process in the terminal's foreground process group. mqtls therefore runs in a
+//! process group of its own: the demo must still read its metrics after Ctrl-C, then stop it with SIGTERM
+//! as systemd would. (Mosquitto, started by the test harness, does take the Ctrl-C and stops; everything
+//! the summary needs from it is in its log file.)
 
 // The integration tests' harness, included whole; the demo uses a small part of it (its broker, PKI and
 // clients), so what the tests alone use is allowed to go unused here.
@@ -26,6 +31,7 @@ use common::{Mosquitto, Pki};
 use rumqttc::QoS;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 
 const READING_EVERY: Duration = Duration::from_secs(2);
@@ -72,6 +78,9 @@ fn parse_seconds() -> Option<u64> {
 }
 
 async fn run(seconds: Option<u64>) -> Result<bool, String> {
+    // Before any child starts: from here on a signal stops the demo in order instead of killing it and
+    // leaving mqtls (in its own process group) running.
+    let mut stop_signals = StopSignals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     println!("== mqtls demo ==");
     let pki = Pki::new();
     // "visitor" is there for you: publish as it with mosquitto_pub while the demo runs.
@@ -124,19 +133,25 @@ async fn run(seconds: Option<u64>) -> Result<bool, String> {
     let rotate = tokio::time::sleep(ROTATE_AFTER);
     tokio::pin!(rotate);
     let mut rotated = false;
+    if seconds.is_none() {
+        println!(
+            "      try it yourself: mosquitto_pub -h {} -p {} -i visitor -t sensors/visitor/hello -m hi",
+            listen.ip(),
+            listen.port()
+        );
+        println!("      and watch it:    curl -s http://{metrics}/metrics | grep ^mqtls_");
+        println!("      (Ctrl-C stops the demo)");
+    }
     let stop = async {
-        match seconds {
-            Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
-            None => {
-                println!(
-                    "      try it yourself: mosquitto_pub -h {} -p {} -i visitor -t sensors/visitor/hello -m hi",
-                    listen.ip(),
-                    listen.port()
-                );
-                println!("      and watch it:    curl -s http://{metrics}/metrics | grep ^mqtls_");
-                println!("      (Ctrl-C stops the demo)");
-                let _ = tokio::signal::ctrl_c().await;
+        let timer = async {
+            match seconds {
+                Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+                None => std::future::pending().await,
             }
+        };
+        tokio::select! {
+            _ = timer => {}
+            name = stop_signals.next() => println!("{name}: stopping the demo"),
         }
     };
     tokio::pin!(stop);
@@ -182,10 +197,14 @@ async fn run(seconds: Option<u64>) -> Result<bool, String> {
         .unwrap()
         .iter()
         .any(|l| l.contains("configuration reloaded") && l.contains("renewed=boiler-2"));
-    let scrape = Scrape::take(metrics).await;
-    outcome.scraped = scrape
-        .value(r#"mqtls_connections_refused_total{reason="unknown_device"}"#)
-        .zip(scrape.value(r#"mqtls_bytes_total{device="boiler-1",direction="to_broker"}"#));
+    match scrape(metrics).await {
+        Ok(scrape) => {
+            outcome.scraped = scrape
+                .value(r#"mqtls_connections_refused_total{reason="unknown_device"}"#)
+                .zip(scrape.value(r#"mqtls_bytes_total{device="boiler-1",direction="to_broker"}"#));
+        }
+        Err(e) => println!("   metrics endpoint: {e}"),
+    }
     println!("stopping: SIGTERM to mqtls, then the broker");
     let status = stop_mqtls(&mut mqtls).await?;
     drop(broker);
@@ -253,6 +272,56 @@ fn report(o: &Outcome, mqtls_exit_ok: bool) -> bool {
     checks.iter().all(|(ok, _)| *ok)
 }
 
+/// SIGINT (Ctrl-C), SIGTERM, SIGHUP (the terminal closed) and SIGQUIT (Ctrl-\) all stop the demo in order.
+struct StopSignals([(Signal, &'static str); 4]);
+
+impl StopSignals {
+    fn install() -> std::io::Result<StopSignals> {
+        Ok(StopSignals([
+            (signal(SignalKind::interrupt())?, "Ctrl-C"),
+            (signal(SignalKind::terminate())?, "SIGTERM"),
+            (signal(SignalKind::hangup())?, "SIGHUP"),
+            (signal(SignalKind::quit())?, "SIGQUIT"),
+        ]))
+    }
+
+    /// Waits for the next one and names it.
+    async fn next(&mut self) -> &'static str {
+        let [(int, a), (term, b), (hup, c), (quit, d)] = &mut self.0;
+        tokio::select! {
+            _ = int.recv() => a,
+            _ = term.recv() => b,
+            _ = hup.recv() => c,
+            _ = quit.recv() => d,
+        }
+    }
+}
+
+/// One scrape of mqtls's `/metrics`; an error (rather than a panic) when it cannot be had, so that the
+/// summary is printed whatever happened.
+async fn scrape(addr: SocketAddr) -> Result<Scrape, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = Vec::new();
+        s.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&response).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(5), get)
+        .await
+        .map_err(|_| format!("no answer from {addr} within 5 s"))?
+        .map_err(|e| format!("cannot scrape {addr}: {e}"))?;
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(Scrape(body.to_string())),
+        _ => Err(format!(
+            "unexpected answer from {addr}: {}",
+            text.lines().next().unwrap_or("")
+        )),
+    }
+}
+
 /// 127.0.0.1:1883 like a real gateway, unless something already listens there.
 fn pick_listen_address() -> SocketAddr {
     let preferred: SocketAddr = "127.0.0.1:1883".parse().unwrap();
@@ -305,6 +374,7 @@ async fn start_mqtls(config: &std::path::Path) -> Result<(Child, Log, SocketAddr
         .args(["run", "--config"])
         .arg(config)
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| {

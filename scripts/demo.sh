@@ -5,5 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-cargo build --locked --quiet --bin mqtls --example demo
+# The first build compiles every dependency: minutes on a small machine. Say so, and let cargo show its
+# progress instead of staying silent.
+if [ ! -x target/debug/examples/demo ]; then
+  echo "building mqtls and the demo (the first build takes a few minutes)..." >&2
+fi
+cargo build --locked --bin mqtls --example demo
 exec target/debug/examples/demo "$@"

@@ -13,7 +13,7 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # systemd-analyze and systemd-sysusers; the package installs without systemd running.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
-  echo "installing: ${need[*]}" >&2
+  echo "installing with apt-get (a minute or two): ${need[*]}" >&2
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   export DEBIAN_FRONTEND=noninteractive

@@ -309,11 +309,8 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
     let before = &text[..start];
     let line = before.matches('\n').count() + 1;
     let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
-    let key = key_at(text, start).map(|k| format!("{k}` (line {line}, column {col})"));
-    let key = key.unwrap_or_else(|| format!("line {line}, column {col}"));
-    // The closing backtick of the key is already in `key` when a key was found.
-    let key = key.strip_suffix('`').unwrap_or(&key).to_string();
-    ConfigError::new(path, key, e.message().trim().to_string())
+    let key = key_at(text, start).unwrap_or_default();
+    ConfigError::new(path, key, format!("line {line}, column {col}: {}", e.message().trim()))
 }
 
 /// The dotted key (`listen.max_connections`) written on the line holding `offset`, if that line is a
@@ -497,6 +494,8 @@ impl Validator {
                 None
             }
         };
+        let declared = !raw.device.is_empty() || raw.device_dir.is_some() || raw.fallback.is_some();
+        let errors_before_devices = self.errors.len();
         let mut devices = Vec::new();
         for (i, d) in raw.device.into_iter().enumerate() {
             if let Some(spec) = self.device(i, d) {
@@ -511,6 +510,7 @@ impl Validator {
         let fallback = raw
             .fallback
             .and_then(|f| self.identity("fallback", f.cert, f.key, None));
+        let device_errors = self.errors.len() > errors_before_devices;
         let metrics = raw.metrics.and_then(|m| self.metrics(m));
         let reload = self.reload(raw.reload.unwrap_or_default());
 
@@ -530,17 +530,8 @@ impl Validator {
                 self.metrics_apart(m.address, &devices, &listen.addresses);
             }
         }
-        if devices.is_empty() && fallback.is_none() && self.pending.is_empty() {
-            self.error(
-                "device",
-                "no devices are configured: add a [[device]], a [device_dir] or a [fallback]",
-            );
-        } else if devices.is_empty() && fallback.is_none() {
-            let n = self.pending.len();
-            self.error(
-                "device",
-                format!("no device is ready: {n} device(s) in the device directory are pending (a key and a CSR, no {DEVICE_DIR_CERT} yet)"),
-            );
+        if devices.is_empty() && fallback.is_none() && !device_errors {
+            self.nothing_to_serve(declared, device_dir.as_deref());
         }
 
         match (listen, upstream) {
@@ -556,6 +547,32 @@ impl Validator {
                 reload,
             }),
             _ => Err(ConfigErrors(self.errors)),
+        }
+    }
+
+    /// Says why no identity can be served, when no device entry had an error of its own to say it: none is
+    /// configured, every directory entry is pending, or the device directory is empty.
+    fn nothing_to_serve(&mut self, declared: bool, device_dir: Option<&Path>) {
+        if !declared {
+            self.error(
+                "device",
+                "no devices are configured: add a [[device]], a [device_dir] or a [fallback]",
+            );
+        } else if !self.pending.is_empty() {
+            let n = self.pending.len();
+            self.error(
+                "device",
+                format!("no device is ready: {n} device(s) in the device directory are pending (a key and a CSR, no {DEVICE_DIR_CERT} yet)"),
+            );
+        } else if let Some(dir) = device_dir {
+            self.error(
+                "device_dir.path",
+                format!(
+                    "{} holds no device yet: add one, e.g. `mqtls certs issue --ca CA_DIR --out {} NAME`",
+                    dir.display(),
+                    dir.display()
+                ),
+            );
         }
     }
 
@@ -1186,6 +1203,63 @@ key = "devices/boiler-1/key.pem"
         assert_eq!(parse_host_port("[::1]:9").unwrap().host, "::1");
         assert!(parse_host_port("b.example:x").is_err());
         assert!(parse_host_port("bad host:1").is_err());
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        load(text).unwrap_err().0.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn toml_errors_name_the_key_then_the_line_and_column() {
+        let bad_value = "[listen]\nmax_connections = \"ten\"\n";
+        assert_eq!(
+            problems(bad_value),
+            ["/etc/mqtls/mqtls.toml: `listen.max_connections`: line 2, column 19: invalid type: string \"ten\", expected i64"]
+        );
+        let unknown = problems("colour = \"blue\"\n");
+        assert!(
+            unknown[0].starts_with("/etc/mqtls/mqtls.toml: `colour`: line 1, column 1: unknown field `colour`"),
+            "{unknown:?}"
+        );
+        let unparsable = problems("not toml at all\n");
+        assert!(
+            unparsable[0].starts_with("/etc/mqtls/mqtls.toml: line 1, column "),
+            "{unparsable:?}"
+        );
+    }
+
+    #[test]
+    fn unreadable_device_dir_is_the_only_problem_reported() {
+        let text = "[upstream]\naddress = \"b.example\"\n[device_dir]\npath = \"/nonexistent/devices.d\"\n";
+        let found = problems(text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("/etc/mqtls/mqtls.toml: `device_dir.path`: cannot read /nonexistent/devices.d: "),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn empty_device_dir_says_how_to_add_a_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[upstream]\naddress = \"b.example\"\n[device_dir]\npath = {:?}\n",
+            dir.path()
+        );
+        let found = problems(&text);
+        let expected = format!(
+            "/etc/mqtls/mqtls.toml: `device_dir.path`: {0} holds no device yet: add one, e.g. `mqtls certs issue --ca CA_DIR --out {0} NAME`",
+            dir.path().display()
+        );
+        assert_eq!(found, [expected]);
+    }
+
+    #[test]
+    fn no_device_at_all_says_what_to_add() {
+        assert_eq!(
+            problems("[upstream]\naddress = \"b.example\"\n"),
+            ["/etc/mqtls/mqtls.toml: `device`: no devices are configured: add a [[device]], a [device_dir] or a [fallback]"]
+        );
     }
 
     #[test]

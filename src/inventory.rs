@@ -18,7 +18,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::config::{
-    device_dir_entries, pending_device, Config, PendingDevice, DEVICE_DIR_CERT, DEVICE_DIR_KEY, FALLBACK_NAME,
+    device_dir_entries, pending_device, Config, PendingDevice, DEVICE_DIR_CERT, DEVICE_DIR_KEY, DEVICE_DIR_SETTINGS,
+    FALLBACK_NAME,
 };
 use crate::device::{Device, DeviceTable};
 use crate::tls::{key_mode_exposure, key_mode_is_open, read_certs, CertSummary};
@@ -66,6 +67,8 @@ impl Flag {
 pub struct IdentityRow {
     /// The device's name (`fallback` for the fallback identity).
     pub name: String,
+    /// The MQTT client id the device is matched by, if any.
+    pub client_id: Option<String>,
     /// The certificate file (none for a pending device).
     pub cert: Option<PathBuf>,
     /// The private key file.
@@ -115,6 +118,7 @@ impl IdentityRow {
             flags.push(Flag::KeyReadableByOthers);
         }
         IdentityRow {
+            client_id: Some(dir_client_id(&p.dir, &p.name)),
             key: Some(p.key.clone()),
             key_mode,
             flags,
@@ -147,6 +151,7 @@ impl IdentityRow {
     fn empty(name: &str) -> Self {
         IdentityRow {
             name: name.to_string(),
+            client_id: None,
             cert: None,
             key: None,
             summary: None,
@@ -156,6 +161,12 @@ impl IdentityRow {
             problem: None,
             rules: None,
         }
+    }
+
+    /// The same row with the client id the device is matched by.
+    fn with_client_id(mut self, client_id: Option<String>) -> Self {
+        self.client_id = client_id;
+        self
     }
 
     /// The same row with the match rules set (for `mqtls check`).
@@ -174,6 +185,7 @@ impl IdentityRow {
         let summary = self.summary.as_ref();
         match column {
             Column::Name => self.name.clone(),
+            Column::ClientId => self.client_id.clone().unwrap_or_else(dash),
             Column::NotAfter => summary.map_or_else(dash, |s| rfc3339(s.not_after)),
             Column::DaysLeft => self.days_left.map_or_else(dash, |d| d.to_string()),
             Column::Subject => summary.map_or_else(dash, |s| s.subject.clone()),
@@ -213,10 +225,10 @@ pub struct UnreadableDir {
 
 /// Every identity a configuration names: its devices, the fallback, and pending directory entries.
 pub fn rows_from_config(config: &Config, now: SystemTime, soon_days: u32) -> Vec<IdentityRow> {
-    let devices = config
-        .devices
-        .iter()
-        .map(|d| IdentityRow::inspect(&d.name, &d.identity.cert, &d.identity.key, now, soon_days));
+    let devices = config.devices.iter().map(|d| {
+        IdentityRow::inspect(&d.name, &d.identity.cert, &d.identity.key, now, soon_days)
+            .with_client_id(d.client_id.clone())
+    });
     let fallback = config
         .fallback
         .iter()
@@ -246,6 +258,17 @@ fn dir_row(entry: &Path, now: SystemTime, soon_days: u32) -> IdentityRow {
         now,
         soon_days,
     )
+    .with_client_id(Some(dir_client_id(entry, &name)))
+}
+
+/// The client id of a device directory entry: `client_id` in its `device.toml`, else the entry's name
+/// (as the configuration reads it). An unreadable `device.toml` is the configuration's to report.
+fn dir_client_id(entry: &Path, name: &str) -> String {
+    fs::read_to_string(entry.join(DEVICE_DIR_SETTINGS))
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("client_id")?.as_str().map(String::from))
+        .unwrap_or_else(|| name.to_string())
 }
 
 /// One row per identity of a loaded table, with its match rules: the devices, the fallback, then the
@@ -348,6 +371,8 @@ fn expiry(not_after: SystemTime, now: SystemTime) -> String {
 pub enum Column {
     /// The device's name.
     Name,
+    /// The MQTT client id it is matched by.
+    ClientId,
     /// notAfter, RFC 3339 in UTC.
     NotAfter,
     /// Whole days until notAfter.
@@ -368,6 +393,7 @@ impl Column {
     fn header(self) -> &'static str {
         match self {
             Column::Name => "NAME",
+            Column::ClientId => "CLIENT ID",
             Column::NotAfter => "NOT AFTER",
             Column::DaysLeft => "DAYS LEFT",
             Column::Subject => "SUBJECT",
@@ -382,6 +408,7 @@ impl Column {
 /// The columns of `mqtls certs list`.
 pub const LIST_COLUMNS: &[Column] = &[
     Column::Name,
+    Column::ClientId,
     Column::NotAfter,
     Column::DaysLeft,
     Column::Subject,
@@ -441,6 +468,7 @@ fn push_line(out: &mut String, line: &[String], widths: &[usize]) {
 #[derive(Serialize)]
 struct JsonRow<'a> {
     name: &'a str,
+    client_id: Option<&'a str>,
     cert: Option<&'a Path>,
     key: Option<&'a Path>,
     subject: Option<&'a str>,
@@ -459,6 +487,7 @@ impl<'a> JsonRow<'a> {
         let s = r.summary.as_ref();
         JsonRow {
             name: &r.name,
+            client_id: r.client_id.as_deref(),
             cert: r.cert.as_deref(),
             key: r.key.as_deref(),
             subject: s.map(|s| s.subject.as_str()),

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use mqtls::daemon::{Control, Daemon};
 use mqtls::systemd::{self, Notifier};
 use tokio::sync::mpsc;
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 mod certs_cli;
+mod cli_docs;
 
 /// Gives each legacy plain-MQTT device its own mutual-TLS identity at the broker.
 ///
@@ -22,7 +23,7 @@ mod certs_cli;
 /// the device's certificate from the config (by client id, source address and listener), opens a TLS
 /// connection to the broker presenting that certificate, and then copies bytes both ways unchanged.
 #[derive(Parser)]
-#[command(name = "mqtls", version, about, long_about)]
+#[command(name = "mqtls", version = env!("MQTLS_VERSION"), about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,6 +54,22 @@ enum Command {
         #[command(subcommand)]
         command: certs_cli::CertsCommand,
     },
+    /// Print a completion script for a shell, made from this command's own definitions.
+    ///
+    /// Example: mqtls completions bash > /etc/bash_completion.d/mqtls
+    Completions {
+        /// The shell the script is for.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page mqtls(1), or write it and one page per subcommand into a directory.
+    ///
+    /// Example: mqtls man | man -l -
+    Man {
+        /// Write mqtls.1, mqtls-run.1, mqtls-certs-issue.1... into DIR (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,6 +77,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Certs { command } => certs_cli::run(command),
+        Command::Completions { shell } => cli_docs::completions(Cli::command(), shell),
+        Command::Man { out } => cli_docs::man(Cli::command(), out.as_deref()),
         Command::Run { config, log_format } => {
             init_logging(log_format);
             match run(&config) {

@@ -89,13 +89,6 @@ fn help_lists_run_and_check() {
 }
 
 #[test]
-fn version_prints_the_crate_version() {
-    let out = mqtls(&["--version"]);
-    assert!(out.status.success(), "{out:?}");
-    assert_eq!(text(&out.stdout).trim(), format!("mqtls {}", env!("CARGO_PKG_VERSION")));
-}
-
-#[test]
 fn check_good_config_exits_0_and_prints_each_device_with_subject_and_expiry() {
     let pki = Pki::new();
     let config = check_config(&pki);

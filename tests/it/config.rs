@@ -220,10 +220,10 @@ use Change::*;
 rejected! {
     value_of_the_wrong_type_names_its_key_and_line:
         [Set("max_connections = 100", r#"max_connections = "ten""#)]
-        => ["{config}: `listen.max_connections` (line 4, column 19)", "invalid type: string \"ten\""];
+        => ["{config}: `listen.max_connections`: line 4, column 19: invalid type: string \"ten\""];
     source_of_the_wrong_type_says_what_is_expected:
         [Set(r#"source = "192.168.10.21""#, "source = 42")]
-        => ["{config}: `device.source` (line ", "a string or a list of strings"];
+        => ["{config}: `device.source`: line ", "a string or a list of strings"];
     two_shared_listeners_on_one_port_one_of_them_wildcard_are_refused:
         [Set(r#"address = "127.0.0.1:1883""#, r#"address = ["127.0.0.1:1883", "0.0.0.0:1883"]"#)]
         => ["{config}: `listen.address`: 0.0.0.0:1883 overlaps the listener 127.0.0.1:1883"];
