@@ -147,6 +147,14 @@ pub struct Listen {
     pub max_connect_size: usize,
     /// Connections from one address that may be unidentified (CONNECT not yet read) at once.
     pub max_pending_per_source: usize,
+    /// Connections from one address that may be open at once, identified or not.
+    pub max_connections_per_source: usize,
+    /// New connections one address may make per second, once it has used its share
+    /// (`max_connections_per_source` at once).
+    pub max_connects_per_source_per_second: u32,
+    /// How long a connection may stay silent in both directions, whatever keep-alive the device asked
+    /// for (keep-alive 0 included).
+    pub max_idle: Duration,
     /// How long open connections may run on after SIGTERM/SIGINT before they are closed.
     pub shutdown_grace: Duration,
 }
@@ -374,6 +382,9 @@ struct RawListen {
     max_connections: Option<i64>,
     max_connect_size: Option<i64>,
     max_pending_per_source: Option<i64>,
+    max_connections_per_source: Option<i64>,
+    max_connects_per_source_per_second: Option<i64>,
+    max_idle: Option<String>,
     shutdown_grace: Option<String>,
 }
 
@@ -452,6 +463,12 @@ const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 const DEFAULT_MAX_CONNECT_SIZE: usize = 16 * 1024;
 const MAX_CONNECT_SIZE_RANGE: (i64, i64) = (64, 1024 * 1024);
 const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 64;
+/// A LAN of sensors has one device per address; a router that puts many behind one address needs more.
+const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 16;
+/// After its share at once: a sensor reconnects a few times a minute at the worst, a loop far more.
+const DEFAULT_MAX_CONNECTS_PER_SOURCE_PER_SECOND: usize = 5;
+/// Keep-alive 0 means "never time out" to a device; no connection may stay silent longer than this.
+const DEFAULT_MAX_IDLE: Duration = Duration::from_secs(3600);
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -618,6 +635,19 @@ impl Validator {
             DEFAULT_MAX_PENDING_PER_SOURCE,
             (1, 1_000_000),
         );
+        let max_connections_per_source = self.count(
+            "listen.max_connections_per_source",
+            raw.max_connections_per_source,
+            DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            (1, 1_000_000),
+        );
+        let max_connects_per_source_per_second = self.count(
+            "listen.max_connects_per_source_per_second",
+            raw.max_connects_per_source_per_second,
+            DEFAULT_MAX_CONNECTS_PER_SOURCE_PER_SECOND,
+            (1, 1_000_000),
+        ) as u32;
+        let max_idle = self.duration("listen.max_idle", raw.max_idle, DEFAULT_MAX_IDLE);
         let shutdown_grace = self.duration("listen.shutdown_grace", raw.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
         Some(Listen {
             addresses,
@@ -625,6 +655,9 @@ impl Validator {
             max_connections,
             max_connect_size,
             max_pending_per_source,
+            max_connections_per_source,
+            max_connects_per_source_per_second,
+            max_idle,
             shutdown_grace,
         })
     }

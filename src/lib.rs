@@ -43,6 +43,8 @@ mod rules;
 mod socket;
 mod stamp;
 pub mod systemd;
+#[cfg(test)]
+mod test_log;
 pub mod tls;
 mod upstream;
 

@@ -115,9 +115,12 @@ pub enum ConnectError {
     /// The packet breaks the MQTT encoding rules.
     #[error("malformed MQTT packet: {0}")]
     Malformed(&'static str),
-    /// A string field is not valid MQTT UTF-8 (invalid UTF-8 or U+0000).
+    /// A string field is not valid UTF-8.
     #[error("invalid UTF-8 string in the {0}")]
     BadString(&'static str),
+    /// A string field holds U+0000, which MQTT strings may not.
+    #[error("the {0} holds the character U+0000, which MQTT does not allow in a string")]
+    NulInString(&'static str),
     /// The protocol name and level are not MQIsdp/3, MQTT/4 or MQTT/5.
     #[error("unsupported protocol {name:?} level {level}")]
     UnsupportedProtocol {
@@ -125,6 +128,11 @@ pub enum ConnectError {
         name: String,
         /// The protocol level sent.
         level: u8,
+        /// For the names MQTT and MQIsdp, the version whose CONNACK the device should be answered with:
+        /// 5.0 when the rest of the packet is laid out as 5.0's (properties after the keep-alive), else
+        /// 3.1.1 (whose spec asks for "unacceptable protocol version", 0x01). `None` for another name: a
+        /// client that does not speak MQTT at all.
+        answer_as: Option<ProtocolVersion>,
     },
 }
 
@@ -167,13 +175,40 @@ pub fn parse_connect(buf: &[u8], max_len: usize) -> Result<Connect, ConnectError
         (b"MQTT", 4) => ProtocolVersion::V311,
         (b"MQTT", 5) => ProtocolVersion::V5,
         _ => {
+            let mqtt = name == b"MQTT" || name == b"MQIsdp";
+            let laid_out_as_v5 = mqtt && connect_body(c, ProtocolVersion::V5).is_ok();
+            let answer_as = mqtt.then_some(match laid_out_as_v5 {
+                true if connect_body(c, ProtocolVersion::V311).is_err() => ProtocolVersion::V5,
+                _ => ProtocolVersion::V311,
+            });
             return Err(ConnectError::UnsupportedProtocol {
                 name: String::from_utf8_lossy(name).chars().take(16).collect(),
                 level,
-            })
+                answer_as,
+            });
         }
     };
+    let body = connect_body(c, version)?;
+    Ok(Connect {
+        version,
+        client_id: body.client_id.to_owned(),
+        keep_alive: body.keep_alive,
+        packet_len,
+        has_username: body.has_username,
+        clean_start: body.clean_start,
+    })
+}
 
+/// What follows the protocol name and level in a CONNECT.
+struct ConnectBody<'a> {
+    client_id: &'a str,
+    keep_alive: u16,
+    has_username: bool,
+    clean_start: bool,
+}
+
+/// Parses the rest of a CONNECT (`c` is just past the protocol level) as `version` lays it out.
+fn connect_body(mut c: Cursor<'_>, version: ProtocolVersion) -> Result<ConnectBody<'_>, ConnectError> {
     let flags = c.u8("truncated connect flags")?;
     if flags & 0x01 != 0 {
         return Err(ConnectError::Malformed("reserved connect flag is set"));
@@ -199,7 +234,7 @@ pub fn parse_connect(buf: &[u8], max_len: usize) -> Result<Connect, ConnectError
         c.properties("truncated properties")?;
     }
 
-    let client_id = c.string("client id", "truncated client id")?.to_owned();
+    let client_id = c.string("client id", "truncated client id")?;
     if will {
         if version == ProtocolVersion::V5 {
             c.properties("truncated will properties")?;
@@ -216,12 +251,9 @@ pub fn parse_connect(buf: &[u8], max_len: usize) -> Result<Connect, ConnectError
     if !c.0.is_empty() {
         return Err(ConnectError::Malformed("bytes left over after the CONNECT payload"));
     }
-
-    Ok(Connect {
-        version,
+    Ok(ConnectBody {
         client_id,
         keep_alive,
-        packet_len,
         has_username,
         clean_start,
     })
@@ -440,6 +472,7 @@ fn decode_varint(bytes: &[u8]) -> Varint {
 
 /// Reads fields from a packet body whose length is already known, so that
 /// running out of bytes means the packet is malformed, not incomplete.
+#[derive(Clone, Copy)]
 struct Cursor<'a>(&'a [u8]);
 
 impl<'a> Cursor<'a> {
@@ -471,7 +504,7 @@ impl<'a> Cursor<'a> {
     fn string(&mut self, field: &'static str, err: &'static str) -> Result<&'a str, ConnectError> {
         let s = std::str::from_utf8(self.binary(err)?).map_err(|_| ConnectError::BadString(field))?;
         if s.contains('\0') {
-            return Err(ConnectError::BadString(field));
+            return Err(ConnectError::NulInString(field));
         }
         Ok(s)
     }
@@ -986,7 +1019,7 @@ mod tests {
         t.client_id = vec![0xED, 0xA0, 0x80]; // an encoded surrogate
         assert_err(&t, ConnectError::BadString("client id"));
         t.client_id = b"a\0b".to_vec();
-        assert_err(&t, ConnectError::BadString("client id"));
+        assert_err(&t, ConnectError::NulInString("client id"));
 
         let mut t = TestConnect::new(ProtocolVersion::V311, "ok");
         t.username = Some(vec![0xC3]);
@@ -997,7 +1030,7 @@ mod tests {
             topic: b"a\0".to_vec(),
             ..will()
         });
-        assert_err(&t, ConnectError::BadString("will topic"));
+        assert_err(&t, ConnectError::NulInString("will topic"));
 
         // The password and will payload are binary: anything goes.
         let mut t = TestConnect::new(ProtocolVersion::V311, "ok");
@@ -1012,18 +1045,22 @@ mod tests {
 
     #[test]
     fn unsupported_protocols() {
-        let cases: &[(&[u8], u8)] = &[
-            (b"MQTT", 3),
-            (b"MQTT", 6),
-            (b"MQTT", 0),
-            (b"MQIsdp", 4),
-            (b"MQIsdp", 5),
-            (b"mqtt", 4),
-            (b"HTTP", 4),
-            (b"", 4),
+        use ProtocolVersion::{V311, V5};
+        // (name, level, the layout of the rest, the version the answer takes).
+        let cases: &[(&[u8], u8, ProtocolVersion, Option<ProtocolVersion>)] = &[
+            (b"MQTT", 3, V311, Some(V311)),
+            (b"MQTT", 6, V311, Some(V311)),
+            (b"MQTT", 9, V311, Some(V311)),
+            (b"MQTT", 9, V5, Some(V5)),
+            (b"MQTT", 0, V311, Some(V311)),
+            (b"MQIsdp", 4, V311, Some(V311)),
+            (b"MQIsdp", 5, V311, Some(V311)),
+            (b"mqtt", 4, V311, None),
+            (b"HTTP", 4, V311, None),
+            (b"", 4, V311, None),
         ];
-        for &(name, level) in cases {
-            let mut t = TestConnect::new(ProtocolVersion::V311, "dev");
+        for &(name, level, layout, answer_as) in cases {
+            let mut t = TestConnect::new(layout, "dev");
             t.name = name.to_vec();
             t.level = level;
             assert_err(
@@ -1031,6 +1068,7 @@ mod tests {
                 ConnectError::UnsupportedProtocol {
                     name: String::from_utf8(name.to_vec()).unwrap(),
                     level,
+                    answer_as,
                 },
             );
         }
@@ -1038,12 +1076,20 @@ mod tests {
         let mut t = TestConnect::new(ProtocolVersion::V311, "dev");
         t.name = [&[0xFF][..], &[b'A'; 40][..]].concat();
         let err = parse_connect(&t.encode(), MAX).unwrap_err();
-        let ConnectError::UnsupportedProtocol { name, level } = err else {
+        let ConnectError::UnsupportedProtocol { name, level, .. } = err else {
             panic!("{err:?}");
         };
         assert_eq!(level, 4);
         assert_eq!(name.chars().count(), 16);
         assert!(name.starts_with('\u{FFFD}'));
+    }
+
+    #[test]
+    fn a_nul_in_the_client_id_is_named_as_such() {
+        assert_eq!(
+            ConnectError::NulInString("client id").to_string(),
+            "the client id holds the character U+0000, which MQTT does not allow in a string"
+        );
     }
 
     #[test]

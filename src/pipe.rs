@@ -7,7 +7,8 @@
 //! call carries more bytes; a process-wide cap on those larger buffers bounds what a crowd of senders
 //! can claim. Half-close is honoured: end-of-stream on one side
 //! becomes a write shutdown (for TLS, a close_notify) on the other, and the opposite direction keeps
-//! flowing until it ends too. The device's silence is bounded by its MQTT keep-alive. The copy knows
+//! flowing until it ends too. The device's silence is bounded by its MQTT keep-alive, and the silence of
+//! the whole connection by `listen.max_idle` (a device whose keep-alive is 0 asks for none). The copy knows
 //! nothing about TLS or MQTT: it moves bytes between two streams.
 
 use std::fmt;
@@ -137,6 +138,8 @@ pub enum End {
     DeviceSilent(Duration),
     /// The broker took none of the device's bytes for that long.
     BrokerStalled(Duration),
+    /// Nothing passed either way for `listen.max_idle`.
+    Idle(Duration),
     /// Reading from or writing to one side failed.
     Error {
         /// The side whose socket failed.
@@ -152,6 +155,7 @@ impl fmt::Display for End {
             End::Closed { first } => write!(f, "{first} closed"),
             End::DeviceSilent(limit) => write!(f, "device silent for {limit:?} (1.5 x keep-alive)"),
             End::BrokerStalled(limit) => write!(f, "broker took no bytes for {limit:?} (1.5 x keep-alive)"),
+            End::Idle(limit) => write!(f, "nothing passed either way for {limit:?} (listen.max_idle)"),
             End::Error { side, error } => write!(f, "{side} error: {error}"),
         }
     }
@@ -342,9 +346,22 @@ impl Half {
 /// Bytes read on the stack before a heap buffer is needed: larger than most MQTT packets of a sensor.
 const SMALL_READ: usize = 2048;
 
-/// Copies between `device` and `broker` until both directions end, an error occurs, or the device stays
-/// silent longer than `silence_limit` (`None`: no limit).
-pub async fn pipe<D, B>(device: &mut D, broker: &mut B, silence_limit: Option<Duration>) -> Transfer
+/// How long a connection may stay silent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Silence {
+    /// The device may send nothing for this long (1.5 x its MQTT keep-alive); `None`: no such limit.
+    pub device: Option<Duration>,
+    /// Nothing may pass either way for this long (`listen.max_idle`), whatever the keep-alive.
+    pub both: Duration,
+}
+
+/// Copies between `device` and `broker` until both directions end, an error occurs, or a [`Silence`]
+/// limit passes.
+///
+/// One timer serves both limits. Activity only notes the time; the timer is set again when it fires
+/// early, for whichever deadline then comes first, so a busy connection does not touch the timer wheel
+/// on every packet.
+pub async fn pipe<D, B>(device: &mut D, broker: &mut B, silence: Silence) -> Transfer
 where
     D: Duplex + ?Sized,
     B: Duplex + ?Sized,
@@ -352,14 +369,19 @@ where
     let mut up = Half::default();
     let mut down = Half::default();
     let mut first_closed = None;
-    let mut silence: Option<Pin<Box<Sleep>>> = silence_limit.map(|d| Box::pin(tokio::time::sleep(d)));
+    let started = Instant::now();
+    let mut device_heard = started;
+    let mut any_heard = started;
+    let first_deadline = started + silence.device.map_or(silence.both, |d| d.min(silence.both));
+    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(first_deadline));
 
     let end = poll_fn(|cx| {
         if !up.done {
             let mut activity = false;
             let r = up.poll_copy(cx, device, broker, &mut activity);
-            if let (true, Some(sleep), Some(limit)) = (activity, silence.as_mut(), silence_limit) {
-                sleep.as_mut().reset(Instant::now() + limit);
+            if activity {
+                device_heard = Instant::now();
+                any_heard = device_heard;
             }
             match r {
                 Poll::Ready(Ok(())) => {
@@ -371,7 +393,12 @@ where
             }
         }
         if !down.done {
-            match down.poll_copy(cx, broker, device, &mut false) {
+            let mut activity = false;
+            let r = down.poll_copy(cx, broker, device, &mut activity);
+            if activity {
+                any_heard = Instant::now();
+            }
+            match r {
                 Poll::Ready(Ok(())) => {
                     down.done = true;
                     first_closed.get_or_insert(Side::Broker);
@@ -383,14 +410,25 @@ where
         if let Some(first) = first_closed.filter(|_| up.done && down.done) {
             return Poll::Ready(End::Closed { first });
         }
-        if let (Some(sleep), Some(limit)) = (silence.as_mut(), silence_limit) {
-            if !up.done && sleep.as_mut().poll(cx).is_ready() {
+        while timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            let device_deadline = silence
+                .device
+                .filter(|_| !up.done)
+                .map(|limit| (device_heard + limit, limit));
+            if let Some((_, limit)) = device_deadline.filter(|(at, _)| *at <= now) {
                 return Poll::Ready(if up.pending() {
                     End::BrokerStalled(limit)
                 } else {
                     End::DeviceSilent(limit)
                 });
             }
+            let idle_deadline = any_heard + silence.both;
+            if idle_deadline <= now {
+                return Poll::Ready(End::Idle(silence.both));
+            }
+            let next = device_deadline.map_or(idle_deadline, |(at, _)| at.min(idle_deadline));
+            timer.as_mut().reset(next);
         }
         Poll::Pending
     })
@@ -418,11 +456,25 @@ mod tests {
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
     use tokio::io::{AsyncRead, AsyncWrite};
 
+    /// Longer than any test runs.
+    const LONG: Duration = Duration::from_secs(24 * 3600);
+    const NO_LIMIT: Silence = Silence {
+        device: None,
+        both: LONG,
+    };
+
+    fn device_limit(limit: Duration) -> Silence {
+        Silence {
+            device: Some(limit),
+            both: LONG,
+        }
+    }
+
     #[tokio::test]
     async fn copies_both_ways_and_honours_half_close() {
         let (mut dev_outer, mut dev_inner) = duplex(64);
         let (mut brk_outer, mut brk_inner) = duplex(64);
-        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, None).await });
+        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, NO_LIMIT).await });
 
         dev_outer.write_all(b"hello broker").await.unwrap();
         dev_outer.shutdown().await.unwrap();
@@ -447,7 +499,9 @@ mod tests {
         let (mut dev_outer, mut dev_inner) = duplex(64);
         let (_brk_outer, mut brk_inner) = duplex(64);
         let task =
-            tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, Some(Duration::from_secs(15))).await });
+            tokio::spawn(
+                async move { pipe(&mut dev_inner, &mut brk_inner, device_limit(Duration::from_secs(15))).await },
+            );
         tokio::time::sleep(Duration::from_secs(10)).await;
         dev_outer.write_all(b"ping").await.unwrap();
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -465,7 +519,7 @@ mod tests {
     async fn bulk_bytes_arrive_intact_through_a_narrow_writer() {
         let (mut dev_outer, mut dev_inner) = duplex(300);
         let (mut brk_outer, mut brk_inner) = duplex(700);
-        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, None).await });
+        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, NO_LIMIT).await });
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let sent = data.clone();
         let writer = tokio::spawn(async move {
@@ -505,7 +559,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_broker_is_blamed_even_when_the_device_is_idle() {
         let (_dev_outer, mut dev_inner) = duplex(64);
-        let t = pipe(&mut dev_inner, &mut Broken, None).await;
+        let t = pipe(&mut dev_inner, &mut Broken, NO_LIMIT).await;
         assert!(matches!(t.end, End::Error { side: Side::Broker, .. }), "{}", t.end);
     }
 
@@ -514,7 +568,9 @@ mod tests {
         let (mut dev_outer, mut dev_inner) = duplex(1 << 20);
         let (_brk_outer, mut brk_inner) = duplex(16);
         let task =
-            tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, Some(Duration::from_secs(3))).await });
+            tokio::spawn(
+                async move { pipe(&mut dev_inner, &mut brk_inner, device_limit(Duration::from_secs(3))).await },
+            );
         dev_outer.write_all(&[1u8; 4096]).await.unwrap();
         let t = task.await.unwrap();
         assert!(matches!(t.end, End::BrokerStalled(_)), "{}", t.end);
@@ -553,7 +609,7 @@ mod tests {
         let data = vec![9u8; 4 * BULK_BUFFER_SIZE];
         dev_outer.write_all(&data).await.unwrap();
         dev_outer.shutdown().await.unwrap();
-        let t = pipe(&mut dev_inner, &mut broker, None).await;
+        let t = pipe(&mut dev_inner, &mut broker, NO_LIMIT).await;
         assert_eq!(t.device_to_broker, data.len() as u64);
         let writes = writes.lock().unwrap();
         assert_eq!(writes.iter().sum::<usize>(), data.len());
@@ -579,8 +635,52 @@ mod tests {
         let mut broker = Recording(writes.clone());
         dev_outer.write_all(&[7u8; SMALL_READ + 35]).await.unwrap();
         dev_outer.shutdown().await.unwrap();
-        let t = pipe(&mut dev_inner, &mut broker, None).await;
+        let t = pipe(&mut dev_inner, &mut broker, NO_LIMIT).await;
         assert_eq!(t.device_to_broker, (SMALL_READ + 35) as u64);
         assert_eq!(*writes.lock().unwrap(), vec![SMALL_READ + 35]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_device_with_keep_alive_0_is_cut_at_max_idle_unless_something_passes() {
+        let (mut dev_outer, mut dev_inner) = duplex(64);
+        let (mut brk_outer, mut brk_inner) = duplex(64);
+        let idle = Duration::from_secs(3600);
+        let limits = Silence {
+            device: None,
+            both: idle,
+        };
+        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, limits).await });
+        tokio::time::sleep(Duration::from_secs(3000)).await;
+        // The broker speaks: the connection is not idle, though the device is silent.
+        brk_outer.write_all(b"retained").await.unwrap();
+        let mut got = [0u8; 8];
+        dev_outer.read_exact(&mut got).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3000)).await;
+        assert!(!task.is_finished(), "something passed 3,000 s ago");
+        let started = tokio::time::Instant::now();
+        let t = task.await.unwrap();
+        assert!(matches!(t.end, End::Idle(d) if d == idle), "{}", t.end);
+        assert_eq!(started.elapsed(), Duration::from_secs(600));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_keep_alive_limit_comes_first_when_it_is_shorter_and_the_broker_talking_does_not_reset_it() {
+        let (_dev_outer, mut dev_inner) = duplex(64);
+        let (mut brk_outer, mut brk_inner) = duplex(1024);
+        let limits = Silence {
+            device: Some(Duration::from_secs(90)),
+            both: Duration::from_secs(3600),
+        };
+        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, limits).await });
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            brk_outer.write_all(b"x").await.unwrap();
+        }
+        let t = task.await.unwrap();
+        assert!(
+            matches!(t.end, End::DeviceSilent(d) if d == Duration::from_secs(90)),
+            "{}",
+            t.end
+        );
     }
 }

@@ -58,16 +58,33 @@ impl<I> Routes<I> {
         }
     }
 
-    /// The entry for a connection that arrived on `listener` from `peer` with `client_id`: the device
-    /// whose rules all hold, else the fallback if it serves that listener.
-    pub(crate) fn find(&self, listener: SocketAddr, peer: IpAddr, client_id: &str) -> Option<&Arc<Device<I>>> {
+    /// The entry for a connection that arrived on `listener` from `peer` with `client_id`.
+    ///
+    /// A client id that a device's rules name belongs to that device (or those devices): only they may
+    /// serve it, and when none of them matches, nothing else does ([`Unmatched::Borrowed`]). Presenting it
+    /// under another identity would make the broker close the real device's session (one session per
+    /// client id). Any other client id goes to the device without a client id rule whose rules hold, else
+    /// to the fallback if it takes the connection.
+    pub(crate) fn find(
+        &self,
+        listener: SocketAddr,
+        peer: IpAddr,
+        client_id: &str,
+    ) -> Result<&Arc<Device<I>>, Unmatched> {
         let peer = peer.to_canonical();
-        let with_id = self.by_client_id.get(client_id).into_iter().flatten();
-        with_id
-            .chain(&self.without_client_id)
+        let matching = |d: &&Arc<Device<I>>| d.rules.matches(listener, peer, client_id);
+        if let Some(owners) = self.by_client_id.get(client_id) {
+            let mut owners = owners.iter().map(|&i| &self.devices[i]);
+            return owners.find(matching).ok_or_else(|| Unmatched::Borrowed {
+                owner: self.devices[self.by_client_id[client_id][0]].name.clone(),
+            });
+        }
+        self.without_client_id
+            .iter()
             .map(|&i| &self.devices[i])
             .chain(&self.fallback)
-            .find(|d| d.rules.matches(listener, peer, client_id))
+            .find(matching)
+            .ok_or(Unmatched::Unknown)
     }
 
     fn all(&self) -> impl Iterator<Item = &Arc<Device<I>>> {
@@ -84,17 +101,24 @@ pub struct DeviceTable {
     built_with: Option<load::TlsInputs>,
 }
 
-/// Why an identity could not be chosen for a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UnknownDevice;
+/// Why no entry serves a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unmatched {
+    /// No entry's rules hold.
+    Unknown,
+    /// The client id belongs to a device (`owner`, the first of them if several share it) whose other
+    /// rules do not hold: someone else is presenting it.
+    Borrowed {
+        /// The device the client id belongs to.
+        owner: Arc<str>,
+    },
+}
 
 impl DeviceTable {
-    /// The device for a connection that arrived on `listener` from `peer` with `client_id`.
-    pub fn find(&self, listener: SocketAddr, peer: IpAddr, client_id: &str) -> Result<Arc<Device>, UnknownDevice> {
-        self.routes
-            .find(listener, peer, client_id)
-            .cloned()
-            .ok_or(UnknownDevice)
+    /// The device for a connection that arrived on `listener` from `peer` with `client_id` (see
+    /// [`Routes::find`] for the rule).
+    pub fn find(&self, listener: SocketAddr, peer: IpAddr, client_id: &str) -> Result<Arc<Device>, Unmatched> {
+        self.routes.find(listener, peer, client_id).cloned()
     }
 
     /// Every device, in configuration order.
@@ -171,38 +195,58 @@ mod tests {
         Routes::new(devices, fallback)
     }
 
-    /// (listener, peer, client id, the entry that serves it without a fallback, with one).
-    type Case = (
-        &'static str,
-        &'static str,
-        &'static str,
-        Option<&'static str>,
-        Option<&'static str>,
-    );
+    /// (listener, peer, client id, what serves it without a fallback, with one): a device's name,
+    /// `fallback`, `unknown`, or `borrowed by <owner>`.
+    type Case = (&'static str, &'static str, &'static str, &'static str, &'static str);
 
     const CASES: &[Case] = &[
-        (SHARED, "10.9.9.9", "meter-1", Some("meter-1"), Some("meter-1")),
-        (SHARED, "192.168.10.21", "boiler-1", Some("boiler-1"), Some("boiler-1")),
+        (SHARED, "10.9.9.9", "meter-1", "meter-1", "meter-1"),
+        (SHARED, "192.168.10.21", "boiler-1", "boiler-1", "boiler-1"),
+        (SHARED, "::ffff:192.168.10.21", "boiler-1", "boiler-1", "boiler-1"),
+        // A client id a device owns is never served from elsewhere: not by the fallback, not by a
+        // device without a client id rule.
         (
             SHARED,
-            "::ffff:192.168.10.21",
+            "192.168.10.99",
             "boiler-1",
-            Some("boiler-1"),
-            Some("boiler-1"),
+            "borrowed by boiler-1",
+            "borrowed by boiler-1",
         ),
-        (SHARED, "192.168.10.99", "boiler-1", None, Some("fallback")),
-        (OWN, "192.168.10.21", "boiler-1", Some("pump-9"), Some("pump-9")),
-        (OWN, "10.1.1.1", "", Some("pump-9"), Some("pump-9")),
-        (SHARED, "10.1.1.1", "", None, Some("fallback")),
-        (SHARED, "192.168.10.31", "ESP8266Client", Some("esp-a"), Some("esp-a")),
-        (SHARED, "192.168.10.32", "ESP8266Client", Some("esp-b"), Some("esp-b")),
-        (SHARED, "192.168.10.33", "ESP8266Client", None, Some("fallback")),
-        (SHARED, "10.7.3.4", "lab-7", Some("lab-7"), Some("lab-7")),
-        (LAB, "192.168.30.5", "whatever", Some("by-source"), Some("by-source")),
-        (LAB, "192.168.30.6", "whatever", None, None),
-        (SHARED, "192.168.30.5", "meter-1", Some("meter-1"), Some("meter-1")),
-        (SHARED, "10.9.9.9", "stranger", None, Some("fallback")),
+        (
+            OWN,
+            "192.168.10.21",
+            "boiler-1",
+            "borrowed by boiler-1",
+            "borrowed by boiler-1",
+        ),
+        (LAB, "192.168.30.5", "lab-7", "borrowed by lab-7", "borrowed by lab-7"),
+        (OWN, "10.1.1.1", "", "pump-9", "pump-9"),
+        (OWN, "10.1.1.1", "ESP32-abc", "pump-9", "pump-9"),
+        (SHARED, "10.1.1.1", "", "unknown", "fallback"),
+        // A shared client id is owned by every device that names it.
+        (SHARED, "192.168.10.31", "ESP8266Client", "esp-a", "esp-a"),
+        (SHARED, "192.168.10.32", "ESP8266Client", "esp-b", "esp-b"),
+        (
+            SHARED,
+            "192.168.10.33",
+            "ESP8266Client",
+            "borrowed by esp-a",
+            "borrowed by esp-a",
+        ),
+        (SHARED, "10.7.3.4", "lab-7", "lab-7", "lab-7"),
+        (LAB, "192.168.30.5", "whatever", "by-source", "by-source"),
+        (LAB, "192.168.30.6", "whatever", "unknown", "unknown"),
+        (SHARED, "192.168.30.5", "meter-1", "meter-1", "meter-1"),
+        (SHARED, "10.9.9.9", "stranger", "unknown", "fallback"),
     ];
+
+    fn outcome(found: Result<&Arc<Device<&'static str>>, Unmatched>) -> String {
+        match found {
+            Ok(d) => d.identity.to_string(),
+            Err(Unmatched::Unknown) => "unknown".into(),
+            Err(Unmatched::Borrowed { owner }) => format!("borrowed by {owner}"),
+        }
+    }
 
     #[test]
     fn each_connection_is_served_by_the_entry_whose_rules_all_hold() {
@@ -212,7 +256,7 @@ mod tests {
                 let expected = if with_fallback { with } else { without };
                 let found = routes.find(listener.parse().unwrap(), peer.parse().unwrap(), id);
                 assert_eq!(
-                    found.map(|d| d.identity),
+                    outcome(found),
                     expected,
                     "{listener} {peer} {id:?} (fallback: {with_fallback})"
                 );
@@ -224,15 +268,10 @@ mod tests {
     fn the_fallback_serves_only_its_listeners() {
         let routes = site(true);
         let found = routes.find(OWN.parse().unwrap(), "10.0.0.1".parse().unwrap(), "stranger");
-        assert_eq!(
-            found.map(|d| d.identity),
-            Some("pump-9"),
-            "the dedicated listener's device"
-        );
+        assert_eq!(outcome(found), "pump-9", "the dedicated listener's device");
         let routes = Routes::new(Vec::new(), Some(device("fallback", None, &[], &[SHARED])));
-        assert!(routes
-            .find(OWN.parse().unwrap(), "10.0.0.1".parse().unwrap(), "x")
-            .is_none());
+        let found = routes.find(OWN.parse().unwrap(), "10.0.0.1".parse().unwrap(), "x");
+        assert_eq!(outcome(found), "unknown");
     }
 
     #[test]

@@ -25,7 +25,8 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::device::DeviceTable;
-use crate::refusal::Reason;
+use crate::refusal::log_budget::LogBudget;
+use crate::refusal::{self, Reason};
 use crate::upstream::Failure;
 
 pub use endpoint::serve;
@@ -109,6 +110,8 @@ pub struct Metrics {
     reloads_failure: Counter,
     last_reload_success: Gauge,
     devices_configured: Gauge,
+    /// How many lines refusals may still write to the log.
+    refusal_logs: LogBudget,
     device_labels: bool,
     /// Used for every device when `device_labels` is off.
     aggregate: Arc<DeviceStats>,
@@ -218,6 +221,7 @@ impl Metrics {
             reloads_failure,
             last_reload_success,
             devices_configured,
+            refusal_logs: LogBudget::new(std::time::Instant::now()),
             device_labels,
             aggregate: Arc::default(),
             devices: RwLock::default(),
@@ -232,6 +236,11 @@ impl Metrics {
     /// A connection was refused before its session started (see [`crate::refusal`], which calls this).
     pub(crate) fn refused(&self, reason: Reason) {
         self.refused[reason as usize].increment(1);
+    }
+
+    /// The log budget refusals write within.
+    pub(crate) fn refusal_logs(&self) -> &LogBudget {
+        &self.refusal_logs
     }
 
     /// One attempt to reach a broker address failed.
@@ -310,6 +319,8 @@ impl Metrics {
         loop {
             every.tick().await;
             self.upkeep();
+            // A window of refusal logs that ended in silence still owes its summary.
+            refusal::write_summaries(self.refusal_logs.roll(std::time::Instant::now()));
         }
     }
 

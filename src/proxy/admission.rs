@@ -1,64 +1,84 @@
 //! Admission: whether an accepted connection may be served, decided before a byte of it is read.
 //!
-//! Two limits hold, both driven by strangers on the LAN and so both bounded:
+//! Every limit here is driven by strangers on the LAN, so every one is bounded:
 //! - `listen.max_connections`: connections served at once. Over it a device is still answered ("server
-//!   busy", in its own MQTT version), but only [`MAX_BUSY_REFUSALS`] at a time; beyond that a flood is
-//!   closed unanswered, so that it cannot grow memory.
-//! - `listen.max_pending_per_source`: connections from one address that have not been identified yet
-//!   (CONNECT not read or not matched), so that one host cannot hold every slot with CONNECTs that never
-//!   finish.
+//!   busy", in its own MQTT version), but only [`MAX_ANSWERS`] refusals are answered at a time; beyond
+//!   that a flood is closed unanswered, so that it cannot grow memory.
+//! - Per source address: `listen.max_connections_per_source` connections open at once (identified or
+//!   not), `listen.max_connects_per_source_per_second` new connections (a token bucket that holds the
+//!   address's whole connection share, so a host may connect all its devices at once and then that many
+//!   per second), and `listen.max_pending_per_source` connections that have not been identified yet. One
+//!   host on the LAN can then neither hold every slot nor keep the gateway busy with reconnects, while
+//!   every other address connects at once.
 //!
-//! Each limit's lock is private to its type and held only inside one method, never across an `await`
-//! nor with another lock taken: there is no lock order to keep.
+//! Each lock is private to its type and held only inside one method, never across an `await` nor with
+//! another lock taken: there is no lock order to keep.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Refusals ("server busy") being answered at once when over `max_connections`.
-pub(crate) const MAX_BUSY_REFUSALS: usize = 64;
+use crate::config::Listen;
+
+/// Refusals being answered at once (each reads the device's CONNECT first, to answer in its version).
+pub(crate) const MAX_ANSWERS: usize = 64;
 
 /// The limits of one proxy, shared by its accept loops.
 pub(crate) struct Admission {
     connections: ConnectionLimit,
-    busy_refusals: Arc<Semaphore>,
-    sources: Arc<SourceLimits>,
+    answers: Arc<Semaphore>,
+    sources: Arc<Sources>,
+}
+
+/// Which limit a connection is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Over {
+    /// `listen.max_connections`.
+    Connections,
+    /// `listen.max_connections_per_source`.
+    SourceConnections,
+    /// `listen.max_connects_per_source_per_second`.
+    SourceRate,
 }
 
 /// What to do with a connection just accepted.
 pub(crate) enum Admitted {
     /// Serve it; the permit holds its place under `max_connections` while it lives.
-    Serve(OwnedSemaphorePermit, PendingSlot),
-    /// Over `max_connections`: answer "server busy" (the permit counts the refusals being answered).
-    RefuseBusy(OwnedSemaphorePermit, PendingSlot),
-    /// Over `max_connections` in a flood: close it unanswered.
-    Flood,
+    Serve(OwnedSemaphorePermit, SourceSlot),
+    /// Over a limit: read its CONNECT and answer it (the permit counts the refusals being answered).
+    Refuse(Over, OwnedSemaphorePermit, SourceSlot),
+    /// Over a limit while [`MAX_ANSWERS`] refusals are being answered: close it unanswered.
+    Flood(Over),
     /// Its address has `max_pending_per_source` unidentified connections already: close it.
-    SourceLimit,
+    PendingLimit,
 }
 
 impl Admission {
     pub(crate) fn new(max_connections: usize) -> Admission {
         Admission {
             connections: ConnectionLimit::new(max_connections),
-            busy_refusals: Arc::new(Semaphore::new(MAX_BUSY_REFUSALS)),
+            answers: Arc::new(Semaphore::new(MAX_ANSWERS)),
             sources: Arc::default(),
         }
     }
 
-    /// Decides for a connection from `peer`.
-    pub(crate) fn admit(&self, peer: IpAddr, max_pending_per_source: usize) -> Admitted {
-        let Some(slot) = self.sources.take(peer, max_pending_per_source) else {
-            return Admitted::SourceLimit;
+    /// Decides for a connection from `peer` under the limits of `listen`.
+    pub(crate) fn admit(&self, peer: IpAddr, listen: &Listen, now: Instant) -> Admitted {
+        let taken = self.sources.take(peer.to_canonical(), listen, now);
+        let (over, slot) = match taken {
+            Taken::PendingLimit => return Admitted::PendingLimit,
+            Taken::Over(over, slot) => (over, slot),
+            Taken::Slot(slot) => match self.connections.permits.clone().try_acquire_owned() {
+                Ok(permit) => return Admitted::Serve(permit, slot),
+                Err(_) => (Over::Connections, slot),
+            },
         };
-        if let Ok(permit) = self.connections.permits.clone().try_acquire_owned() {
-            return Admitted::Serve(permit, slot);
-        }
-        match self.busy_refusals.clone().try_acquire_owned() {
-            Ok(permit) => Admitted::RefuseBusy(permit, slot),
-            Err(_) => Admitted::Flood,
+        match self.answers.clone().try_acquire_owned() {
+            Ok(permit) => Admitted::Refuse(over, permit, slot),
+            Err(_) => Admitted::Flood(over),
         }
     }
 
@@ -100,55 +120,158 @@ impl ConnectionLimit {
     }
 }
 
-/// Unidentified connections per source address. The map holds only addresses with at least one, so it
-/// shrinks back as they are identified or closed.
-#[derive(Default)]
-pub(crate) struct SourceLimits {
-    pending: Mutex<HashMap<IpAddr, usize>>,
+/// What each source address holds.
+pub(crate) struct Sources {
+    state: Mutex<SourceMap>,
 }
 
-impl SourceLimits {
-    fn take(self: &Arc<Self>, ip: IpAddr, limit: usize) -> Option<PendingSlot> {
-        let mut map = lock(&self.pending);
-        let count = map.entry(ip).or_insert(0);
-        if *count >= limit {
-            if *count == 0 {
-                map.remove(&ip);
-            }
-            return None;
+impl Default for Sources {
+    fn default() -> Self {
+        Sources {
+            state: Mutex::new(SourceMap {
+                by_address: HashMap::new(),
+                sweep_at: 0,
+                epoch: Instant::now(),
+            }),
         }
-        *count += 1;
-        Some(PendingSlot {
-            limits: self.clone(),
+    }
+}
+
+struct SourceMap {
+    by_address: HashMap<IpAddr, Source>,
+    /// The map is swept of addresses that hold nothing when it grows past this.
+    sweep_at: usize,
+    /// What `Source::refilled` counts from.
+    epoch: Instant,
+}
+
+/// One address: its connections, and its bucket of connects. Kept small (an entry per address with an
+/// open connection is part of what every idle connection costs).
+struct Source {
+    /// Connections open (identified or not), refusals being answered included.
+    open: u32,
+    /// Of those, the ones not identified yet.
+    pending: u32,
+    /// Connects it may make now; refilled at `max_connects_per_source_per_second`, up to
+    /// `max_connections_per_source`.
+    tokens: f32,
+    /// When the tokens were last counted, in milliseconds since the map's epoch.
+    refilled: u64,
+}
+
+impl Source {
+    /// The tokens at `now_ms`.
+    fn tokens_at(&self, now_ms: u64, listen: &Listen) -> f32 {
+        let elapsed = now_ms.saturating_sub(self.refilled) as f32 / 1000.0;
+        let rate = listen.max_connects_per_source_per_second as f32;
+        (self.tokens + elapsed * rate).min(listen.max_connections_per_source as f32)
+    }
+}
+
+enum Taken {
+    Slot(SourceSlot),
+    Over(Over, SourceSlot),
+    PendingLimit,
+}
+
+/// Addresses tracked before a sweep is worth its cost.
+const MIN_SWEEP: usize = 1024;
+
+impl Sources {
+    fn take(self: &Arc<Self>, ip: IpAddr, listen: &Listen, now: Instant) -> Taken {
+        let mut map = lock(&self.state);
+        let now_ms = now.saturating_duration_since(map.epoch).as_millis() as u64;
+        map.sweep(listen, now_ms);
+        let source = map.by_address.entry(ip).or_insert(Source {
+            open: 0,
+            pending: 0,
+            tokens: listen.max_connections_per_source as f32,
+            refilled: now_ms,
+        });
+        source.tokens = source.tokens_at(now_ms, listen);
+        source.refilled = now_ms;
+        if source.pending as usize >= listen.max_pending_per_source {
+            return Taken::PendingLimit;
+        }
+        let over = if source.tokens < 1.0 {
+            Some(Over::SourceRate)
+        } else if source.open as usize >= listen.max_connections_per_source {
+            Some(Over::SourceConnections)
+        } else {
+            None
+        };
+        source.tokens = (source.tokens - 1.0).max(0.0);
+        source.open += 1;
+        source.pending += 1;
+        let slot = SourceSlot {
+            sources: self.clone(),
             ip,
-        })
+            identified: false,
+        };
+        match over {
+            Some(over) => Taken::Over(over, slot),
+            None => Taken::Slot(slot),
+        }
     }
 
-    fn give_back(&self, ip: IpAddr) {
-        let mut map = lock(&self.pending);
-        if let Some(count) = map.get_mut(&ip) {
-            *count -= 1;
-            if *count == 0 {
-                map.remove(&ip);
+    fn give_back(&self, ip: IpAddr, identified: bool) {
+        let mut map = lock(&self.state);
+        if let Some(source) = map.by_address.get_mut(&ip) {
+            source.open -= 1;
+            if !identified {
+                source.pending -= 1;
             }
+        }
+    }
+
+    fn identified(&self, ip: IpAddr) {
+        if let Some(source) = lock(&self.state).by_address.get_mut(&ip) {
+            source.pending -= 1;
         }
     }
 
     #[cfg(test)]
-    fn pending(&self, ip: IpAddr) -> usize {
-        lock(&self.pending).get(&ip).copied().unwrap_or(0)
+    fn counts(&self, ip: IpAddr) -> Option<(u32, u32)> {
+        lock(&self.state).by_address.get(&ip).map(|s| (s.open, s.pending))
     }
 }
 
-/// Counts one connection against its source address until it is identified (dropped).
-pub(crate) struct PendingSlot {
-    limits: Arc<SourceLimits>,
-    ip: IpAddr,
+impl SourceMap {
+    /// Forgets the addresses that hold no connection and whose bucket has filled up again (they are as
+    /// if never seen), once the map has grown past `sweep_at`: amortised, the map costs O(1) per connect,
+    /// and holds at most about twice the addresses that are active.
+    fn sweep(&mut self, listen: &Listen, now_ms: u64) {
+        if self.by_address.len() < self.sweep_at.max(MIN_SWEEP) {
+            return;
+        }
+        let capacity = listen.max_connections_per_source as f32;
+        self.by_address
+            .retain(|_, s| s.open > 0 || s.tokens_at(now_ms, listen) < capacity);
+        self.sweep_at = 2 * self.by_address.len();
+    }
 }
 
-impl Drop for PendingSlot {
+/// One connection, counted against its source address while it lives (and as not yet identified until
+/// [`SourceSlot::identified`]).
+pub(crate) struct SourceSlot {
+    sources: Arc<Sources>,
+    ip: IpAddr,
+    identified: bool,
+}
+
+impl SourceSlot {
+    /// The device is known: the connection no longer counts as pending for its address.
+    pub(crate) fn identified(&mut self) {
+        if !self.identified {
+            self.identified = true;
+            self.sources.identified(self.ip);
+        }
+    }
+}
+
+impl Drop for SourceSlot {
     fn drop(&mut self) {
-        self.limits.give_back(self.ip);
+        self.sources.give_back(self.ip, self.identified);
     }
 }
 
@@ -159,67 +282,167 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
+    /// Limits for the tests: 100 connections in all; per address 4 open, 2 pending, 1 connect per second.
+    fn listen() -> Listen {
+        Listen {
+            addresses: Vec::new(),
+            connect_timeout: Duration::from_secs(10),
+            max_connections: 100,
+            max_connect_size: 1024,
+            max_pending_per_source: 2,
+            max_connections_per_source: 4,
+            max_connects_per_source_per_second: 1,
+            max_idle: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_secs(1),
+        }
+    }
+
+    fn served(a: Admitted) -> SourceSlot {
+        match a {
+            Admitted::Serve(_, slot) => slot,
+            _ => panic!("not served"),
+        }
+    }
+
+    fn over(a: &Admitted) -> Option<Over> {
+        match a {
+            Admitted::Refuse(over, ..) | Admitted::Flood(over) => Some(*over),
+            _ => None,
+        }
+    }
+
     #[test]
-    fn one_address_gets_its_pending_share_and_no_more() {
-        let a = Admission::new(100);
-        let held: Vec<_> = (0..3).map(|_| a.admit(ip("10.0.0.1"), 3)).collect();
-        assert!(held.iter().all(|h| matches!(h, Admitted::Serve(..))));
-        assert!(matches!(a.admit(ip("10.0.0.1"), 3), Admitted::SourceLimit));
+    fn an_address_gets_its_pending_share_and_no_more_while_others_go_on() {
+        let (a, l, t0) = (Admission::new(100), listen(), Instant::now());
+        let first = served(a.admit(ip("10.0.0.1"), &l, t0));
+        let _second = served(a.admit(ip("10.0.0.1"), &l, t0));
+        assert!(matches!(a.admit(ip("10.0.0.1"), &l, t0), Admitted::PendingLimit));
+        assert!(matches!(a.admit(ip("10.0.0.2"), &l, t0), Admitted::Serve(..)));
+        let mut first = first;
+        first.identified();
         assert!(
-            matches!(a.admit(ip("10.0.0.2"), 3), Admitted::Serve(..)),
-            "another address is not held back"
-        );
-        drop(held);
-        assert_eq!(a.sources.pending(ip("10.0.0.1")), 0);
-        assert!(
-            lock(&a.sources.pending).get(&ip("10.0.0.1")).is_none(),
-            "the map shrinks back"
+            matches!(a.admit(ip("10.0.0.1"), &l, t0), Admitted::Serve(..)),
+            "an identified connection no longer counts as pending"
         );
     }
 
     #[test]
-    fn over_the_limit_a_few_are_answered_busy_and_a_flood_is_closed() {
-        let a = Admission::new(1);
-        let _served = a.admit(ip("10.0.0.1"), 1000);
-        let busy: Vec<_> = (0..MAX_BUSY_REFUSALS).map(|_| a.admit(ip("10.0.0.1"), 1000)).collect();
-        assert!(busy.iter().all(|b| matches!(b, Admitted::RefuseBusy(..))));
-        assert!(matches!(a.admit(ip("10.0.0.1"), 1000), Admitted::Flood));
-        drop(busy);
-        assert!(matches!(a.admit(ip("10.0.0.1"), 1000), Admitted::RefuseBusy(..)));
+    fn identified_connections_count_against_the_address_until_they_close() {
+        let (a, l, t0) = (Admission::new(100), listen(), Instant::now());
+        let mut held = Vec::new();
+        for i in 0..4 {
+            let mut slot = served(a.admit(ip("10.0.0.1"), &l, t0 + Duration::from_secs(i)));
+            slot.identified();
+            held.push(slot);
+        }
+        assert_eq!(a.sources.counts(ip("10.0.0.1")), Some((4, 0)));
+        let t = t0 + Duration::from_secs(10);
+        assert_eq!(over(&a.admit(ip("10.0.0.1"), &l, t)), Some(Over::SourceConnections));
+        assert!(matches!(a.admit(ip("10.0.0.2"), &l, t), Admitted::Serve(..)));
+        held.pop();
+        let t = t + Duration::from_secs(10);
+        assert!(
+            matches!(a.admit(ip("10.0.0.1"), &l, t), Admitted::Serve(..)),
+            "a slot came free"
+        );
     }
 
     #[test]
-    fn a_zero_pending_limit_leaves_nothing_behind() {
-        let a = Admission::new(1);
-        assert!(matches!(a.admit(ip("10.0.0.1"), 0), Admitted::SourceLimit));
-        assert!(lock(&a.sources.pending).is_empty());
+    fn an_address_may_connect_its_share_at_once_then_at_the_rate() {
+        let (a, l, t0) = (Admission::new(100), listen(), Instant::now());
+        for _ in 0..4 {
+            drop(served(a.admit(ip("10.0.0.1"), &l, t0)));
+        }
+        assert_eq!(over(&a.admit(ip("10.0.0.1"), &l, t0)), Some(Over::SourceRate));
+        assert!(
+            matches!(a.admit(ip("10.0.0.2"), &l, t0), Admitted::Serve(..)),
+            "others are not slowed"
+        );
+        let later = t0 + Duration::from_millis(1500);
+        assert!(
+            matches!(a.admit(ip("10.0.0.1"), &l, later), Admitted::Serve(..)),
+            "one token came back"
+        );
+        assert_eq!(over(&a.admit(ip("10.0.0.1"), &l, later)), Some(Over::SourceRate));
+    }
+
+    #[test]
+    fn over_max_connections_a_few_are_answered_and_a_flood_is_closed() {
+        let (a, t0) = (Admission::new(1), Instant::now());
+        let l = Listen {
+            max_pending_per_source: 1000,
+            max_connections_per_source: 1000,
+            max_connects_per_source_per_second: 1000,
+            ..listen()
+        };
+        let _served = a.admit(ip("10.0.0.1"), &l, t0);
+        let answered: Vec<_> = (0..MAX_ANSWERS).map(|_| a.admit(ip("10.0.0.1"), &l, t0)).collect();
+        assert!(answered
+            .iter()
+            .all(|b| matches!(b, Admitted::Refuse(Over::Connections, ..))));
+        assert!(matches!(
+            a.admit(ip("10.0.0.1"), &l, t0),
+            Admitted::Flood(Over::Connections)
+        ));
+        drop(answered);
+        assert!(matches!(a.admit(ip("10.0.0.1"), &l, t0), Admitted::Refuse(..)));
+    }
+
+    #[test]
+    fn addresses_that_hold_nothing_are_forgotten_and_the_map_stays_bounded() {
+        let (a, l, t0) = (Admission::new(100_000), listen(), Instant::now());
+        for i in 0..10_000u32 {
+            let t = t0 + Duration::from_millis(u64::from(i));
+            drop(a.admit(IpAddr::from(i.to_be_bytes()), &l, t));
+        }
+        let tracked = lock(&a.sources.state).by_address.len();
+
+        // plus what accumulated since the last sweep.
+        assert!(tracked < 4 * MIN_SWEEP, "{tracked} addresses tracked");
+        let mut held = served(a.admit(ip("10.9.9.9"), &l, t0 + Duration::from_secs(100)));
+        held.identified();
+        for i in 0..5_000u32 {
+            let t = t0 + Duration::from_secs(200) + Duration::from_millis(u64::from(i));
+            drop(a.admit(IpAddr::from((i + 20_000).to_be_bytes()), &l, t));
+        }
+        assert_eq!(
+            a.sources.counts(ip("10.9.9.9")),
+            Some((1, 0)),
+            "an open connection is never forgotten"
+        );
     }
 
     #[tokio::test]
     async fn resizing_adds_room_at_once_and_takes_it_back_as_connections_close() {
-        let a = Admission::new(1);
-        let first = a.admit(ip("10.0.0.1"), 100);
-        assert!(matches!(a.admit(ip("10.0.0.1"), 100), Admitted::RefuseBusy(..)));
+        let (a, t0) = (Admission::new(1), Instant::now());
+        let l = Listen {
+            max_connects_per_source_per_second: 1000,
+            max_pending_per_source: 100,
+            max_connections_per_source: 100,
+            ..listen()
+        };
+        let first = a.admit(ip("10.0.0.1"), &l, t0);
+        assert!(matches!(a.admit(ip("10.0.0.1"), &l, t0), Admitted::Refuse(..)));
         a.resize(2);
-        let second = a.admit(ip("10.0.0.1"), 100);
+        let second = a.admit(ip("10.0.0.1"), &l, t0);
         assert!(matches!(second, Admitted::Serve(..)));
         a.resize(1);
         drop(first);
         // The permit given back goes to the shrink, not to a new connection.
-        tokio::task::yield_now().await;
         for _ in 0..100 {
             if a.connections.permits.available_permits() == 0 {
                 break;
             }
             tokio::task::yield_now().await;
         }
-        assert!(matches!(a.admit(ip("10.0.0.1"), 100), Admitted::RefuseBusy(..)));
+        assert!(matches!(a.admit(ip("10.0.0.1"), &l, t0), Admitted::Refuse(..)));
         drop(second);
-        assert!(matches!(a.admit(ip("10.0.0.1"), 100), Admitted::Serve(..)));
+        assert!(matches!(a.admit(ip("10.0.0.1"), &l, t0), Admitted::Serve(..)));
     }
 }

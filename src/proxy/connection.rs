@@ -18,7 +18,7 @@
 //! [`super`] guards this.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,18 +27,20 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout;
 use tracing::{debug, info, Span};
 
-use super::admission::PendingSlot;
+use super::admission::{Over, SourceSlot};
 use super::Generation;
 use crate::config::Listen;
+use crate::device::Unmatched;
 use crate::duplex::Duplex;
 use crate::metrics::{ActiveGuard, Metered, Metrics};
 use crate::mqtt::{self, Connect, ProtocolVersion, ReadConnectError};
-use crate::pipe;
+use crate::pipe::{self, Silence};
 use crate::refusal::{refuse, Refusal};
 use crate::upstream::{Broker, Failure};
 
-/// A connection being served: where it came from, and what holds its place.
-pub(crate) struct Connection<B> {
+/// A connection accepted to be served: the device's stream, where it came from, and what holds its
+/// place.
+pub(crate) struct Connection<B, D> {
     /// The configured listen address it arrived on (device rules name it).
     pub listener: SocketAddr,
     /// The device's address.
@@ -46,10 +48,21 @@ pub(crate) struct Connection<B> {
     /// The configuration it is served with; released once the session has started.
     pub generation: Arc<Generation<B>>,
     pub metrics: Arc<Metrics>,
-    /// Counts it against its address until the device is identified.
-    pub slot: Option<PendingSlot>,
+    /// Counts it against its address (as not identified, until the device is).
+    pub slot: SourceSlot,
     /// Its place under `listen.max_connections`, for its whole life.
     pub _permit: OwnedSemaphorePermit,
+    /// The device's stream.
+    pub device: D,
+}
+
+/// What the set-up needs, and only the set-up: it is gone, with the configuration generation, once the
+/// session has started.
+struct SetUp<'a, B> {
+    listener: SocketAddr,
+    peer: SocketAddr,
+    generation: Arc<Generation<B>>,
+    metrics: &'a Metrics,
 }
 
 /// A connection ready for the copy: both streams, what set-up learnt, and the device's counters.
@@ -67,6 +80,8 @@ struct Open<D, S> {
 #[derive(Debug, PartialEq, Eq)]
 struct Session {
     keep_alive: u16,
+    /// `listen.max_idle` of the generation the connection was set up with.
+    max_idle: Duration,
     first_in: u64,
     first_out: u64,
 }
@@ -90,60 +105,102 @@ enum SessionError {
 #[derive(Debug)]
 enum NoConnect {
     Invalid(ReadConnectError),
-    TimedOut { received: usize },
+    /// The first bytes are a TLS record (a ClientHello): a device set up for MQTTS.
+    Tls,
+    TimedOut {
+        received: usize,
+    },
 }
 
 impl NoConnect {
-    fn refusal(&self, limits: &Listen) -> Refusal<'_> {
+    /// The refusal, and the version of the CONNACK that answers it, if any.
+    fn refusal(&self, limits: &Listen) -> (Refusal<'_>, Option<ProtocolVersion>) {
+        use mqtt::ConnectError::UnsupportedProtocol;
         match self {
-            NoConnect::Invalid(error) => Refusal::BadConnect { error },
-            NoConnect::TimedOut { received } => Refusal::ConnectTimeout {
-                received: *received,
-                limit: limits.connect_timeout,
-            },
+            NoConnect::Invalid(error @ ReadConnectError::Parse(UnsupportedProtocol { answer_as, .. })) => {
+                (Refusal::UnsupportedProtocol { error }, *answer_as)
+            }
+            NoConnect::Invalid(error) => (Refusal::BadConnect { error }, None),
+            NoConnect::Tls => (Refusal::TlsOnPlainPort, None),
+            NoConnect::TimedOut { received } => {
+                let refusal = Refusal::ConnectTimeout {
+                    received: *received,
+                    limit: limits.connect_timeout,
+                };
+                (refusal, None)
+            }
         }
     }
 }
 
-impl<B: Broker> Connection<B> {
-    /// Serves the connection to its end. The set-up runs boxed, and its future is freed before the copy
-    /// starts; nor does the copy keep the configuration generation: a sensor connected for months must
-    /// not hold an old generation (thousands of identities) alive after reloads.
-    pub(crate) async fn serve<D>(mut self, device: D)
-    where
-        D: AsyncRead + AsyncWrite + Unpin + Send,
-    {
-        let Some(mut open) = Box::pin(self.open(device)).await else {
+/// The first bytes of a TLS handshake record: content type 22, protocol major version 3.
+const TLS_RECORD_START: [u8; 2] = [0x16, 0x03];
+
+impl<B: Broker, D: AsyncRead + AsyncWrite + Unpin + Send> Connection<B, D> {
+    /// Serves the connection to its end.
+    ///
+    /// The connection arrives boxed and is taken apart at once: what only the set-up needs goes into
+    /// the set-up's future, which is boxed too and freed before the copy starts (set-up futures, the TLS
+    /// handshake's above all, are large), so that the task of a connection that stays open for months
+    /// keeps only what the copy needs. Nor does it keep the configuration generation, which leaves with
+    /// the set-up: an old generation (thousands of identities) is not held alive after reloads.
+    pub(crate) async fn serve(self: Box<Self>) {
+        let Connection {
+            listener,
+            peer,
+            generation,
+            metrics,
+            mut slot,
+            _permit,
+            device,
+        } = *self;
+        let setup = SetUp {
+            listener,
+            peer,
+            generation,
+            metrics: &metrics,
+        };
+        let Some(mut open) = Box::pin(setup.open(device, &mut slot)).await else {
             return;
         };
-        drop(self.generation);
-        open.copy(&self.metrics).await;
+        open.copy(&metrics).await;
     }
+}
 
+impl<B: Broker> SetUp<'_, B> {
     /// Reads the CONNECT, picks the device, reaches the broker as that device and starts the session.
     /// `None` when the connection ended (refused, or closed) before that.
-    async fn open<D>(&mut self, mut device: D) -> Option<Open<D, B::Stream>>
+    async fn open<D>(self, mut device: D, slot: &mut SourceSlot) -> Option<Open<D, B::Stream>>
     where
         D: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let listen = &self.generation.listen;
+        let peer = self.peer.ip();
         let (connect, first_bytes) = match read_connect(&mut device, listen).await {
             Ok(read) => read,
             Err(e) => {
-                refuse(&self.metrics, device, None, e.refusal(listen)).await;
+                let (refusal, answer_as) = e.refusal(listen);
+                refuse(&self.metrics, device, peer, answer_as, refusal).await;
                 return None;
             }
         };
-        let peer = self.peer.ip();
-        let Ok(entry) = self.generation.table.find(self.listener, peer, &connect.client_id) else {
-            let refusal = Refusal::UnknownDevice {
-                client_id: &connect.client_id,
-                listener: self.listener,
-            };
-            refuse(&self.metrics, device, Some(connect.version), refusal).await;
-            return None;
+        let entry = match self.generation.table.find(self.listener, peer, &connect.client_id) {
+            Ok(entry) => entry,
+            Err(unmatched) => {
+                let (client_id, listener) = (connect.client_id.as_str(), self.listener);
+                let refusal = match &unmatched {
+                    Unmatched::Unknown => Refusal::UnknownDevice { client_id, listener },
+                    Unmatched::Borrowed { owner } => Refusal::ClientIdSpoofed {
+                        client_id,
+                        owner,
+                        listener,
+                    },
+                };
+                refuse(&self.metrics, device, peer, Some(connect.version), refusal).await;
+                return None;
+            }
         };
-        self.slot = None;
+        slot.identified();
         Span::current().record("device", &*entry.name);
         let started = Instant::now();
         let mut broker = match self.generation.broker.connect(&entry.identity).await {
@@ -157,7 +214,7 @@ impl<B: Broker> Connection<B> {
                     failure: e.failure(),
                     error: &e,
                 };
-                refuse(&self.metrics, device, Some(connect.version), refusal).await;
+                refuse(&self.metrics, device, peer, Some(connect.version), refusal).await;
                 return None;
             }
         };
@@ -210,7 +267,7 @@ impl<B: Broker> Connection<B> {
         self.metrics.upstream_failure(failure);
         let error = format!("the broker did not accept the connection: {e}");
         let refusal = Refusal::BrokerUnreachable { failure, error: &error };
-        refuse(&self.metrics, device, Some(version), refusal).await;
+        refuse(&self.metrics, device, self.peer.ip(), Some(version), refusal).await;
     }
 
     /// Delivers the device's first bytes (its CONNECT and anything after it) and relays the broker's
@@ -244,6 +301,7 @@ impl<B: Broker> Connection<B> {
             .map_err(|e| self.session_error(e))?;
         let mut session = Session {
             keep_alive: connect.keep_alive,
+            max_idle: self.generation.listen.max_idle,
             first_in: first_bytes.len() as u64,
             first_out: relayed as u64,
         };
@@ -268,9 +326,12 @@ impl<D: AsyncRead + AsyncWrite + Unpin, S: Duplex> Open<D, S> {
     /// connection rather than taking it: a future that owned it would hold a second copy of the TLS
     /// state (about a kilobyte) beside the caller's, for every idle connection.
     async fn copy(&mut self, metrics: &Metrics) {
-        let limit = silence_limit(self.session.keep_alive);
+        let silence = Silence {
+            device: keep_alive_limit(self.session.keep_alive),
+            both: self.session.max_idle,
+        };
         let mut device = Metered::new(&mut self.device, &self.stats);
-        let transfer = pipe::pipe(&mut device, &mut self.broker, limit).await;
+        let transfer = pipe::pipe(&mut device, &mut self.broker, silence).await;
         metrics.connection_closed(self.started.elapsed());
         info!(
             bytes_in = transfer.device_to_broker + self.session.first_in,
@@ -282,28 +343,57 @@ impl<D: AsyncRead + AsyncWrite + Unpin, S: Duplex> Open<D, S> {
     }
 }
 
-/// A connection over `listen.max_connections`: its CONNECT is read so that it can be answered "server
-/// busy" in its own version; one that sends none is closed.
-pub(crate) async fn refuse_busy<B, D>(
-    mut device: D,
-    generation: Arc<Generation<B>>,
-    metrics: Arc<Metrics>,
-    _answering: OwnedSemaphorePermit,
-    _slot: PendingSlot,
-) where
-    D: AsyncRead + AsyncWrite + Unpin,
-{
-    let listen = &generation.listen;
-    let limit = listen.max_connections;
-    match read_connect(&mut device, listen).await {
-        Ok((connect, _)) => {
-            let refusal = Refusal::Busy {
-                client_id: Some(&connect.client_id),
-                limit,
-            };
-            refuse(&metrics, device, Some(connect.version), refusal).await;
-        }
-        Err(_) => refuse(&metrics, device, None, Refusal::Busy { client_id: None, limit }).await,
+/// A connection over one of the admission limits: its CONNECT is read so that it can be answered in its
+/// own version ("server busy", "quota exceeded"); one that sends none is closed.
+pub(crate) struct Refusing<B, D> {
+    pub over: Over,
+    pub peer: IpAddr,
+    pub generation: Arc<Generation<B>>,
+    pub metrics: Arc<Metrics>,
+    /// Counts it among the refusals being answered.
+    pub _answering: OwnedSemaphorePermit,
+    /// Counts it against its address while it lasts.
+    pub _slot: SourceSlot,
+    /// The device's stream.
+    pub device: D,
+}
+
+impl<B, D: AsyncRead + AsyncWrite + Unpin> Refusing<B, D> {
+    pub(crate) async fn run(self: Box<Self>) {
+        let Refusing {
+            over,
+            peer,
+            generation,
+            metrics,
+            _answering,
+            _slot,
+            mut device,
+        } = *self;
+        let listen = &generation.listen;
+        let (version, client_id) = match read_connect(&mut device, listen).await {
+            Ok((connect, _)) => (Some(connect.version), Some(connect.client_id)),
+            Err(_) => (None, None),
+        };
+        let refusal = over_limit(over, listen, client_id.as_deref());
+        refuse(&metrics, device, peer, version, refusal).await;
+    }
+}
+
+/// The refusal for a connection over `over`.
+pub(crate) fn over_limit<'a>(over: Over, listen: &Listen, client_id: Option<&'a str>) -> Refusal<'a> {
+    match over {
+        Over::Connections => Refusal::Busy {
+            client_id,
+            limit: listen.max_connections,
+        },
+        Over::SourceConnections => Refusal::SourceConnections {
+            client_id,
+            limit: listen.max_connections_per_source,
+        },
+        Over::SourceRate => Refusal::SourceRate {
+            client_id,
+            limit: listen.max_connects_per_source_per_second,
+        },
     }
 }
 
@@ -320,6 +410,7 @@ where
     .await
     {
         Ok(Ok(connect)) => Ok((connect, buf)),
+        Ok(Err(_)) if buf.starts_with(&TLS_RECORD_START) => Err(NoConnect::Tls),
         Ok(Err(e)) => Err(NoConnect::Invalid(e)),
         Err(_) => Err(NoConnect::TimedOut { received: buf.len() }),
     }
@@ -363,7 +454,7 @@ where
 }
 
 /// MQTT lets a server wait 1.5 x keep-alive before deciding a client is gone; mqtls does the same.
-fn silence_limit(keep_alive_secs: u16) -> Option<Duration> {
+fn keep_alive_limit(keep_alive_secs: u16) -> Option<Duration> {
     (keep_alive_secs > 0).then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500))
 }
 
@@ -479,6 +570,9 @@ mod tests {
             max_connections: 10,
             max_connect_size: 4096,
             max_pending_per_source: 10,
+            max_connections_per_source: 10,
+            max_connects_per_source_per_second: 10,
+            max_idle: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(1),
         };
         Arc::new(Generation {
@@ -504,19 +598,21 @@ mod tests {
         metrics: &Arc<Metrics>,
     ) -> (DuplexStream, tokio::task::JoinHandle<()>) {
         let peer: SocketAddr = "192.168.10.21:40000".parse().unwrap();
-        let Admitted::Serve(permit, slot) = Admission::new(10).admit(peer.ip(), 10) else {
+        let admission = Admission::new(10);
+        let Admitted::Serve(permit, slot) = admission.admit(peer.ip(), &generation.listen, Instant::now()) else {
             panic!("admitted")
         };
-        let conn = Connection {
+        let (device, ours) = duplex(64 * 1024);
+        let conn = Box::new(Connection {
             listener: LISTENER.parse().unwrap(),
             peer,
             generation: generation.clone(),
             metrics: metrics.clone(),
-            slot: Some(slot),
+            slot,
             _permit: permit,
-        };
-        let (device, ours) = duplex(64 * 1024);
-        (device, tokio::spawn(conn.serve(ours)))
+            device: ours,
+        });
+        (device, tokio::spawn(conn.serve()))
     }
 
     /// A CONNECT in `version` with a clean session, `client_id` and `keep_alive` seconds.
@@ -803,21 +899,46 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn over_the_limit_a_device_is_answered_busy_in_its_version() {
-        for (version, answer) in [
-            (ProtocolVersion::V31, vec![0x20, 0x02, 0x00, 0x03]),
-            (ProtocolVersion::V5, vec![0x20, 0x03, 0x00, 0x89, 0x00]),
-        ] {
+    async fn over_a_limit_a_device_is_answered_in_its_version() {
+        use ProtocolVersion::{V31, V311, V5};
+        let cases = [
+            (Over::Connections, V31, vec![0x20, 0x02, 0x00, 0x03], "busy"),
+            (Over::Connections, V5, vec![0x20, 0x03, 0x00, 0x89, 0x00], "busy"),
+            (
+                Over::SourceConnections,
+                V311,
+                vec![0x20, 0x02, 0x00, 0x03],
+                "source_connections",
+            ),
+            (
+                Over::SourceConnections,
+                V5,
+                vec![0x20, 0x03, 0x00, 0x97, 0x00],
+                "source_connections",
+            ),
+            (Over::SourceRate, V5, vec![0x20, 0x03, 0x00, 0x97, 0x00], "source_rate"),
+        ];
+        for (over, version, answer, label) in cases {
             let generation = generation(Vec::new());
             let metrics = metrics_for(&generation);
             let admission = Admission::new(0);
-            let Admitted::RefuseBusy(permit, slot) = admission.admit("10.0.0.9".parse().unwrap(), 10) else {
+            let peer: IpAddr = "10.0.0.9".parse().unwrap();
+            let Admitted::Refuse(_, permit, slot) = admission.admit(peer, &generation.listen, Instant::now()) else {
                 panic!("over the limit")
             };
             let (mut device, ours) = duplex(1024);
+            let refusing = Box::new(Refusing {
+                over,
+                peer,
+                generation: generation.clone(),
+                metrics: metrics.clone(),
+                _answering: permit,
+                _slot: slot,
+                device: ours,
+            });
             let packet = match version {
                 // 3.1 names its protocol MQIsdp.
-                ProtocolVersion::V31 => {
+                V31 => {
                     let mut p = vec![
                         0x10, 0x00, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 60, 0, 4,
                     ];
@@ -828,9 +949,10 @@ mod tests {
                 v => connect(v, "late", 60),
             };
             device.write_all(&packet).await.unwrap();
-            refuse_busy(ours, generation.clone(), metrics.clone(), permit, slot).await;
-            assert_eq!(read_all(&mut device).await, answer, "{version}");
-            assert_eq!(value(&metrics, "mqtls_connections_refused_total{reason=\"busy\"}"), 1.0);
+            refusing.run().await;
+            assert_eq!(read_all(&mut device).await, answer, "{over:?} {version}");
+            let series = format!("mqtls_connections_refused_total{{reason=\"{label}\"}}");
+            assert_eq!(value(&metrics, &series), 1.0, "{over:?}");
         }
     }
 }

@@ -22,10 +22,9 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +38,7 @@ use crate::metrics::Metrics;
 use crate::refusal::Refusal;
 use crate::socket;
 use crate::upstream::{Broker, Connector};
-use admission::{Admission, Admitted, PendingSlot};
+use admission::{Admission, Admitted};
 use connection::Connection;
 
 /// Longest pause after an accept error (e.g. out of file descriptors) before trying again.
@@ -382,34 +381,38 @@ fn admit<B: Broker>(shared: &Arc<Shared<B>>, listener: SocketAddr, stream: TcpSt
     shared.metrics.accepted();
     let generation = shared.current();
     let listen = &generation.listen;
-    let work = match shared.admission.admit(peer.ip(), listen.max_pending_per_source) {
-        Admitted::Serve(permit, slot) => Work::Serve(
-            Connection {
-                listener,
-                peer,
-                generation,
+    let work = match shared.admission.admit(peer.ip(), listen, Instant::now()) {
+        Admitted::Serve(permit, slot) => Work::Serve(Box::new(Connection {
+            listener,
+            peer,
+            generation,
+            metrics: shared.metrics.clone(),
+            slot,
+            _permit: permit,
+            device: stream,
+        })),
+        Admitted::Refuse(over, permit, slot) => {
+            let refusal = connection::Refusing {
+                over,
+                peer: peer.ip(),
+                generation: generation.clone(),
                 metrics: shared.metrics.clone(),
-                slot: Some(slot),
-                _permit: permit,
-            },
-            stream,
-        ),
-        Admitted::RefuseBusy(permit, slot) => {
-            Work::RefuseBusy(stream, generation.clone(), shared.metrics.clone(), permit, slot)
-        }
-        Admitted::Flood => {
-            let refusal = Refusal::Busy {
-                client_id: None,
-                limit: listen.max_connections,
+                _answering: permit,
+                _slot: slot,
+                device: stream,
             };
-            span.in_scope(|| refusal.record(&shared.metrics));
+            Work::Refuse(Box::new(refusal))
+        }
+        Admitted::Flood(over) => {
+            let refusal = connection::over_limit(over, listen, None);
+            span.in_scope(|| refusal.record(&shared.metrics, peer.ip()));
             return;
         }
-        Admitted::SourceLimit => {
+        Admitted::PendingLimit => {
             let refusal = Refusal::SourceLimit {
                 limit: listen.max_pending_per_source,
             };
-            span.in_scope(|| refusal.record(&shared.metrics));
+            span.in_scope(|| refusal.record(&shared.metrics, peer.ip()));
             return;
         }
     };
@@ -417,16 +420,13 @@ fn admit<B: Broker>(shared: &Arc<Shared<B>>, listener: SocketAddr, stream: TcpSt
     shared.connections_open.spawn(task.instrument(span));
 }
 
-/// What an accepted connection's task does.
+/// What an accepted connection's task does. Boxed either way: the task's future keeps its own copy of
+/// what it was given for as long as it lives, so what it is given must be small; the box is emptied
+/// as the work starts. A refusal's future is boxed too: it is rare, and its state (a drain buffer among
+/// others) would otherwise size the task of every connection.
 enum Work<B> {
-    Serve(Connection<B>, TcpStream),
-    RefuseBusy(
-        TcpStream,
-        Arc<Generation<B>>,
-        Arc<Metrics>,
-        OwnedSemaphorePermit,
-        PendingSlot,
-    ),
+    Serve(Box<Connection<B, TcpStream>>),
+    Refuse(Box<connection::Refusing<B, TcpStream>>),
 }
 
 impl<B: Broker> Work<B> {
@@ -434,15 +434,11 @@ impl<B: Broker> Work<B> {
     /// Called from within the task, so the socket options are set there, not in the accept loop.
     fn run(self) -> impl Future<Output = ()> {
         match self {
-            Work::Serve(conn, stream) => {
-                socket::tune(&stream);
-                Either::Left(conn.serve(stream))
+            Work::Serve(conn) => {
+                socket::tune(&conn.device);
+                Either::Left(conn.serve())
             }
-            // Boxed: refusing is rare, and its future (a drain buffer among others) would otherwise size
-            // the task of every connection.
-            Work::RefuseBusy(stream, generation, metrics, permit, slot) => Either::Right(Box::pin(
-                connection::refuse_busy(stream, generation, metrics, permit, slot),
-            )),
+            Work::Refuse(refusing) => Either::Right(Box::pin(refusing.run())),
         }
     }
 }
@@ -450,7 +446,7 @@ impl<B: Broker> Work<B> {
 /// The future a connection's task runs: its work, unless the grace period at shutdown ends first.
 ///
 /// Not an `async fn`: its body would move `work` out of the argument into a local of its own, and the
-/// task would keep both (128 bytes more for every connection, measured by the test below).
+/// task would keep both (8 bytes more for every connection, measured with the test below).
 #[allow(clippy::manual_async_fn)]
 fn connection_task<B: Broker>(work: Work<B>, hard_stop: CancellationToken) -> impl Future<Output = ()> {
     async move {
@@ -470,12 +466,13 @@ mod tests {
     use crate::device::DeviceTable;
 
     /// What the task of every connection weighs, idle ones included, measured on the real types (TCP,
-    /// the TLS connector). 2,136 bytes when this guard was written (debug build); it grows by a kilobyte
-    /// or more if the set-up future stops being boxed, if the copy takes the open connection instead of
-    /// borrowing it, or if the work's future is made outside the select. Each of those was measured in
-    /// `bench/` as idle memory per connection. If this fails after a change, measure with `bench/run`
-    /// before raising the bound, and say why in the change.
-    const TASK_BUDGET: usize = 2_200;
+    /// the TLS connector): 2,136 bytes when this guard was written (debug build), 1,864 once the work
+    /// came boxed and the set-up's inputs left with the set-up. It grows by a kilobyte or more if the
+    /// set-up future stops being boxed, if the copy takes the open connection instead of borrowing it, or
+    /// if the work's future is made outside the select; by a few hundred bytes if the work is no longer
+    /// boxed. Each of those was measured in `bench/` as idle memory per connection. If this fails after a
+    /// change, measure with `bench/run` before raising the bound, and say why in the change.
+    const TASK_BUDGET: usize = 1_900;
 
     #[tokio::test]
     async fn the_idle_connection_task_stays_small() {
@@ -502,6 +499,9 @@ mod tests {
             max_connections: 1,
             max_connect_size: 1024,
             max_pending_per_source: 1,
+            max_connections_per_source: 1,
+            max_connects_per_source_per_second: 1,
+            max_idle: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(1),
         };
         let generation = Generation {
@@ -510,18 +510,22 @@ mod tests {
             listen,
         };
         let shared = Arc::new(Shared::new(generation, Arc::new(Metrics::new(true)), Vec::new()));
-        let Admitted::Serve(permit, slot) = shared.admission.admit(peer.ip(), 1) else {
+        let Admitted::Serve(permit, slot) = shared
+            .admission
+            .admit(peer.ip(), &shared.current().listen, Instant::now())
+        else {
             panic!("admitted")
         };
-        let conn = Connection {
+        let conn = Box::new(Connection {
             listener: addr,
             peer,
             generation: shared.current(),
             metrics: shared.metrics.clone(),
-            slot: Some(slot),
+            slot,
             _permit: permit,
-        };
-        let task = connection_task(Work::Serve(conn, stream), shared.hard_stop.clone()).instrument(info_span!("conn"));
+            device: stream,
+        });
+        let task = connection_task(Work::Serve(conn), shared.hard_stop.clone()).instrument(info_span!("conn"));
         let size = std::mem::size_of_val(&task);
         assert!(
             size <= TASK_BUDGET,

@@ -81,6 +81,10 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     pub max_connect_size: usize,
     pub max_pending_per_source: Option<usize>,
+    /// `listen.max_connections_per_source`; unset, far above what a test opens from 127.0.0.1.
+    pub max_connections_per_source: Option<usize>,
+    /// `listen.max_connects_per_source_per_second`; unset, far above what a test opens from 127.0.0.1.
+    pub max_connects_per_source_per_second: Option<u32>,
     pub shutdown_grace: Option<String>,
     pub devices: Vec<DeviceEntry>,
     pub extra: String,
@@ -100,6 +104,8 @@ impl ProxyConfig {
             max_connections: 100,
             max_connect_size: 65536,
             max_pending_per_source: None,
+            max_connections_per_source: None,
+            max_connects_per_source_per_second: None,
             shutdown_grace: None,
             devices: Vec::new(),
             extra: String::new(),
@@ -125,13 +131,17 @@ impl ProxyConfig {
 
     pub fn toml(&self) -> String {
         let upstream: Vec<String> = self.upstream.iter().map(|a| format!("{a:?}")).collect();
+        // Every test's devices come from 127.0.0.1: the per-source limits are the tests' own to set.
         let mut s = format!(
-            "[listen]\naddress = \"{}\"\nconnect_timeout = {:?}\nmax_connections = {}\nmax_connect_size = {}\n\n\
+            "[listen]\naddress = \"{}\"\nconnect_timeout = {:?}\nmax_connections = {}\nmax_connect_size = {}\n\
+             max_connections_per_source = {}\nmax_connects_per_source_per_second = {}\n\n\
              [upstream]\naddress = [{}]\nca_file = {:?}\nconnect_timeout = {:?}\nhandshake_timeout = {:?}\n",
             self.listen,
             self.connect_timeout,
             self.max_connections,
             self.max_connect_size,
+            self.max_connections_per_source.unwrap_or(100_000),
+            self.max_connects_per_source_per_second.unwrap_or(100_000),
             upstream.join(", "),
             self.ca_file,
             self.upstream_connect_timeout,

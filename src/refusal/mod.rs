@@ -8,14 +8,22 @@
 //!
 //! Legacy devices handle a CONNACK far better than a TCP reset (they back off instead of hammering), so a
 //! refusal is answered in the device's own protocol version wherever its CONNECT was read. Where nothing
-//! sensible can be said (no CONNECT, or one that cannot be parsed) the connection is just closed.
+//! sensible can be said (no CONNECT, or one that cannot be parsed) the connection is closed cleanly: what
+//! the device already sent is read and dropped first, so that the close is a FIN, not a reset.
+//!
+//! Every refusal is counted; its log line is written within the proxy's [`log_budget`], which bounds
+//! what a flood can write and sums up the rest.
+
+pub(crate) mod log_budget;
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
@@ -30,7 +38,7 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 
 /// Why a connection was refused before a session with the broker started: the `reason` label of
 /// `mqtls_connections_refused_total` and of the refusal's log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Reason {
     /// No device entry matches.
     UnknownDevice,
@@ -44,6 +52,16 @@ pub enum Reason {
     Busy,
     /// Over `listen.max_pending_per_source` for one address.
     SourceLimit,
+    /// The client id belongs to a device whose other rules (source, listener) do not hold.
+    ClientIdSpoofed,
+    /// An MQTT CONNECT of a protocol level mqtls does not speak.
+    UnsupportedProtocol,
+    /// A TLS ClientHello on the plain MQTT port: a device set up for MQTTS.
+    TlsOnPlainPort,
+    /// Over `listen.max_connections_per_source` for one address.
+    SourceConnections,
+    /// Over `listen.max_connects_per_source_per_second` for one address.
+    SourceRate,
 }
 
 /// What the device is told.
@@ -57,13 +75,18 @@ enum Answer {
 
 impl Reason {
     /// Every reason, in declaration order (`reason as usize` indexes it).
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 11] = [
         Reason::UnknownDevice,
         Reason::BrokerUnreachable,
         Reason::BadConnect,
         Reason::ConnectTimeout,
         Reason::Busy,
         Reason::SourceLimit,
+        Reason::ClientIdSpoofed,
+        Reason::UnsupportedProtocol,
+        Reason::TlsOnPlainPort,
+        Reason::SourceConnections,
+        Reason::SourceRate,
     ];
 
     /// The label value, in metrics and logs alike. Dashboards and alerts rely on these: keep them.
@@ -80,8 +103,8 @@ impl Reason {
         self.row().2
     }
 
-    /// The table: label, log text, answer (3.1.x return code / 5.0 reason code). 3.1.x has no "busy",
-    /// so a busy gateway says "server unavailable" there.
+    /// The table: label, log text, answer (3.1.x return code / 5.0 reason code). 3.1.x has no "busy" and
+    /// no "quota exceeded", so a gateway over a limit says "server unavailable" there.
     fn row(self) -> (&'static str, &'static str, Answer) {
         use Answer::{Close, Connack};
         match self {
@@ -106,6 +129,35 @@ impl Reason {
                 "source_limit",
                 "closed: too many unidentified connections from this address",
                 Close,
+            ),
+            // 5.0 "not authorized": the client id is well formed and known, but this connection may not
+            // use it. 3.1.1 has "not authorized" too (0x05), but a device told 0x05 looks at its
+            // password; "identifier rejected" makes it (and its operator) look at its client id.
+            Reason::ClientIdSpoofed => (
+                "client_id_spoofed",
+                "refused: the client id belongs to another device, whose source or listener rule this connection does not meet",
+                Connack { v3: 0x02, v5: 0x87 },
+            ),
+            Reason::UnsupportedProtocol => (
+                "unsupported_protocol",
+                "refused: unsupported MQTT protocol level",
+                Connack { v3: 0x01, v5: 0x84 },
+            ),
+            Reason::TlsOnPlainPort => (
+                "tls_on_plain_port",
+                "closed: the device sent a TLS ClientHello to the plain MQTT port; configure it for plain MQTT \
+                 (no TLS) towards mqtls, which adds the TLS towards the broker",
+                Close,
+            ),
+            Reason::SourceConnections => (
+                "source_connections",
+                "refused: too many connections from this address (listen.max_connections_per_source)",
+                Connack { v3: 0x03, v5: 0x97 },
+            ),
+            Reason::SourceRate => (
+                "source_rate",
+                "refused: this address connects too often (listen.max_connects_per_source_per_second)",
+                Connack { v3: 0x03, v5: 0x97 },
             ),
         }
     }
@@ -136,6 +188,15 @@ pub enum Refusal<'a> {
         /// The listener it arrived on.
         listener: SocketAddr,
     },
+    /// The client id belongs to `owner`, whose other rules this connection does not meet.
+    ClientIdSpoofed {
+        /// The client id the connection sent.
+        client_id: &'a str,
+        /// The device it belongs to.
+        owner: &'a str,
+        /// The listener it arrived on.
+        listener: SocketAddr,
+    },
     /// The broker was not reached, or did not take the session.
     BrokerUnreachable {
         /// The most telling failure, for the `failure` field (the label of
@@ -149,6 +210,13 @@ pub enum Refusal<'a> {
         /// What is wrong with it.
         error: &'a (dyn fmt::Display + Sync),
     },
+    /// A CONNECT of a protocol level mqtls does not speak.
+    UnsupportedProtocol {
+        /// What was sent.
+        error: &'a (dyn fmt::Display + Sync),
+    },
+    /// A TLS ClientHello on the plain port.
+    TlsOnPlainPort,
     /// The CONNECT did not arrive whole in time.
     ConnectTimeout {
         /// Bytes received by then.
@@ -168,6 +236,20 @@ pub enum Refusal<'a> {
         /// `listen.max_pending_per_source`.
         limit: usize,
     },
+    /// Over `listen.max_connections_per_source`.
+    SourceConnections {
+        /// The client id, when the CONNECT could be read.
+        client_id: Option<&'a str>,
+        /// `listen.max_connections_per_source`.
+        limit: usize,
+    },
+    /// Over `listen.max_connects_per_source_per_second`.
+    SourceRate {
+        /// The client id, when the CONNECT could be read.
+        client_id: Option<&'a str>,
+        /// `listen.max_connects_per_source_per_second`.
+        limit: u32,
+    },
 }
 
 impl Refusal<'_> {
@@ -175,46 +257,93 @@ impl Refusal<'_> {
     pub fn reason(&self) -> Reason {
         match self {
             Refusal::UnknownDevice { .. } => Reason::UnknownDevice,
+            Refusal::ClientIdSpoofed { .. } => Reason::ClientIdSpoofed,
             Refusal::BrokerUnreachable { .. } => Reason::BrokerUnreachable,
             Refusal::BadConnect { .. } => Reason::BadConnect,
+            Refusal::UnsupportedProtocol { .. } => Reason::UnsupportedProtocol,
+            Refusal::TlsOnPlainPort => Reason::TlsOnPlainPort,
             Refusal::ConnectTimeout { .. } => Reason::ConnectTimeout,
             Refusal::Busy { .. } => Reason::Busy,
             Refusal::SourceLimit { .. } => Reason::SourceLimit,
+            Refusal::SourceConnections { .. } => Reason::SourceConnections,
+            Refusal::SourceRate { .. } => Reason::SourceRate,
         }
     }
 
-    /// Counts it and writes its one log line, with the same label.
-    pub fn record(&self, metrics: &Metrics) {
+    /// Counts it and, within the proxy's log budget, writes its one log line, with the same label. `peer`
+    /// is the device's address, whose network the budget is kept by.
+    pub fn record(&self, metrics: &Metrics, peer: IpAddr) {
         let reason = self.reason();
         metrics.refused(reason);
+        let (log, ended) = metrics.refusal_logs().admit(reason, peer, Instant::now());
+        write_summaries(ended);
+        if log {
+            self.log();
+        }
+    }
+
+    fn log(&self) {
+        let reason = self.reason();
         let (label, text) = (reason.label(), reason.text());
         match self {
             Refusal::UnknownDevice { client_id, listener } => {
                 warn!(reason = label, client_id = ?client_id, listener = %listener, "{text}")
             }
+            Refusal::ClientIdSpoofed {
+                client_id,
+                owner,
+                listener,
+            } => warn!(reason = label, client_id = ?client_id, owner = %owner, listener = %listener, "{text}"),
             Refusal::BrokerUnreachable { failure, error } => {
                 warn!(reason = label, failure = failure.label(), error = %error, "{text}")
             }
-            Refusal::BadConnect { error } => warn!(reason = label, error = %error, "{text}"),
+            Refusal::BadConnect { error } | Refusal::UnsupportedProtocol { error } => {
+                warn!(reason = label, error = %error, "{text}")
+            }
+            Refusal::TlsOnPlainPort => warn!(reason = label, "{text}"),
             Refusal::ConnectTimeout { received, limit } => {
                 warn!(reason = label, received, limit = ?limit, "{text}")
             }
-            Refusal::Busy { client_id, limit } => warn!(reason = label, client_id = ?client_id, limit, "{text}"),
+            Refusal::Busy { client_id, limit } | Refusal::SourceConnections { client_id, limit } => {
+                warn!(reason = label, client_id = ?client_id, limit, "{text}")
+            }
+            Refusal::SourceRate { client_id, limit } => warn!(reason = label, client_id = ?client_id, limit, "{text}"),
             Refusal::SourceLimit { limit } => warn!(reason = label, limit, "{text}"),
         }
     }
 }
 
+/// Writes what the log budget held back in a window that has ended, one line per reason.
+pub(crate) fn write_summaries(ended: Vec<log_budget::Summary>) {
+    for s in ended {
+        warn!(
+            reason = s.reason.label(),
+            held_back = s.held_back,
+            "{} more refusals reason={} from {} in the last {} s (each one counted in mqtls_connections_refused_total)",
+            s.held_back,
+            s.reason.label(),
+            s.sources(),
+            log_budget::WINDOW.as_secs()
+        );
+    }
+}
+
 /// Counts and logs `refusal`, then answers the device: a CONNACK in `version` where the reason has one
-/// and the CONNECT was read, and a gentle close in every case.
-pub async fn refuse<D>(metrics: &Metrics, device: D, version: Option<ProtocolVersion>, refusal: Refusal<'_>)
-where
+/// and the CONNECT was read, and a clean close in every case. `peer` is the device's address.
+pub async fn refuse<D>(
+    metrics: &Metrics,
+    device: D,
+    peer: IpAddr,
+    version: Option<ProtocolVersion>,
+    refusal: Refusal<'_>,
+) where
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    refusal.record(metrics);
+    refusal.record(metrics, peer);
     let code = version.and_then(|v| Some((v, refusal.reason().connack_code(v)?)));
-    if let Some((version, code)) = code {
-        answer(device, mqtt::connack(version, code).as_bytes()).await;
+    match code {
+        Some((version, code)) => answer(device, mqtt::connack(version, code).as_bytes()).await,
+        None => close(device).await,
     }
 }
 
@@ -239,10 +368,34 @@ async fn answer<D: AsyncRead + AsyncWrite + Unpin>(mut device: D, connack: &[u8]
     }
 }
 
+/// Closes without an answer, and without waiting: what the device has already sent is read and dropped
+/// (up to [`DRAIN_LIMIT`]), then the write side is shut, so that the close is a FIN rather than the reset
+/// a socket closed with unread bytes sends.
+async fn close<D: AsyncRead + AsyncWrite + Unpin>(mut device: D) {
+    drain_ready(&mut device);
+    let _ = timeout(LINGER, device.shutdown()).await;
+}
+
+/// Reads whatever `device` can give at once, without waiting for more.
+fn drain_ready<D: AsyncRead + Unpin>(device: &mut D) {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut sink = [0u8; 1024];
+    let mut drained = 0;
+    while drained < DRAIN_LIMIT {
+        let mut buf = ReadBuf::new(&mut sink);
+        match Pin::new(&mut *device).poll_read(&mut cx, &mut buf) {
+            Poll::Ready(Ok(())) if !buf.filled().is_empty() => drained += buf.filled().len(),
+            _ => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::duplex;
+
+    const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 168, 10, 21));
 
     #[test]
     fn labels_are_the_metric_contract() {
@@ -255,7 +408,12 @@ mod tests {
                 "bad_connect",
                 "connect_timeout",
                 "busy",
-                "source_limit"
+                "source_limit",
+                "client_id_spoofed",
+                "unsupported_protocol",
+                "tls_on_plain_port",
+                "source_connections",
+                "source_rate",
             ]
         );
         for (i, r) in Reason::ALL.iter().enumerate() {
@@ -279,6 +437,11 @@ mod tests {
                 (None, None, None),
                 (Some(0x03), Some(0x03), Some(0x89)),
                 (None, None, None),
+                (Some(0x02), Some(0x02), Some(0x87)),
+                (Some(0x01), Some(0x01), Some(0x84)),
+                (None, None, None),
+                (Some(0x03), Some(0x03), Some(0x97)),
+                (Some(0x03), Some(0x03), Some(0x97)),
             ]
         );
     }
@@ -292,7 +455,7 @@ mod tests {
             client_id: "nobody",
             listener,
         };
-        refuse(&metrics, ours, Some(ProtocolVersion::V5), refusal).await;
+        refuse(&metrics, ours, PEER, Some(ProtocolVersion::V5), refusal).await;
         let mut got = Vec::new();
         device.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, [0x20, 0x03, 0x00, 0x85, 0x00]);
@@ -306,7 +469,7 @@ mod tests {
         let metrics = Metrics::new(true);
         let (mut device, ours) = duplex(256);
         let refusal = Refusal::BadConnect { error: &"not MQTT" };
-        refuse(&metrics, ours, Some(ProtocolVersion::V311), refusal).await;
+        refuse(&metrics, ours, PEER, Some(ProtocolVersion::V311), refusal).await;
         let mut got = Vec::new();
         device.read_to_end(&mut got).await.unwrap();
         assert!(got.is_empty(), "nothing is said to a device whose CONNECT was not read");
@@ -320,6 +483,7 @@ mod tests {
         let refused = refuse(
             &metrics,
             ours,
+            PEER,
             Some(ProtocolVersion::V311),
             Refusal::Busy {
                 client_id: Some("late"),
@@ -330,5 +494,39 @@ mod tests {
             timeout(LINGER * 2, refused).await.is_ok(),
             "the refusal must not wait for ever"
         );
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_close_takes_what_the_device_sent_and_ends_with_a_fin() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut device = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        // A TLS ClientHello's worth of bytes, most of them unread by mqtls when it decides to close.
+        device.write_all(&[0x16; 1500]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let metrics = Metrics::new(true);
+        refuse(&metrics, ours, PEER, None, Refusal::TlsOnPlainPort).await;
+        let mut rest = Vec::new();
+        let end = device.read_to_end(&mut rest).await;
+        assert!(end.is_ok(), "a reset instead of a clean end: {end:?}");
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn a_flood_is_counted_whole_and_logged_within_the_budget() {
+        let metrics = Metrics::new(true);
+        let lines = crate::test_log::capture(|| {
+            for i in 0..10_000u32 {
+                let peer = IpAddr::from([10, 0, (i % 4) as u8, 7]);
+                Refusal::BadConnect { error: &"not MQTT" }.record(&metrics, peer);
+            }
+        });
+        let logged = lines.iter().filter(|l| l.contains("reason=\"bad_connect\"")).count();
+        assert_eq!(logged, 4 * log_budget::PER_NETWORK as usize, "{lines:#?}");
+        assert!(metrics
+            .render()
+            .contains("mqtls_connections_refused_total{reason=\"bad_connect\"} 10000"));
     }
 }
