@@ -180,7 +180,7 @@ impl<B: Broker> SetUp<'_, B> {
             Ok(read) => read,
             Err(e) => {
                 let (refusal, answer_as) = e.refusal(listen);
-                refuse(&self.metrics, device, peer, answer_as, refusal).await;
+                refuse(self.metrics, device, peer, answer_as, refusal).await;
                 return None;
             }
         };
@@ -196,7 +196,7 @@ impl<B: Broker> SetUp<'_, B> {
                         listener,
                     },
                 };
-                refuse(&self.metrics, device, peer, Some(connect.version), refusal).await;
+                refuse(self.metrics, device, peer, Some(connect.version), refusal).await;
                 return None;
             }
         };
@@ -214,7 +214,7 @@ impl<B: Broker> SetUp<'_, B> {
                     failure: e.failure(),
                     error: &e,
                 };
-                refuse(&self.metrics, device, peer, Some(connect.version), refusal).await;
+                refuse(self.metrics, device, peer, Some(connect.version), refusal).await;
                 return None;
             }
         };
@@ -267,7 +267,7 @@ impl<B: Broker> SetUp<'_, B> {
         self.metrics.upstream_failure(failure);
         let error = format!("the broker did not accept the connection: {e}");
         let refusal = Refusal::BrokerUnreachable { failure, error: &error };
-        refuse(&self.metrics, device, self.peer.ip(), Some(version), refusal).await;
+        refuse(self.metrics, device, self.peer.ip(), Some(version), refusal).await;
     }
 
     /// Delivers the device's first bytes (its CONNECT and anything after it) and relays the broker's
