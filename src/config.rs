@@ -17,7 +17,7 @@ use ipnet::IpNet;
 use rustls::pki_types::ServerName;
 use serde::Deserialize;
 
-use crate::rules::Rules;
+use crate::rules::{Pattern, Rules};
 
 /// MQTT's standard port for TLS, used when an upstream address gives no port.
 pub const DEFAULT_UPSTREAM_PORT: u16 = 8883;
@@ -107,7 +107,7 @@ pub struct Config {
     /// Device directory entries still waiting for their certificate; not served.
     pub pending: Vec<PendingDevice>,
     /// Identity for connections that match no device; `None` (the default) refuses them.
-    pub fallback: Option<IdentityFiles>,
+    pub fallback: Option<Fallback>,
     /// The device directory (`device_dir.path`), if one is configured.
     pub device_dir: Option<PathBuf>,
     /// The Prometheus endpoint; `None` (no `[metrics]` table): not served.
@@ -215,6 +215,18 @@ pub struct IdentityFiles {
     pub key: PathBuf,
 }
 
+/// The `[fallback]` table: an identity for connections that match no device, and who may have it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fallback {
+    /// The identity presented to the broker.
+    pub identity: IdentityFiles,
+    /// Networks a connection must come from (`fallback.source`); empty: any address.
+    pub sources: Vec<IpNet>,
+    /// Client id patterns one of which must match (`fallback.client_id`); empty: any client id that no
+    /// device owns.
+    pub client_ids: Vec<Pattern>,
+}
+
 /// One device: its match rules and its identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSpec {
@@ -274,6 +286,7 @@ impl DeviceSpec {
     pub fn rules(&self, shared: &[SocketAddr]) -> Rules {
         Rules {
             client_id: self.client_id.clone(),
+            client_id_patterns: Vec::new(),
             sources: self.sources.clone(),
             listeners: self.listeners(shared).to_vec(),
         }
@@ -355,7 +368,7 @@ struct RawConfig {
     #[serde(default)]
     device: Vec<RawDevice>,
     device_dir: Option<RawDeviceDir>,
-    fallback: Option<RawIdentity>,
+    fallback: Option<RawFallback>,
     metrics: Option<RawMetrics>,
     reload: Option<RawReload>,
 }
@@ -432,9 +445,11 @@ struct RawDirDevice {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawIdentity {
+struct RawFallback {
     cert: Option<String>,
     key: Option<String>,
+    source: Option<OneOrMany>,
+    client_id: Option<OneOrMany>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -524,9 +539,7 @@ impl Validator {
             devices.extend(self.device_dir(dir));
             path
         });
-        let fallback = raw
-            .fallback
-            .and_then(|f| self.identity("fallback", f.cert, f.key, None));
+        let fallback = raw.fallback.and_then(|f| self.fallback(f));
         let device_errors = self.errors.len() > errors_before_devices;
         let metrics = raw.metrics.and_then(|m| self.metrics(m));
         let reload = self.reload(raw.reload.unwrap_or_default());
@@ -803,7 +816,7 @@ impl Validator {
         };
         let before = self.errors.len();
         let has_rule = raw.client_id.is_some() || raw.source.is_some() || raw.listen.is_some();
-        let sources = self.sources(Some(&name), raw.source);
+        let sources = self.sources("source", Some(&name), raw.source);
         let listen = self.device_listen(&name, raw.listen);
         let identity = self.identity("", raw.cert, raw.key, Some(&name));
         if !has_rule {
@@ -827,7 +840,24 @@ impl Validator {
     }
 
     /// Source rules of a device, or (`device` = None) of the whole device directory.
-    fn sources(&mut self, device: Option<&str>, raw: Option<OneOrMany>) -> Vec<IpNet> {
+    fn fallback(&mut self, raw: RawFallback) -> Option<Fallback> {
+        let sources = self.sources("fallback.source", None, raw.source);
+        let mut client_ids = Vec::new();
+        for t in raw.client_id.map(OneOrMany::into_vec).unwrap_or_default() {
+            match Pattern::new(&t) {
+                Ok(p) => client_ids.push(p),
+                Err(reason) => self.error("fallback.client_id", format!("`{t}`: {reason}")),
+            }
+        }
+        let identity = self.identity("fallback", raw.cert, raw.key, None)?;
+        Some(Fallback {
+            identity,
+            sources,
+            client_ids,
+        })
+    }
+
+    fn sources(&mut self, key: &str, device: Option<&str>, raw: Option<OneOrMany>) -> Vec<IpNet> {
         let mut nets = Vec::new();
         for t in raw.map(OneOrMany::into_vec).unwrap_or_default() {
             match parse_net(&t) {
@@ -835,8 +865,8 @@ impl Validator {
                 None => {
                     let reason = format!("`{t}` is not an IP address or CIDR (e.g. 192.168.10.21 or 192.168.10.0/24)");
                     let e = match device {
-                        Some(d) => ConfigError::new(&self.path, "source", reason).for_device(d),
-                        None => ConfigError::new(&self.path, "device_dir.source", reason),
+                        Some(d) => ConfigError::new(&self.path, key, reason).for_device(d),
+                        None => ConfigError::new(&self.path, key, reason),
                     };
                     self.errors.push(e);
                 }
@@ -899,7 +929,7 @@ impl Validator {
 
     fn device_dir(&mut self, raw: RawDeviceDir) -> Vec<DeviceSpec> {
         let dir = self.resolve(&raw.path);
-        let shared_sources = self.sources(None, raw.source.clone());
+        let shared_sources = self.sources("device_dir.source", None, raw.source.clone());
         let entries = match device_dir_entries(&dir) {
             Ok(e) => e,
             Err(e) => {
@@ -945,7 +975,7 @@ impl Validator {
         // Errors about device.toml keys point at device.toml.
         let saved = std::mem::replace(&mut self.path, settings_path.clone());
         let sources = match settings.source {
-            Some(s) => self.sources(Some(&name), Some(s)),
+            Some(s) => self.sources("source", Some(&name), Some(s)),
             None => shared_sources.to_vec(),
         };
         let listen = self.device_listen(&name, settings.listen);

@@ -232,7 +232,7 @@ pub fn rows_from_config(config: &Config, now: SystemTime, soon_days: u32) -> Vec
     let fallback = config
         .fallback
         .iter()
-        .map(|f| IdentityRow::inspect(FALLBACK_NAME, &f.cert, &f.key, now, soon_days));
+        .map(|f| IdentityRow::inspect(FALLBACK_NAME, &f.identity.cert, &f.identity.key, now, soon_days));
     let pending = config.pending.iter().map(IdentityRow::pending);
     devices.chain(fallback).chain(pending).collect()
 }
@@ -307,7 +307,52 @@ pub fn warnings(table: &DeviceTable, now: SystemTime) -> Vec<String> {
     let rows = rows_from_table(table, now);
     let identities = rows.iter().flat_map(|r| row_warnings(r, now));
     let pending = table.pending().iter().map(PendingDevice::warning);
-    devices.chain(identities).chain(pending).collect()
+    let fallback = fallback_warnings(table);
+    devices.chain(identities).chain(pending).chain(fallback).collect()
+}
+
+/// Device names a warning lists before it says "and N more".
+const NAMED_IN_WARNING: usize = 5;
+
+/// What the fallback exposes: an identity for every client id no device names.
+fn fallback_warnings(table: &DeviceTable) -> Vec<String> {
+    let Some(fallback) = table.fallback() else {
+        return Vec::new();
+    };
+    let mut w = Vec::new();
+    if fallback.rules.sources.is_empty() && fallback.rules.client_id_patterns.is_empty() {
+        w.push(
+            "the [fallback] identity serves any client id that no device names, from any address: anyone on the \
+             LAN can present the client id of a device that reaches the broker some other way and take its session \
+             there; narrow it with fallback.source and fallback.client_id, and give the fallback identity a narrow \
+             ACL at the broker"
+                .to_string(),
+        );
+    }
+    let open: Vec<&str> = table
+        .devices()
+        .iter()
+        .filter(|d| d.rules.sources.is_empty())
+        .map(|d| &*d.name)
+        .collect();
+    if !open.is_empty() {
+        let mut names = open
+            .iter()
+            .take(NAMED_IN_WARNING)
+            .map(|n| format!("\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if open.len() > NAMED_IN_WARNING {
+            names.push_str(&format!(" and {} more", open.len() - NAMED_IN_WARNING));
+        }
+        w.push(format!(
+            "a [fallback] is configured beside {} device(s) without a `source` rule ({names}): whoever reaches them \
+             from anywhere gets their identity (a device's client id is never served by the fallback), and the \
+             fallback takes every other client id; add `source` to each device",
+            open.len()
+        ));
+    }
+    w
 }
 
 fn device_warnings(d: &Device, now: SystemTime) -> Vec<String> {

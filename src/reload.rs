@@ -313,7 +313,8 @@ fn watched_paths(config: &Config) -> Vec<PathBuf> {
     let in_device_dir = |p: &Path| config.device_dir.as_deref().is_some_and(|d| p.starts_with(d));
     let mut paths = vec![config.path.clone()];
     paths.extend(config.upstream.ca_file.clone());
-    let identities = config.devices.iter().map(|d| &d.identity).chain(&config.fallback);
+    let fallback = config.fallback.iter().map(|f| &f.identity);
+    let identities = config.devices.iter().map(|d| &d.identity).chain(fallback);
     for files in identities {
         paths.extend(
             [&files.cert, &files.key]

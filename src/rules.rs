@@ -16,6 +16,8 @@ use ipnet::IpNet;
 pub struct Rules {
     /// The MQTT client identifier, exactly; `None`: any.
     pub client_id: Option<String>,
+    /// Client id patterns one of which must match; empty: any. Only the fallback has them.
+    pub client_id_patterns: Vec<Pattern>,
     /// Networks one of which must hold the device's address; empty: any address.
     pub sources: Vec<IpNet>,
     /// The listeners the device may arrive on (configured addresses).
@@ -28,11 +30,14 @@ impl Rules {
     pub fn matches(&self, listener: SocketAddr, peer: IpAddr, client_id: &str) -> bool {
         self.listeners.contains(&listener)
             && self.client_id.as_deref().is_none_or(|id| id == client_id)
+            && (self.client_id_patterns.is_empty() || self.client_id_patterns.iter().any(|p| p.matches(client_id)))
             && (self.sources.is_empty() || self.sources.iter().any(|n| n.contains(&peer)))
     }
 
     /// Whether one connection could satisfy both `self` and `other`: the same client id (or either
-    /// takes any), a listener in common, and an address both allow.
+    /// takes any), a listener in common, and an address both allow. Client id patterns are taken to
+    /// match anything: the answer may be "yes" where no connection could in fact meet both, never "no"
+    /// where one could.
     pub fn can_overlap(&self, other: &Rules) -> bool {
         let ids = match (&self.client_id, &other.client_id) {
             (Some(x), Some(y)) => x == y,
@@ -58,10 +63,66 @@ impl fmt::Display for Rules {
         if let Some(id) = &self.client_id {
             write!(f, "client_id={id} ")?;
         }
+        if !self.client_id_patterns.is_empty() {
+            write!(f, "client_id={} ", join(&self.client_id_patterns))?;
+        }
         if !self.sources.is_empty() {
             write!(f, "source={} ", join(&self.sources))?;
         }
         write!(f, "listen={}", join(&self.listeners))
+    }
+}
+
+/// A client id pattern: `*` stands for any run of characters (none included), `?` for one character,
+/// anything else for itself. `sensor-*` matches `sensor-12` and `sensor-`; `lab-??` matches `lab-07`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(String);
+
+impl Pattern {
+    /// The pattern `text`; an empty one matches nothing useful and is refused, as is one longer than a
+    /// client id can be.
+    pub fn new(text: &str) -> Result<Pattern, String> {
+        if text.is_empty() {
+            return Err(
+                "an empty pattern matches only the empty client id; write \"\" as a device's client_id instead".into(),
+            );
+        }
+        if text.len() > usize::from(u16::MAX) {
+            return Err("longer than any MQTT client id".into());
+        }
+        Ok(Pattern(text.to_string()))
+    }
+
+    /// Whether `id` matches, character by character.
+    pub fn matches(&self, id: &str) -> bool {
+        let (p, s): (Vec<char>, Vec<char>) = (self.0.chars().collect(), id.chars().collect());
+        // The classic greedy match with one backtrack point: linear in practice, O(p * s) at worst.
+        let (mut pi, mut si) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while si < s.len() {
+            match p.get(pi) {
+                Some('*') => {
+                    star = Some((pi, si));
+                    pi += 1;
+                }
+                Some('?') => (pi, si) = (pi + 1, si + 1),
+                Some(c) if *c == s[si] => (pi, si) = (pi + 1, si + 1),
+                _ => match star {
+                    Some((sp, ss)) => {
+                        star = Some((sp, ss + 1));
+                        (pi, si) = (sp + 1, ss + 1);
+                    }
+                    None => return false,
+                },
+            }
+        }
+        p[pi..].iter().all(|c| *c == '*')
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -80,9 +141,42 @@ mod tests {
     fn rules(client_id: Option<&str>, sources: &[&str], listeners: &[&str]) -> Rules {
         Rules {
             client_id: client_id.map(str::to_string),
+            client_id_patterns: Vec::new(),
             sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
             listeners: listeners.iter().map(|l| l.parse().unwrap()).collect(),
         }
+    }
+
+    #[test]
+    fn patterns_match_as_documented() {
+        let cases = [
+            ("sensor-*", "sensor-12", true),
+            ("sensor-*", "sensor-", true),
+            ("sensor-*", "sensor", false),
+            ("lab-??", "lab-07", true),
+            ("lab-??", "lab-7", false),
+            ("*-temp-*", "hall-temp-3", true),
+            ("*-temp-*", "hall-hum-3", false),
+            ("a*b*c", "abbbc", true),
+            ("a*b*c", "acb", false),
+            ("*", "", true),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+            ("ü?", "üß", true),
+        ];
+        for (pattern, id, expected) in cases {
+            assert_eq!(Pattern::new(pattern).unwrap().matches(id), expected, "{pattern} / {id}");
+        }
+        assert!(Pattern::new("").is_err());
+    }
+
+    #[test]
+    fn a_pattern_rule_narrows_the_entry() {
+        let mut r = rules(None, &[], &[SHARED]);
+        r.client_id_patterns = vec![Pattern::new("guest-*").unwrap()];
+        assert!(r.matches(SHARED.parse().unwrap(), "10.0.0.1".parse().unwrap(), "guest-7"));
+        assert!(!r.matches(SHARED.parse().unwrap(), "10.0.0.1".parse().unwrap(), "boiler-1"));
+        assert_eq!(r.to_string(), "client_id=guest-* listen=0.0.0.0:1883");
     }
 
     #[test]
@@ -175,8 +269,10 @@ mod tests {
             .prop_map(|(host, len)| IpNet::new(IpAddr::from([10, 0, 0, host]), len).unwrap().trunc());
         let sources = prop::collection::vec(net, 0..3);
         let listeners = prop::sample::subsequence(vec![1883u16, 1884], 1..=2);
-        (id, sources, listeners).prop_map(|(id, sources, ports)| Rules {
+        let patterns = prop::collection::vec(prop::sample::select(vec!["a*", "?", "*c", "b"]), 0..2);
+        (id, patterns, sources, listeners).prop_map(|(id, patterns, sources, ports)| Rules {
             client_id: id.map(str::to_string),
+            client_id_patterns: patterns.into_iter().map(|p| Pattern::new(p).unwrap()).collect(),
             sources,
             listeners: ports.into_iter().map(|p| SocketAddr::from(([0, 0, 0, 0], p))).collect(),
         })

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{Device, DeviceTable, Routes, Rules};
-use crate::config::{Config, ConfigError, ConfigErrors, DeviceSpec, IdentityFiles};
+use crate::config::{Config, ConfigError, ConfigErrors, DeviceSpec, Fallback, IdentityFiles};
 use crate::stamp::Stamp;
 use crate::tls::{self, Identity, TlsFileError, TlsSettings};
 
@@ -95,7 +95,7 @@ impl DeviceTable {
             }
         }
         let fallback = match &config.fallback {
-            Some(files) => match load(files).map(|identity| fallback_device(identity, &config.listen.addresses)) {
+            Some(f) => match load(&f.identity).map(|identity| fallback_device(f, identity, &config.listen.addresses)) {
                 Ok(d) => Some(Arc::new(d)),
                 Err(e) => {
                     errors.push(identity_error(&config.path, None, e));
@@ -126,13 +126,15 @@ fn device(spec: &DeviceSpec, identity: Identity, shared: &[SocketAddr]) -> Devic
     }
 }
 
-/// The fallback serves whatever arrives on the shared listeners and matches no device.
-fn fallback_device(identity: Identity, shared: &[SocketAddr]) -> Device {
+/// The fallback serves what arrives on the shared listeners, matches no device, and meets its own
+/// `source` and `client_id` rules.
+fn fallback_device(fallback: &Fallback, identity: Identity, shared: &[SocketAddr]) -> Device {
     Device {
         name: crate::config::FALLBACK_NAME.into(),
         rules: Rules {
             client_id: None,
-            sources: Vec::new(),
+            client_id_patterns: fallback.client_ids.clone(),
+            sources: fallback.sources.clone(),
             listeners: shared.to_vec(),
         },
         identity,

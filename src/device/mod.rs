@@ -131,6 +131,11 @@ impl DeviceTable {
         self.routes.all()
     }
 
+    /// The fallback identity, if one is configured.
+    pub fn fallback(&self) -> Option<&Arc<Device>> {
+        self.routes.fallback.as_ref()
+    }
+
     /// The device directory entries still waiting for their certificate (not served).
     pub fn pending(&self) -> &[PendingDevice] {
         &self.pending
@@ -170,6 +175,7 @@ mod tests {
             name: name.into(),
             rules: Rules {
                 client_id: client_id.map(str::to_string),
+                client_id_patterns: Vec::new(),
                 sources: sources.iter().map(|s| crate::config::parse_net(s).unwrap()).collect(),
                 listeners: listeners.iter().map(|l| l.parse().unwrap()).collect(),
             },

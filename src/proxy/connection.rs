@@ -559,6 +559,7 @@ mod tests {
             name: "boiler-1".into(),
             rules: Rules {
                 client_id: Some("boiler-1".into()),
+                client_id_patterns: Vec::new(),
                 sources: Vec::new(),
                 listeners: vec![listener],
             },

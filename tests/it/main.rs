@@ -17,6 +17,7 @@ mod daemon;
 mod harness;
 mod identity;
 mod keepalive;
+mod lan;
 mod metrics;
 mod recipes;
 mod refusals;

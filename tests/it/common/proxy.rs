@@ -85,6 +85,8 @@ pub struct ProxyConfig {
     pub max_connections_per_source: Option<usize>,
     /// `listen.max_connects_per_source_per_second`; unset, far above what a test opens from 127.0.0.1.
     pub max_connects_per_source_per_second: Option<u32>,
+    /// `listen.max_idle`, e.g. `"2s"`.
+    pub max_idle: Option<String>,
     pub shutdown_grace: Option<String>,
     pub devices: Vec<DeviceEntry>,
     pub extra: String,
@@ -106,6 +108,7 @@ impl ProxyConfig {
             max_pending_per_source: None,
             max_connections_per_source: None,
             max_connects_per_source_per_second: None,
+            max_idle: None,
             shutdown_grace: None,
             devices: Vec::new(),
             extra: String::new(),
@@ -149,6 +152,9 @@ impl ProxyConfig {
         );
         if let Some(n) = self.max_pending_per_source {
             s = s.replacen("[upstream]", &format!("max_pending_per_source = {n}\n\n[upstream]"), 1);
+        }
+        if let Some(i) = &self.max_idle {
+            s = s.replacen("[upstream]", &format!("max_idle = {i:?}\n\n[upstream]"), 1);
         }
         if let Some(g) = &self.shutdown_grace {
             s = s.replacen("[upstream]", &format!("shutdown_grace = {g:?}\n\n[upstream]"), 1);
