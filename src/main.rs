@@ -43,7 +43,11 @@ enum Command {
     },
     /// Validate the configuration, load every certificate and key, and print the device table.
     ///
-    /// Exits 0 if everything is usable, 1 (after listing every problem) if not.
+    /// Prints one row per device (certificate expiry, flags, match rules) and the limits in force, and
+    /// warns about what is risky: a device matched by client id alone, a fallback that is not narrowed
+    /// by address and client id, devices without a source rule beside a fallback, certificates that
+    /// expire soon, keys others can read. Exits 0 if everything is usable, 1 (after listing every
+    /// problem) if not.
     Check {
         /// Configuration file (TOML).
         #[arg(short, long, value_name = "FILE", default_value = "/etc/mqtls/mqtls.toml")]
@@ -169,6 +173,16 @@ fn check(path: &std::path::Path) -> ExitCode {
                 path.display(),
                 listeners.join(", "),
                 upstream.join(", ")
+            );
+            let l = &config.listen;
+            println!(
+                "limits: {} connections in all; per address {} open, {} new per second, {} still sending their \
+                 CONNECT; a connection silent both ways is closed after {}",
+                l.max_connections,
+                l.max_connections_per_source,
+                l.max_connects_per_source_per_second,
+                l.max_pending_per_source,
+                humantime::format_duration(l.max_idle)
             );
             ExitCode::SUCCESS
         }

@@ -118,6 +118,52 @@ fn check_good_config_exits_0_and_prints_each_device_with_subject_and_expiry() {
 }
 
 #[test]
+fn check_prints_the_limits_in_force() {
+    let pki = Pki::new();
+    let config = check_config(&pki);
+    let out = mqtls(&["check", "--config", config.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("limits: 10000 connections in all; per address 16 open, 5 new per second, 64 still sending"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("closed after 1h"), "{stdout}");
+}
+
+#[test]
+fn check_says_what_an_open_fallback_exposes_and_when_it_is_narrowed() {
+    let pki = Pki::new();
+    let config = check_config(&pki);
+    device_cert(pki.dir(), "shared", (2033, 1, 1));
+    let fallback = "\n[fallback]\ncert = \"shared/cert.pem\"\nkey = \"shared/key.pem\"\n";
+    let base = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{base}{fallback}")).unwrap();
+    let out = mqtls(&["check", "--config", config.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: the [fallback] identity serves any client id"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(r#"a [fallback] is configured beside 1 device(s) without a `source` rule ("boiler-1")"#),
+        "{stderr}"
+    );
+
+    let narrowed = format!("{base}{fallback}source = \"192.168.50.0/24\"\nclient_id = [\"guest-*\"]\n");
+    std::fs::write(&config, narrowed).unwrap();
+    let out = mqtls(&["check", "--config", config.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("serves any client id"), "{stderr}");
+    let row = text(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("fallback"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(row.contains("client_id=guest-* source=192.168.50.0/24"), "{row}");
+}
+
+#[test]
 fn check_warns_about_a_device_matched_by_client_id_alone() {
     let pki = Pki::new();
     let config = check_config(&pki);
