@@ -149,13 +149,12 @@ start_broker() {
 # Publishes through mqtls on $1 as device $2 and checks that an observer at the broker, presenting
 # $3/cert.pem and key.pem, receives it.
 publish_through() {
-  local port=$1 device=$2 observer=$3 message="hello from $2 at $RANDOM" got
+  local port=$1 device=$2 observer=$3 message="hello from $2 at $RANDOM" got subscribed_before
+  # shellcheck disable=SC2034 # read by the condition below
+  subscribed_before=$(grep -c "Received SUBSCRIBE" "$broker_log" || true)
   mosquitto_sub -h 127.0.0.1 -p "$broker_port" --cafile "$broker_ca" --cert "$observer/cert.pem" \
     --key "$observer/key.pem" -i "observer-$RANDOM" -t "sensors/#" -C 1 -W 60 >"$work/received" 2>&1 &
   local sub=$!
-  local subscribed_before
-  # shellcheck disable=SC2034 # read by the condition below
-  subscribed_before=$(grep -c "Received SUBSCRIBE" "$broker_log" || true)
   diagnose='cat "$work/received"; tail -n 5 "$broker_log"'
   wait_for 30 "the observer subscribed" '[ "$(grep -c "Received SUBSCRIBE" "$broker_log")" -gt "$subscribed_before" ]'
   diagnose=""

@@ -107,6 +107,7 @@ debian_std_sysroot() {
     rm -rf "$sysroot.tmp" && mkdir -p "$sysroot.tmp"
     dpkg-deb -x "$deb" "$sysroot.tmp"
     rm -rf "$sysroot" && mv "$sysroot.tmp" "$sysroot"
+    rm -f "$deb"
   fi
   echo "$sysroot/usr"
 }

@@ -117,14 +117,22 @@ fn completions_for_an_unknown_shell_is_a_usage_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("possible values: bash"));
 }
 
-/// The demo binary that `scripts/demo.sh` runs; `cargo test` builds examples beside the binaries.
+/// The demo binary that `scripts/demo.sh` runs, built as that script builds it (`cargo test --all-targets`
+/// compiles examples as test harnesses, not as the program; cargo holds no lock while tests run).
 fn demo_binary() -> PathBuf {
-    let demo = PathBuf::from(BIN).with_file_name("examples").join("demo");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--locked", "--quiet", "--example", "demo"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo");
     assert!(
-        demo.exists(),
-        "{} is missing: `cargo test` builds it (or `cargo build --example demo`)",
-        demo.display()
+        out.status.success(),
+        "cargo build --example demo: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let demo = PathBuf::from(BIN).with_file_name("examples").join("demo");
+    assert!(demo.exists(), "cargo built no {}", demo.display());
     demo
 }
 
