@@ -62,6 +62,10 @@ pub enum Reason {
     SourceConnections,
     /// Over `listen.max_connects_per_source_per_second` for one address.
     SourceRate,
+    /// The broker answered the device's CONNECT with a refusal (passed on unchanged).
+    BrokerRefused,
+    /// The broker closed the connection before its CONNACK.
+    BrokerClosed,
 }
 
 /// What the device is told.
@@ -75,7 +79,7 @@ enum Answer {
 
 impl Reason {
     /// Every reason, in declaration order (`reason as usize` indexes it).
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 13] = [
         Reason::UnknownDevice,
         Reason::BrokerUnreachable,
         Reason::BadConnect,
@@ -87,6 +91,8 @@ impl Reason {
         Reason::TlsOnPlainPort,
         Reason::SourceConnections,
         Reason::SourceRate,
+        Reason::BrokerRefused,
+        Reason::BrokerClosed,
     ];
 
     /// The label value, in metrics and logs alike. Dashboards and alerts rely on these: keep them.
@@ -158,6 +164,18 @@ impl Reason {
                 "source_rate",
                 "refused: this address connects too often (listen.max_connects_per_source_per_second)",
                 Connack { v3: 0x03, v5: 0x97 },
+            ),
+            // The device has the broker's own CONNACK already.
+            Reason::BrokerRefused => (
+                "broker_refused",
+                "refused by the broker: its CONNACK was passed on to the device",
+                Close,
+            ),
+            Reason::BrokerClosed => (
+                "broker_closed",
+                "refused: the broker closed the connection before its CONNACK (AWS IoT Core does so when a policy \
+                 denies the client id or the connection)",
+                Connack { v3: 0x03, v5: 0x88 },
             ),
         }
     }
@@ -250,6 +268,18 @@ pub enum Refusal<'a> {
         /// `listen.max_connects_per_source_per_second`.
         limit: u32,
     },
+    /// The broker refused the device with CONNACK `code`.
+    BrokerRefused {
+        /// The return code (3.1.x) or reason code (5.0).
+        code: u8,
+        /// The device's MQTT version, which says what the code means.
+        version: ProtocolVersion,
+    },
+    /// The broker closed the connection before its CONNACK.
+    BrokerClosed {
+        /// How it ended.
+        error: &'a (dyn fmt::Display + Sync),
+    },
 }
 
 impl Refusal<'_> {
@@ -267,6 +297,8 @@ impl Refusal<'_> {
             Refusal::SourceLimit { .. } => Reason::SourceLimit,
             Refusal::SourceConnections { .. } => Reason::SourceConnections,
             Refusal::SourceRate { .. } => Reason::SourceRate,
+            Refusal::BrokerRefused { .. } => Reason::BrokerRefused,
+            Refusal::BrokerClosed { .. } => Reason::BrokerClosed,
         }
     }
 
@@ -309,6 +341,11 @@ impl Refusal<'_> {
             }
             Refusal::SourceRate { client_id, limit } => warn!(reason = label, client_id = ?client_id, limit, "{text}"),
             Refusal::SourceLimit { limit } => warn!(reason = label, limit, "{text}"),
+            Refusal::BrokerRefused { code, version } => {
+                let meaning = mqtt::connack_code_name(*version, *code);
+                warn!(reason = label, code = format_args!("{code:#04x}"), meaning, "{text}")
+            }
+            Refusal::BrokerClosed { error } => warn!(reason = label, error = %error, "{text}"),
         }
     }
 }
@@ -414,6 +451,8 @@ mod tests {
                 "tls_on_plain_port",
                 "source_connections",
                 "source_rate",
+                "broker_refused",
+                "broker_closed",
             ]
         );
         for (i, r) in Reason::ALL.iter().enumerate() {
@@ -442,6 +481,8 @@ mod tests {
                 (None, None, None),
                 (Some(0x03), Some(0x03), Some(0x97)),
                 (Some(0x03), Some(0x03), Some(0x97)),
+                (None, None, None),
+                (Some(0x03), Some(0x03), Some(0x88)),
             ]
         );
     }
