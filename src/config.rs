@@ -114,6 +114,23 @@ pub struct Config {
     pub metrics: Option<Metrics>,
     /// When a changed file triggers a reload.
     pub reload: Reload,
+    /// When open connections are retired so that their device reconnects under its current certificate;
+    /// `None` (no `[retire]` table, the default): never.
+    pub retire: Option<Retire>,
+}
+
+/// The `[retire]` table: retiring long sessions whose certificate was replaced or is about to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retire {
+    /// Retire a connection once a reload has replaced its device's certificate.
+    pub renewed: bool,
+    /// Retire a connection this long before its certificate's notAfter (at notAfter for one opened
+    /// closer to it than that); `None`: not for expiry.
+    pub expiring_within: Option<Duration>,
+    /// How long after the reason arises a connection is retired (spreads a fleet's reconnects).
+    pub grace: Duration,
+    /// The safe point: nothing passed either way for this long.
+    pub quiet: Duration,
 }
 
 /// The `[metrics]` table.
@@ -378,6 +395,7 @@ struct RawConfig {
     fallback: Option<RawFallback>,
     metrics: Option<RawMetrics>,
     reload: Option<RawReload>,
+    retire: Option<RawRetire>,
 }
 
 #[derive(Deserialize)]
@@ -385,6 +403,15 @@ struct RawConfig {
 struct RawMetrics {
     address: Option<String>,
     device_labels: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetire {
+    renewed: Option<bool>,
+    expiring_within: Option<String>,
+    grace: Option<String>,
+    quiet: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -508,6 +535,13 @@ const DEFAULT_MAX_CONNECTING: usize = 64;
 const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Resolvers answer in milliseconds or not at all.
 const DEFAULT_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Long enough that a renewed fleet does not reconnect all at once; short enough that an old certificate
+/// does not live on for long.
+const DEFAULT_RETIRE_GRACE: Duration = Duration::from_secs(600);
+/// Devices send a packet in one go; two seconds of nothing either way means none is on its way.
+const DEFAULT_RETIRE_QUIET: Duration = Duration::from_secs(2);
+/// Certificates are renewed weeks ahead, at most.
+const MAX_EXPIRY_MARGIN: Duration = Duration::from_secs(90 * 86_400);
 /// An address that keeps failing is tried again at least this often.
 const DEFAULT_FAILED_ADDRESS_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -560,6 +594,7 @@ impl Validator {
         let device_errors = self.errors.len() > errors_before_devices;
         let metrics = raw.metrics.and_then(|m| self.metrics(m));
         let reload = self.reload(raw.reload.unwrap_or_default());
+        let retire = raw.retire.map(|r| self.retire(r));
 
         self.unique_names(&devices);
         if fallback.is_some() {
@@ -592,6 +627,7 @@ impl Validator {
                 device_dir,
                 metrics,
                 reload,
+                retire,
             }),
             _ => Err(ConfigErrors(self.errors)),
         }
@@ -793,6 +829,36 @@ impl Validator {
             address,
             device_labels: raw.device_labels.unwrap_or(true),
         })
+    }
+
+    fn retire(&mut self, raw: RawRetire) -> Retire {
+        let expiring_within = raw.expiring_within.map(|t| match humantime::parse_duration(&t) {
+            Ok(d) if d <= MAX_EXPIRY_MARGIN => d,
+            Ok(_) => {
+                self.error("retire.expiring_within", format!("`{t}` is longer than 90 days"));
+                Duration::ZERO
+            }
+            Err(e) => {
+                let reason = format!("`{t}` is not a duration ({e}); write e.g. \"7d\", \"48h\", \"0s\" (at notAfter)");
+                self.error("retire.expiring_within", reason);
+                Duration::ZERO
+            }
+        });
+        let quiet = self.duration("retire.quiet", raw.quiet, DEFAULT_RETIRE_QUIET);
+        let grace = self.duration("retire.grace", raw.grace, DEFAULT_RETIRE_GRACE);
+        let renewed = raw.renewed.unwrap_or(true);
+        if !renewed && expiring_within.is_none() {
+            self.error(
+                "retire",
+                "retires nothing: set renewed = true or expiring_within (or remove the [retire] table)",
+            );
+        }
+        Retire {
+            renewed,
+            expiring_within,
+            grace,
+            quiet,
+        }
     }
 
     fn reload(&mut self, raw: RawReload) -> Reload {

@@ -140,6 +140,8 @@ pub enum End {
     BrokerStalled(Duration),
     /// Nothing passed either way for `listen.max_idle`.
     Idle(Duration),
+    /// Retired at a safe point (`[retire]`).
+    Retired(Retirement),
     /// Reading from or writing to one side failed.
     Error {
         /// The side whose socket failed.
@@ -156,6 +158,12 @@ impl fmt::Display for End {
             End::DeviceSilent(limit) => write!(f, "device silent for {limit:?} (1.5 x keep-alive)"),
             End::BrokerStalled(limit) => write!(f, "broker took no bytes for {limit:?} (1.5 x keep-alive)"),
             End::Idle(limit) => write!(f, "nothing passed either way for {limit:?} (listen.max_idle)"),
+            End::Retired(Retirement::Renewed) => {
+                f.write_str("retired: its certificate was replaced ([retire] renewed)")
+            }
+            End::Retired(Retirement::Expiring) => {
+                f.write_str("retired: its certificate is ending ([retire] expiring_within)")
+            }
             End::Error { side, error } => write!(f, "{side} error: {error}"),
         }
     }
@@ -355,89 +363,179 @@ pub struct Silence {
     pub both: Duration,
 }
 
-/// Copies between `device` and `broker` until both directions end, an error occurs, or a [`Silence`]
-/// limit passes.
+/// Why a connection is retired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retirement {
+    /// A reload replaced its device's certificate.
+    Renewed,
+    /// Its certificate is about to end.
+    Expiring,
+}
+
+impl Retirement {
+    /// The `reason` label of `mqtls_connections_retired_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Retirement::Renewed => "renewed",
+            Retirement::Expiring => "expiring",
+        }
+    }
+}
+
+/// When to end a connection at a safe point: once `due` completes, as soon as nothing has passed either
+/// way for `quiet` and nothing waits in the copy's buffers, or `patience` later whatever happens. Boxed,
+/// so that a connection without it carries one pointer.
+pub struct Retire<'a> {
+    due: Pin<Box<dyn Future<Output = Retirement> + Send + 'a>>,
+    quiet: Duration,
+    patience: Duration,
+    /// Once due: why, and by when at the latest.
+    retiring: Option<(Retirement, Instant)>,
+}
+
+impl<'a> Retire<'a> {
+    /// Retires once `due` completes (with its reason), at the first `quiet` moment, or `patience` later.
+    pub fn new(
+        due: Pin<Box<dyn Future<Output = Retirement> + Send + 'a>>,
+        quiet: Duration,
+        patience: Duration,
+    ) -> Box<Retire<'a>> {
+        Box::new(Retire {
+            due,
+            quiet,
+            patience,
+            retiring: None,
+        })
+    }
+}
+
+/// Copies between `device` and `broker` until both directions end, an error occurs, a [`Silence`]
+/// limit passes, or the connection is retired ([`Retire`]).
 ///
 /// One timer serves both limits. Activity only notes the time; the timer is set again when it fires
 /// early, for whichever deadline then comes first, so a busy connection does not touch the timer wheel
 /// on every packet.
-pub async fn pipe<D, B>(device: &mut D, broker: &mut B, silence: Silence) -> Transfer
+pub async fn pipe<D, B>(device: &mut D, broker: &mut B, silence: Silence, retire: Option<Box<Retire<'_>>>) -> Transfer
 where
     D: Duplex + ?Sized,
     B: Duplex + ?Sized,
 {
-    let mut up = Half::default();
-    let mut down = Half::default();
-    let mut first_closed = None;
     let started = Instant::now();
-    let mut device_heard = started;
-    let mut any_heard = started;
     let first_deadline = started + silence.device.map_or(silence.both, |d| d.min(silence.both));
-    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(first_deadline));
+    // One struct, so that the closure below holds one reference to it rather than one per variable.
+    let mut st = CopyState {
+        up: Half::default(),
+        down: Half::default(),
+        first_closed: None,
+        device_heard: started,
+        any_heard: started,
+        timer: Box::pin(tokio::time::sleep_until(first_deadline)),
+        retire,
+    };
+    let end = poll_fn(|cx| st.poll(cx, device, broker, &silence)).await;
+    Transfer {
+        device_to_broker: st.up.bytes,
+        broker_to_device: st.down.bytes,
+        end,
+    }
+}
 
-    let end = poll_fn(|cx| {
-        if !up.done {
+/// Both directions of a copy, and when it last heard from each side.
+struct CopyState<'a> {
+    up: Half,
+    down: Half,
+    first_closed: Option<Side>,
+    device_heard: Instant,
+    any_heard: Instant,
+    /// One timer for every limit: set again, for whichever deadline comes first, when it fires early.
+    timer: Pin<Box<Sleep>>,
+    retire: Option<Box<Retire<'a>>>,
+}
+
+impl CopyState<'_> {
+    fn poll<D, B>(&mut self, cx: &mut Context<'_>, device: &mut D, broker: &mut B, silence: &Silence) -> Poll<End>
+    where
+        D: Duplex + ?Sized,
+        B: Duplex + ?Sized,
+    {
+        if !self.up.done {
             let mut activity = false;
-            let r = up.poll_copy(cx, device, broker, &mut activity);
+            let r = self.up.poll_copy(cx, device, broker, &mut activity);
             if activity {
-                device_heard = Instant::now();
-                any_heard = device_heard;
+                self.device_heard = Instant::now();
+                self.any_heard = self.device_heard;
             }
             match r {
                 Poll::Ready(Ok(())) => {
-                    up.done = true;
-                    first_closed.get_or_insert(Side::Device);
+                    self.up.done = true;
+                    self.first_closed.get_or_insert(Side::Device);
                 }
                 Poll::Ready(Err(failed)) => return Poll::Ready(failed.end(Side::Device, Side::Broker)),
                 Poll::Pending => {}
             }
         }
-        if !down.done {
+        if !self.down.done {
             let mut activity = false;
-            let r = down.poll_copy(cx, broker, device, &mut activity);
+            let r = self.down.poll_copy(cx, broker, device, &mut activity);
             if activity {
-                any_heard = Instant::now();
+                self.any_heard = Instant::now();
             }
             match r {
                 Poll::Ready(Ok(())) => {
-                    down.done = true;
-                    first_closed.get_or_insert(Side::Broker);
+                    self.down.done = true;
+                    self.first_closed.get_or_insert(Side::Broker);
                 }
                 Poll::Ready(Err(failed)) => return Poll::Ready(failed.end(Side::Broker, Side::Device)),
                 Poll::Pending => {}
             }
         }
-        if let Some(first) = first_closed.filter(|_| up.done && down.done) {
+        if let Some(first) = self.first_closed.filter(|_| self.up.done && self.down.done) {
             return Poll::Ready(End::Closed { first });
         }
-        while timer.as_mut().poll(cx).is_ready() {
-            let now = Instant::now();
-            let device_deadline = silence
-                .device
-                .filter(|_| !up.done)
-                .map(|limit| (device_heard + limit, limit));
-            if let Some((_, limit)) = device_deadline.filter(|(at, _)| *at <= now) {
-                return Poll::Ready(if up.pending() {
-                    End::BrokerStalled(limit)
-                } else {
-                    End::DeviceSilent(limit)
-                });
+        if let Some(r) = self.retire.as_mut().filter(|r| r.retiring.is_none()) {
+            if let Poll::Ready(why) = r.due.as_mut().poll(cx) {
+                r.retiring = Some((why, Instant::now() + r.patience));
+                // Looked at now: the connection may be quiet already.
+                self.timer.as_mut().reset(Instant::now());
             }
-            let idle_deadline = any_heard + silence.both;
-            if idle_deadline <= now {
-                return Poll::Ready(End::Idle(silence.both));
+        }
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if let Some(end) = self.deadline_passed(silence) {
+                return Poll::Ready(end);
             }
-            let next = device_deadline.map_or(idle_deadline, |(at, _)| at.min(idle_deadline));
-            timer.as_mut().reset(next);
         }
         Poll::Pending
-    })
-    .await;
+    }
 
-    Transfer {
-        device_to_broker: up.bytes,
-        broker_to_device: down.bytes,
-        end,
+    /// The timer fired: the limit that passed, if one did; otherwise the timer is set for the next one.
+    fn deadline_passed(&mut self, silence: &Silence) -> Option<End> {
+        let now = Instant::now();
+        let device_deadline = silence
+            .device
+            .filter(|_| !self.up.done)
+            .map(|limit| (self.device_heard + limit, limit));
+        if let Some((_, limit)) = device_deadline.filter(|(at, _)| *at <= now) {
+            return Some(if self.up.pending() {
+                End::BrokerStalled(limit)
+            } else {
+                End::DeviceSilent(limit)
+            });
+        }
+        let idle_deadline = self.any_heard + silence.both;
+        if idle_deadline <= now {
+            return Some(End::Idle(silence.both));
+        }
+        let mut next = device_deadline.map_or(idle_deadline, |(at, _)| at.min(idle_deadline));
+        if let Some((r, (why, latest))) = self.retire.as_ref().and_then(|r| Some((r, r.retiring?))) {
+            let quiet_since = self.any_heard + r.quiet;
+            let safe = quiet_since <= now && !self.up.pending() && !self.down.pending();
+            if safe || latest <= now {
+                return Some(End::Retired(why));
+            }
+            next = next.min(latest).min(quiet_since.max(now + r.quiet / 4));
+        }
+        self.timer.as_mut().reset(next);
+        None
     }
 }
 
@@ -474,7 +572,7 @@ mod tests {
     async fn copies_both_ways_and_honours_half_close() {
         let (mut dev_outer, mut dev_inner) = duplex(64);
         let (mut brk_outer, mut brk_inner) = duplex(64);
-        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, NO_LIMIT).await });
+        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, NO_LIMIT, None).await });
 
         dev_outer.write_all(b"hello broker").await.unwrap();
         dev_outer.shutdown().await.unwrap();
@@ -498,10 +596,15 @@ mod tests {
     async fn silent_device_is_cut_off_and_activity_resets_the_clock() {
         let (mut dev_outer, mut dev_inner) = duplex(64);
         let (_brk_outer, mut brk_inner) = duplex(64);
-        let task =
-            tokio::spawn(
-                async move { pipe(&mut dev_inner, &mut brk_inner, device_limit(Duration::from_secs(15))).await },
-            );
+        let task = tokio::spawn(async move {
+            pipe(
+                &mut dev_inner,
+                &mut brk_inner,
+                device_limit(Duration::from_secs(15)),
+                None,
+            )
+            .await
+        });
         tokio::time::sleep(Duration::from_secs(10)).await;
         dev_outer.write_all(b"ping").await.unwrap();
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -519,7 +622,7 @@ mod tests {
     async fn bulk_bytes_arrive_intact_through_a_narrow_writer() {
         let (mut dev_outer, mut dev_inner) = duplex(300);
         let (mut brk_outer, mut brk_inner) = duplex(700);
-        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, NO_LIMIT).await });
+        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, NO_LIMIT, None).await });
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let sent = data.clone();
         let writer = tokio::spawn(async move {
@@ -559,7 +662,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_broker_is_blamed_even_when_the_device_is_idle() {
         let (_dev_outer, mut dev_inner) = duplex(64);
-        let t = pipe(&mut dev_inner, &mut Broken, NO_LIMIT).await;
+        let t = pipe(&mut dev_inner, &mut Broken, NO_LIMIT, None).await;
         assert!(matches!(t.end, End::Error { side: Side::Broker, .. }), "{}", t.end);
     }
 
@@ -567,10 +670,15 @@ mod tests {
     async fn a_broker_that_takes_nothing_is_reported_as_stalled_not_the_device_as_silent() {
         let (mut dev_outer, mut dev_inner) = duplex(1 << 20);
         let (_brk_outer, mut brk_inner) = duplex(16);
-        let task =
-            tokio::spawn(
-                async move { pipe(&mut dev_inner, &mut brk_inner, device_limit(Duration::from_secs(3))).await },
-            );
+        let task = tokio::spawn(async move {
+            pipe(
+                &mut dev_inner,
+                &mut brk_inner,
+                device_limit(Duration::from_secs(3)),
+                None,
+            )
+            .await
+        });
         dev_outer.write_all(&[1u8; 4096]).await.unwrap();
         let t = task.await.unwrap();
         assert!(matches!(t.end, End::BrokerStalled(_)), "{}", t.end);
@@ -609,7 +717,7 @@ mod tests {
         let data = vec![9u8; 4 * BULK_BUFFER_SIZE];
         dev_outer.write_all(&data).await.unwrap();
         dev_outer.shutdown().await.unwrap();
-        let t = pipe(&mut dev_inner, &mut broker, NO_LIMIT).await;
+        let t = pipe(&mut dev_inner, &mut broker, NO_LIMIT, None).await;
         assert_eq!(t.device_to_broker, data.len() as u64);
         let writes = writes.lock().unwrap();
         assert_eq!(writes.iter().sum::<usize>(), data.len());
@@ -635,7 +743,7 @@ mod tests {
         let mut broker = Recording(writes.clone());
         dev_outer.write_all(&[7u8; SMALL_READ + 35]).await.unwrap();
         dev_outer.shutdown().await.unwrap();
-        let t = pipe(&mut dev_inner, &mut broker, NO_LIMIT).await;
+        let t = pipe(&mut dev_inner, &mut broker, NO_LIMIT, None).await;
         assert_eq!(t.device_to_broker, (SMALL_READ + 35) as u64);
         assert_eq!(*writes.lock().unwrap(), vec![SMALL_READ + 35]);
     }
@@ -649,7 +757,7 @@ mod tests {
             device: None,
             both: idle,
         };
-        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, limits).await });
+        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, limits, None).await });
         tokio::time::sleep(Duration::from_secs(3000)).await;
         // The broker speaks: the connection is not idle, though the device is silent.
         brk_outer.write_all(b"retained").await.unwrap();
@@ -671,7 +779,7 @@ mod tests {
             device: Some(Duration::from_secs(90)),
             both: Duration::from_secs(3600),
         };
-        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, limits).await });
+        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, limits, None).await });
         for _ in 0..8 {
             tokio::time::sleep(Duration::from_secs(10)).await;
             brk_outer.write_all(b"x").await.unwrap();
@@ -682,5 +790,62 @@ mod tests {
             "{}",
             t.end
         );
+    }
+
+    fn retire_after(after: Duration) -> Box<Retire<'static>> {
+        let due = Box::pin(async move {
+            tokio::time::sleep(after).await;
+            Retirement::Renewed
+        });
+        Retire::new(due, Duration::from_secs(2), Duration::from_secs(600))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_connection_is_retired_once_due() {
+        let (mut dev_outer, mut dev_inner) = duplex(64);
+        let (mut brk_outer, mut brk_inner) = duplex(64);
+        let retire = retire_after(Duration::from_secs(100));
+        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, NO_LIMIT, Some(retire)).await });
+        let started = tokio::time::Instant::now();
+        let t = task.await.unwrap();
+        assert!(matches!(t.end, End::Retired(Retirement::Renewed)), "{}", t.end);
+        assert_eq!(started.elapsed(), Duration::from_secs(100));
+        let mut rest = Vec::new();
+        dev_outer.read_to_end(&mut rest).await.unwrap();
+        brk_outer.read_to_end(&mut rest).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_retired_between_packets_not_in_the_middle_of_them() {
+        let (mut dev_outer, mut dev_inner) = duplex(64);
+        let (_brk_outer, mut brk_inner) = duplex(1 << 20);
+        let retire = retire_after(Duration::from_secs(10));
+        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, NO_LIMIT, Some(retire)).await });
+        // A packet every second until 30 s, then silence.
+        for _ in 0..30 {
+            dev_outer.write_all(b"PUBLISH").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(!task.is_finished(), "retired while packets were passing");
+        }
+        let t = task.await.unwrap();
+        assert!(matches!(t.end, End::Retired(_)), "{}", t.end);
+        assert_eq!(t.device_to_broker, 30 * 7, "every packet passed before the end");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_is_never_quiet_is_retired_after_its_patience() {
+        let (mut dev_outer, mut dev_inner) = duplex(64);
+        let (_brk_outer, mut brk_inner) = duplex(1 << 20);
+        let retire = retire_after(Duration::from_secs(10));
+        let task = tokio::spawn(async move { pipe(&mut dev_inner, &mut brk_inner, NO_LIMIT, Some(retire)).await });
+        let started = tokio::time::Instant::now();
+        while !task.is_finished() {
+            let _ = dev_outer.write_all(b"x").await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(started.elapsed() < Duration::from_secs(700), "never retired");
+        }
+        let t = task.await.unwrap();
+        assert!(matches!(t.end, End::Retired(_)), "{}", t.end);
+        assert!(started.elapsed() >= Duration::from_secs(610), "{:?}", started.elapsed());
     }
 }

@@ -227,7 +227,9 @@ impl Reloader {
         let (config, generation) = loaded.map_err(ReloadError::Invalid)?;
         self.warn_fixed_settings(&config);
         let changes = changes(&self.proxy.generation(), &generation);
+        let renewed = changes.renewed.clone();
         self.proxy.replace(&config, generation).await?;
+        self.proxy.generation().renewed(renewed.iter().map(String::as_str));
         self.config = config;
         Ok(changes)
     }

@@ -25,6 +25,7 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::device::DeviceTable;
+use crate::pipe::Retirement;
 use crate::refusal::log_budget::LogBudget;
 use crate::refusal::{self, Reason};
 use crate::upstream::Failure;
@@ -135,6 +136,8 @@ pub struct Metrics {
     accepted: Counter,
     refused: [Counter; Reason::ALL.len()],
     upstream_failures: [Counter; Failure::ALL.len()],
+    /// Connections retired, by why (renewed, expiring).
+    retired: [Counter; 2],
     /// By CONNACK code, in [`BROKER_REFUSAL_CODES`] order, then `other`.
     broker_refusals: Vec<Counter>,
     handshake: Histogram,
@@ -168,6 +171,7 @@ pub const NAMES: &[&str] = &[
     "mqtls_connections_refused_total",
     "mqtls_upstream_connect_failures_total",
     "mqtls_broker_refusals_total",
+    "mqtls_connections_retired_total",
     "mqtls_upstream_handshake_seconds",
     "mqtls_connection_duration_seconds",
     "mqtls_bytes_total",
@@ -234,6 +238,13 @@ impl Metrics {
             .chain(["other"])
             .map(|code| r.counter("mqtls_broker_refusals_total", broker_refusal_help, &[("code", code)]))
             .collect();
+        let retired = [Retirement::Renewed, Retirement::Expiring].map(|why| {
+            r.counter(
+                "mqtls_connections_retired_total",
+                "Connections closed at a safe point so that the device reconnects under its current certificate ([retire]), by why: renewed (a reload replaced the certificate) or expiring (its notAfter is near).",
+                &[("reason", why.label())],
+            )
+        });
         let handshake = r.histogram(
             "mqtls_upstream_handshake_seconds",
             "Time to reach the broker (TCP connect and TLS handshake) for connections that succeeded.",
@@ -257,6 +268,7 @@ impl Metrics {
             refused,
             upstream_failures,
             broker_refusals,
+            retired,
             handshake,
             duration,
             reloads_success,
@@ -278,6 +290,11 @@ impl Metrics {
     /// A connection was refused before its session started (see [`crate::refusal`], which calls this).
     pub(crate) fn refused(&self, reason: Reason) {
         self.refused[reason as usize].increment(1);
+    }
+
+    /// A connection was retired (`[retire]`).
+    pub(crate) fn retired(&self, why: Retirement) {
+        self.retired[why as usize].increment(1);
     }
 
     /// The broker refused a device with CONNACK `code`.

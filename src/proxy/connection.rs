@@ -28,13 +28,14 @@ use tokio::time::timeout;
 use tracing::{debug, info, Span};
 
 use super::admission::{Over, SourceSlot};
+use super::retire::Watch;
 use super::Generation;
 use crate::config::Listen;
 use crate::device::{Device, Unmatched};
 use crate::duplex::Duplex;
 use crate::metrics::{ActiveGuard, Metered, Metrics};
 use crate::mqtt::{self, Connect, ProtocolVersion, ReadConnectError};
-use crate::pipe::{self, Silence};
+use crate::pipe::{self, End, Silence};
 use crate::refusal::{refuse, Refusal};
 use crate::upstream::{Broker, Failure};
 
@@ -75,13 +76,18 @@ struct Open<D, S> {
     stats: ActiveGuard,
 }
 
+/// How long a retired connection's close may take (its close_notify and FIN).
+const RETIRE_CLOSE: Duration = Duration::from_secs(2);
+
 /// Bytes mqtls passed on itself before the copy started (the device's first bytes and the broker's
 /// CONNACK), and the keep-alive in force.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 struct Session {
     keep_alive: u16,
     /// `listen.max_idle` of the generation the connection was set up with.
     max_idle: Duration,
+    /// When to retire it, if `[retire]` is configured.
+    retire: Option<Box<Watch>>,
     first_in: u64,
     first_out: u64,
 }
@@ -231,6 +237,10 @@ impl<B: Broker> SetUp<'_, B> {
         let mut session = Session {
             keep_alive: connect.keep_alive,
             max_idle: self.generation.listen.max_idle,
+            retire: self.generation.retire.map(|policy| {
+                let renewal = self.generation.renewals.of(&entry.name);
+                Box::new(Watch::new(policy, renewal, entry.identity.summary.not_after))
+            }),
             first_in: first_bytes.len() as u64,
             first_out: reply.bytes.len() as u64,
         };
@@ -405,12 +415,26 @@ impl<D: AsyncRead + AsyncWrite + Unpin, S: Duplex> Open<D, S> {
     /// connection rather than taking it: a future that owned it would hold a second copy of the TLS
     /// state (about a kilobyte) beside the caller's, for every idle connection.
     async fn copy(&mut self, metrics: &Metrics) {
-        let silence = Silence {
-            device: keep_alive_limit(self.session.keep_alive),
-            both: self.session.max_idle,
-        };
         let mut device = Metered::new(&mut self.device, &self.stats);
-        let transfer = pipe::pipe(&mut device, &mut self.broker, silence).await;
+        // Built in the call, not bound first: a binding would stay in this future beside the copy's own.
+        let transfer = pipe::pipe(
+            &mut device,
+            &mut self.broker,
+            Silence {
+                device: keep_alive_limit(self.session.keep_alive),
+                both: self.session.max_idle,
+            },
+            self.session
+                .retire
+                .as_deref()
+                .map(|w| pipe::Retire::new(w.due(), w.quiet(), w.patience())),
+        )
+        .await;
+        if let End::Retired(why) = transfer.end {
+            metrics.retired(why);
+            // Boxed: the close's timer would otherwise size every connection's task.
+            Box::pin(self.close_both()).await;
+        }
         metrics.connection_closed(self.started.elapsed());
         info!(
             bytes_in = transfer.device_to_broker + self.session.first_in,
@@ -419,6 +443,18 @@ impl<D: AsyncRead + AsyncWrite + Unpin, S: Duplex> Open<D, S> {
             end = %transfer.end,
             "connection closed"
         );
+    }
+}
+
+impl<D: AsyncRead + AsyncWrite + Unpin, S: Duplex> Open<D, S> {
+    /// Closes both sides cleanly (a close_notify to the broker, a FIN to the device), so that the device
+    /// reconnects as after a broker restart.
+    async fn close_both(&mut self) {
+        let closing = async {
+            let _ = self.broker.io().shutdown().await;
+            let _ = self.device.shutdown().await;
+        };
+        let _ = timeout(RETIRE_CLOSE, closing).await;
     }
 }
 
@@ -670,6 +706,8 @@ mod tests {
         };
         Arc::new(Generation {
             table: DeviceTable::of(vec![boiler], None),
+            retire: None,
+            renewals: Default::default(),
             broker: StandIn {
                 outcomes: Mutex::new(outcomes.into()),
                 connects: AtomicUsize::new(0),

@@ -4,7 +4,10 @@
 //! started with until their set-up is over (see [`super::connection`]), so a reload never touches a
 //! connection already open.
 
-use crate::config::{Config, ConfigErrors, Listen};
+use std::sync::Arc;
+
+use super::retire::Renewals;
+use crate::config::{Config, ConfigErrors, Listen, Retire};
 use crate::device::DeviceTable;
 use crate::upstream::Connector;
 
@@ -18,6 +21,10 @@ pub struct Generation<B = Connector> {
     pub(crate) broker: B,
     /// Limits for the device side.
     pub listen: Listen,
+    /// When open connections are retired (`[retire]`).
+    pub retire: Option<Retire>,
+    /// Which devices' certificates reloads replaced: shared by every generation.
+    pub(crate) renewals: Arc<Renewals>,
 }
 
 impl Generation {
@@ -33,6 +40,16 @@ impl Generation {
             table: DeviceTable::build_after(config, previous.map(|g| &g.table))?,
             broker: Connector::new_after(&config.upstream, previous.map(|g| &g.broker)),
             listen: config.listen.clone(),
+            retire: config.retire,
+            renewals: previous.map(|g| g.renewals.clone()).unwrap_or_default(),
         })
+    }
+
+    /// Tells the connections of the devices named in `renewed` (whose certificates this generation
+    /// replaced) that they may be retired.
+    pub fn renewed<'a>(&self, renewed: impl IntoIterator<Item = &'a str>) {
+        for name in renewed {
+            self.renewals.renewed(&name.into());
+        }
     }
 }

@@ -227,6 +227,27 @@ rejected! {
     two_shared_listeners_on_one_port_one_of_them_wildcard_are_refused:
         [Set(r#"address = "127.0.0.1:1883""#, r#"address = ["127.0.0.1:1883", "0.0.0.0:1883"]"#)]
         => ["{config}: `listen.address`: 0.0.0.0:1883 overlaps the listener 127.0.0.1:1883"];
+    retire_table_that_retires_nothing_is_refused:
+        [Append("\n[retire]\nrenewed = false\n")]
+        => ["{config}: `retire`: retires nothing"];
+    retire_margin_beyond_90_days_is_refused:
+        [Append("\n[retire]\nexpiring_within = \"120d\"\n")]
+        => ["{config}: `retire.expiring_within`: `120d` is longer than 90 days"];
+    fallback_pattern_that_is_empty_is_refused:
+        [Append("\n[fallback]\ncert = \"devices/boiler-2/cert.pem\"\nkey = \"devices/boiler-2/key.pem\"\nclient_id = \"\"\n")]
+        => ["{config}: `fallback.client_id`: ``: an empty pattern"];
+    fallback_source_that_is_not_a_net_names_its_key:
+        [Append("\n[fallback]\ncert = \"devices/boiler-2/cert.pem\"\nkey = \"devices/boiler-2/key.pem\"\nsource = \"lab\"\n")]
+        => ["{config}: `fallback.source`: `lab` is not an IP address or CIDR"];
+    zero_max_connections_per_source_is_refused:
+        [InsertAfter("[listen]", "max_connections_per_source = 0")]
+        => ["{config}: `listen.max_connections_per_source`: 0 is out of range"];
+    max_idle_beyond_a_day_is_refused:
+        [InsertAfter("[listen]", r#"max_idle = "2d""#)]
+        => ["{config}: `listen.max_idle`: `2d` is longer than a day"];
+    zero_queue_timeout_is_refused:
+        [InsertAfter("[upstream]", r#"queue_timeout = "0s""#)]
+        => ["{config}: `upstream.queue_timeout`: must be longer than zero"];
     bad_device_dir_source_names_its_key:
         [Append("\n[device_dir]\npath = \"devices\"\nsource = \"not-a-net\"\n")]
         => ["{config}: `device_dir.source`: `not-a-net` is not an IP address or CIDR"];

@@ -802,7 +802,7 @@ fn grafana_queries_use_only_exported_metrics() {
 #[test]
 fn contract_parses_into_families() {
     let e = Exposition::parse(CONTRACT);
-    assert_eq!(e.families.len(), 13);
+    assert_eq!(e.families.len(), 14);
     assert_eq!(e.families["mqtls_upstream_handshake_seconds"].kind, "histogram");
     assert_eq!(
         e.family_name("mqtls_connection_duration_seconds_bucket"),

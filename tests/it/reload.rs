@@ -435,3 +435,40 @@ async fn an_open_connection_does_not_keep_the_old_configuration_alive() {
         "the open connection still holds the replaced generation (all its identities)"
     );
 }
+
+/// With `[retire]`, a connection opened under a certificate that a reload replaced is closed at a quiet
+/// moment once its grace has passed, cleanly on both sides; the device's next connection presents the new
+/// certificate. Without `[retire]` (the test above) it would run on under the old one.
+#[tokio::test]
+async fn a_connection_under_a_replaced_certificate_is_retired_and_comes_back_under_the_new_one() {
+    let pki = Pki::new();
+    let echo = TlsEcho::start(&pki, EchoMode::Echo).await;
+    let old = pki.client("retiree");
+    let retire = "\n[retire]\nrenewed = true\ngrace = \"1s\"\nquiet = \"200ms\"\n";
+    let config = echo_config(&pki, &echo, &format!("{NO_WATCH}{retire}")).device(DeviceEntry::new(&old));
+    let daemon = Daemon::spawn(&config.write(pki.dir()));
+    let addr = daemon.ready().await;
+    let mut open = Session::open(addr, "retiree").await;
+    open.roundtrip("before").await;
+
+    let new = pki.client("retiree");
+    daemon.wait_signal_handlers().await;
+    daemon.signal("HUP");
+    daemon.wait_line(&["configuration reloaded", "renewed=retiree"]).await;
+    open.roundtrip("still open during the grace").await;
+
+    // Retired: a clean end of stream (a FIN, not a reset), no bytes lost.
+    let mut rest = Vec::new();
+    timeout(GUARD, open.0.read_to_end(&mut rest))
+        .await
+        .expect("the connection was not retired")
+        .expect("a clean close");
+    assert!(rest.is_empty());
+    let line = daemon.wait_line(&["connection closed", "certificate was replaced"]).await;
+    assert!(line.contains("retiree"), "{line}");
+    let mut back = Session::open(addr, "retiree").await;
+    back.roundtrip("under the new certificate").await;
+    assert_eq!(echo.serials(), vec![old.serial.clone(), new.serial.clone()]);
+    let s = Scrape::take(daemon.metrics_addr().await).await;
+    assert_eq!(s.get("mqtls_connections_retired_total{reason=\"renewed\"}"), 1.0);
+}

@@ -37,6 +37,9 @@ mqtls_upstream_connect_failures_total{reason="tls"} 0
 mqtls_upstream_connect_failures_total{reason="handshake_timeout"} 0
 mqtls_upstream_connect_failures_total{reason="queue_timeout"} 0
 mqtls_upstream_connect_failures_total{reason="unavailable"} 0
+# TYPE mqtls_connections_retired_total counter
+mqtls_connections_retired_total{reason="renewed"} 0
+mqtls_connections_retired_total{reason="expiring"} 0
 # TYPE mqtls_broker_refusals_total counter
 mqtls_broker_refusals_total{code="0x01"} 0
 mqtls_broker_refusals_total{code="0x02"} 0
