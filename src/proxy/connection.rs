@@ -30,7 +30,7 @@ use tracing::{debug, info, Span};
 use super::admission::{Over, SourceSlot};
 use super::Generation;
 use crate::config::Listen;
-use crate::device::Unmatched;
+use crate::device::{NotPresented, Presented, Unmatched};
 use crate::duplex::Duplex;
 use crate::metrics::{ActiveGuard, Metered, Metrics};
 use crate::mqtt::{self, Connect, ProtocolVersion, ReadConnectError};
@@ -202,6 +202,25 @@ impl<B: Broker> SetUp<'_, B> {
         };
         slot.identified();
         Span::current().record("device", &*entry.name);
+        let table = &self.generation.table;
+        let presented = match table.present(&entry, &connect, first_bytes, peer) {
+            Ok(presented) => presented,
+            Err(e) => {
+                refuse(
+                    self.metrics,
+                    device,
+                    peer,
+                    Some(connect.version),
+                    not_presented(&e, &connect, self.listener),
+                )
+                .await;
+                return None;
+            }
+        };
+        let Presented {
+            first_bytes,
+            client_id: broker_client_id,
+        } = presented;
         let started = Instant::now();
         let mut broker = match self.generation.broker.connect(&entry.identity).await {
             Ok(c) => {
@@ -234,6 +253,7 @@ impl<B: Broker> SetUp<'_, B> {
         stats.add_to_device(session.first_out);
         info!(
             client_id = ?connect.client_id,
+            broker_client_id = ?broker_client_id.as_deref().unwrap_or(&connect.client_id),
             mqtt = %connect.version,
             keep_alive = session.keep_alive,
             setup_ms = started.elapsed().as_millis() as u64,
@@ -376,6 +396,26 @@ impl<B, D: AsyncRead + AsyncWrite + Unpin> Refusing<B, D> {
         };
         let refusal = over_limit(over, listen, client_id.as_deref());
         refuse(&metrics, device, peer, version, refusal).await;
+    }
+}
+
+/// The refusal for a connection that cannot be presented to the broker: a device that sent another
+/// device's client id is refused as such; a rewrite that cannot be made, or that gives another device's
+/// client id, is a failed rewrite.
+fn not_presented<'a>(e: &'a NotPresented, connect: &'a Connect, listener: SocketAddr) -> Refusal<'a> {
+    let client_id = connect.client_id.as_str();
+    match e {
+        NotPresented::Rewrite(error) => Refusal::RewriteFailed { client_id, error },
+        NotPresented::Taken {
+            owner,
+            rewritten: false,
+            ..
+        } => Refusal::ClientIdSpoofed {
+            client_id,
+            owner,
+            listener,
+        },
+        NotPresented::Taken { .. } => Refusal::RewriteFailed { client_id, error: e },
     }
 }
 
@@ -564,6 +604,8 @@ mod tests {
                 listeners: vec![listener],
             },
             identity: Identity::in_memory("boiler-1"),
+            rewrite: None,
+            presents: None,
         };
         let listen = Listen {
             addresses: vec![listener],

@@ -62,6 +62,9 @@ pub enum Reason {
     SourceConnections,
     /// Over `listen.max_connects_per_source_per_second` for one address.
     SourceRate,
+    /// The device's entry asks for its CONNECT to be rewritten, and that cannot be done (e.g. its template
+    /// gives a client id that is not valid, or one that belongs to another device).
+    RewriteFailed,
 }
 
 /// What the device is told.
@@ -75,7 +78,7 @@ enum Answer {
 
 impl Reason {
     /// Every reason, in declaration order (`reason as usize` indexes it).
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::UnknownDevice,
         Reason::BrokerUnreachable,
         Reason::BadConnect,
@@ -87,6 +90,7 @@ impl Reason {
         Reason::TlsOnPlainPort,
         Reason::SourceConnections,
         Reason::SourceRate,
+        Reason::RewriteFailed,
     ];
 
     /// The label value, in metrics and logs alike. Dashboards and alerts rely on these: keep them.
@@ -158,6 +162,13 @@ impl Reason {
                 "source_rate",
                 "refused: this address connects too often (listen.max_connects_per_source_per_second)",
                 Connack { v3: 0x03, v5: 0x97 },
+            ),
+            // The client id the broker would see is what cannot be made: "identifier rejected" / "client
+            // identifier not valid" point the device's operator at it.
+            Reason::RewriteFailed => (
+                "rewrite_failed",
+                "refused: the device's CONNECT cannot be rewritten as its entry asks (connect.*)",
+                Connack { v3: 0x02, v5: 0x85 },
             ),
         }
     }
@@ -250,6 +261,13 @@ pub enum Refusal<'a> {
         /// `listen.max_connects_per_source_per_second`.
         limit: u32,
     },
+    /// The device's CONNECT cannot be rewritten as its entry asks.
+    RewriteFailed {
+        /// The client id the device sent.
+        client_id: &'a str,
+        /// Why.
+        error: &'a (dyn fmt::Display + Sync),
+    },
 }
 
 impl Refusal<'_> {
@@ -267,6 +285,7 @@ impl Refusal<'_> {
             Refusal::SourceLimit { .. } => Reason::SourceLimit,
             Refusal::SourceConnections { .. } => Reason::SourceConnections,
             Refusal::SourceRate { .. } => Reason::SourceRate,
+            Refusal::RewriteFailed { .. } => Reason::RewriteFailed,
         }
     }
 
@@ -309,6 +328,9 @@ impl Refusal<'_> {
             }
             Refusal::SourceRate { client_id, limit } => warn!(reason = label, client_id = ?client_id, limit, "{text}"),
             Refusal::SourceLimit { limit } => warn!(reason = label, limit, "{text}"),
+            Refusal::RewriteFailed { client_id, error } => {
+                warn!(reason = label, client_id = ?client_id, error = %error, "{text}")
+            }
         }
     }
 }
@@ -414,6 +436,7 @@ mod tests {
                 "tls_on_plain_port",
                 "source_connections",
                 "source_rate",
+                "rewrite_failed",
             ]
         );
         for (i, r) in Reason::ALL.iter().enumerate() {
@@ -442,6 +465,7 @@ mod tests {
                 (None, None, None),
                 (Some(0x03), Some(0x03), Some(0x97)),
                 (Some(0x03), Some(0x03), Some(0x97)),
+                (Some(0x02), Some(0x02), Some(0x85)),
             ]
         );
     }
