@@ -164,11 +164,12 @@ pub(super) fn clashes(entries: &[Entry<'_>]) -> Vec<ConfigError> {
 /// matches many devices, and templates whose values may meet another entry's client id.
 pub fn warnings(table: &DeviceTable) -> Vec<String> {
     let devices = table.devices();
+    let all: Vec<Arc<Device>> = table.all().cloned().collect();
     let mut w = Vec::new();
     shared_without_rewrite(devices, &mut w);
     passed_on(devices, &mut w);
-    fixed_for_many(devices, &mut w);
-    templates_meet(devices, &mut w);
+    fixed_for_many(&all, &mut w);
+    templates_meet(&all, &mut w);
     w
 }
 

@@ -170,7 +170,7 @@ impl Template {
         }
         match dynamic {
             false => Values::Fixed(fixed),
-            true => Values::Pattern(IdPattern::new(self.text.clone(), tokens)),
+            true => Values::Pattern(IdPattern::new(tokens)),
         }
     }
 }
@@ -201,7 +201,6 @@ pub enum Values {
 /// with (`0-9`, `a-f`, `.`, `:`).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct IdPattern {
-    text: String,
     tokens: Vec<Token>,
     /// The fixed text at the start and the end of every value.
     prefix: String,
@@ -224,7 +223,7 @@ fn is_address_char(c: char) -> bool {
 }
 
 impl IdPattern {
-    fn new(text: String, tokens: Vec<Token>) -> IdPattern {
+    fn new(tokens: Vec<Token>) -> IdPattern {
         let fixed = |t: &Token| match t {
             Token::Char(c) => Some(*c),
             _ => None,
@@ -233,7 +232,6 @@ impl IdPattern {
         let mut suffix: Vec<char> = tokens.iter().rev().map_while(fixed).collect();
         suffix.reverse();
         IdPattern {
-            text,
             tokens,
             prefix,
             suffix: suffix.into_iter().collect(),
@@ -302,15 +300,24 @@ impl IdPattern {
     }
 }
 
+/// The template with `{name}` and `{cn}` filled in: `esp-a-{source}`.
 impl fmt::Display for IdPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        for token in &self.tokens {
+            match token {
+                Token::Char(c) => write!(f, "{c}")?,
+                Token::AnyRun => f.write_str("{client_id}")?,
+                Token::AddressChar => f.write_str("{source}")?,
+                Token::AddressRun => {}
+            }
+        }
+        Ok(())
     }
 }
 
 impl fmt::Debug for IdPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "IdPattern({:?})", self.text)
+        write!(f, "IdPattern({:?})", self.to_string())
     }
 }
 
@@ -386,6 +393,7 @@ mod tests {
         assert!(p.matches("a--x"));
         assert!(p.matches("a-anything at all-x"));
         assert!(!p.matches("a-x"));
+        assert_eq!(p.to_string(), "a-{client_id}-x");
     }
 
     #[test]
