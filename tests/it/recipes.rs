@@ -809,7 +809,7 @@ fn contract_parses_into_families() {
         Some("mqtls_connection_duration_seconds")
     );
     assert_eq!(e.family_name("mqtls_bytes_total_bucket"), None);
-    assert_eq!(e.families["mqtls_connections_refused_total"].labels["reason"].len(), 11);
+    assert_eq!(e.families["mqtls_connections_refused_total"].labels["reason"].len(), 12);
 }
 
 #[test]

@@ -28,6 +28,7 @@ mqtls_connections_refused_total{reason="unsupported_protocol"} 0
 mqtls_connections_refused_total{reason="tls_on_plain_port"} 0
 mqtls_connections_refused_total{reason="source_connections"} 0
 mqtls_connections_refused_total{reason="source_rate"} 0
+mqtls_connections_refused_total{reason="rewrite_failed"} 0
 # TYPE mqtls_upstream_connect_failures_total counter
 mqtls_upstream_connect_failures_total{reason="resolve"} 0
 mqtls_upstream_connect_failures_total{reason="connect"} 0
