@@ -161,6 +161,7 @@ fn put_bin(out: &mut Vec<u8>, bytes: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mqtt::arb::Fields;
     use crate::mqtt::{parse_connect, Will};
     use proptest::prelude::*;
 
@@ -257,77 +258,8 @@ mod tests {
         assert_eq!(ConnectView::parse(&bytes, MAX).unwrap().0, v);
     }
 
-    fn arb_version() -> impl Strategy<Value = ProtocolVersion> {
-        prop_oneof![
-            Just(ProtocolVersion::V31),
-            Just(ProtocolVersion::V311),
-            Just(ProtocolVersion::V5),
-        ]
-    }
-
-    /// Owned fields for a view (a view borrows them).
-    #[derive(Debug, Clone)]
-    struct Fields {
-        version: ProtocolVersion,
-        clean: bool,
-        keep_alive: u16,
-        properties: Vec<u8>,
-        client_id: String,
-        will: Option<(u8, bool, Vec<u8>, String, Vec<u8>)>,
-        username: Option<String>,
-        password: Option<Vec<u8>>,
-    }
-
-    impl Fields {
-        fn view(&self) -> ConnectView<'_> {
-            ConnectView {
-                version: self.version,
-                clean_start: self.clean,
-                keep_alive: self.keep_alive,
-                properties: &self.properties,
-                client_id: &self.client_id,
-                will: self.will.as_ref().map(|(qos, retain, props, topic, payload)| Will {
-                    qos: *qos,
-                    retain: *retain,
-                    properties: props,
-                    topic,
-                    payload,
-                }),
-                username: self.username.as_deref(),
-                password: self.password.as_deref(),
-            }
-        }
-    }
-
-    prop_compose! {
-        fn arb_fields()(
-            version in arb_version(),
-            clean in any::<bool>(),
-            keep_alive in any::<u16>(),
-            properties in proptest::collection::vec(any::<u8>(), 0..300),
-            client_id in "[^\u{0}]{0,40}",
-            will in proptest::option::of((
-                0u8..=2,
-                any::<bool>(),
-                proptest::collection::vec(any::<u8>(), 0..40),
-                "[^\u{0}]{0,20}",
-                proptest::collection::vec(any::<u8>(), 0..200),
-            )),
-            username in proptest::option::of("[^\u{0}]{0,20}"),
-            password in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
-        ) -> Fields {
-            let mut f = Fields { version, clean, keep_alive, properties, client_id, will, username, password };
-            if version != ProtocolVersion::V5 {
-                f.properties.clear();
-                if let Some(w) = &mut f.will {
-                    w.2.clear();
-                }
-                if f.username.is_none() {
-                    f.password = None;
-                }
-            }
-            f
-        }
+    fn arb_fields() -> impl Strategy<Value = Fields> {
+        super::super::arb::arb_fields(proptest::collection::vec(any::<u8>(), 0..300))
     }
 
     proptest! {

@@ -21,6 +21,8 @@
 //! The first packet the broker sends back, the CONNACK, is parsed too, since
 //! an MQTT 5 broker may override the keep-alive the device asked for.
 
+#[cfg(test)]
+pub(crate) mod arb;
 mod encode;
 mod view;
 

@@ -5,7 +5,8 @@ use std::net::IpAddr;
 use proptest::prelude::*;
 
 use super::*;
-use crate::mqtt::{parse_connect, Will};
+use crate::mqtt::arb::Fields;
+use crate::mqtt::parse_connect;
 
 const MAX: usize = 1 << 20;
 const PUBLISH: [u8; 9] = [0x30, 0x07, 0x00, 0x01, b't', b'h', b'e', b'l', b'o'];
@@ -244,40 +245,6 @@ fn client_id_rules() {
 
 // --- property tests ---
 
-/// Owned fields for a CONNECT (a view borrows them).
-#[derive(Debug, Clone)]
-struct Fields {
-    version: ProtocolVersion,
-    clean: bool,
-    keep_alive: u16,
-    properties: Vec<u8>,
-    client_id: String,
-    will: Option<(u8, bool, Vec<u8>, String, Vec<u8>)>,
-    username: Option<String>,
-    password: Option<Vec<u8>>,
-}
-
-impl Fields {
-    fn view(&self) -> ConnectView<'_> {
-        ConnectView {
-            version: self.version,
-            clean_start: self.clean,
-            keep_alive: self.keep_alive,
-            properties: &self.properties,
-            client_id: &self.client_id,
-            will: self.will.as_ref().map(|(qos, retain, props, topic, payload)| Will {
-                qos: *qos,
-                retain: *retain,
-                properties: props,
-                topic,
-                payload,
-            }),
-            username: self.username.as_deref(),
-            password: self.password.as_deref(),
-        }
-    }
-}
-
 /// MQTT 5 properties as a device might send them: session expiry, receive maximum, user properties,
 /// authentication method and data, in any order.
 fn arb_properties() -> impl Strategy<Value = Vec<u8>> {
@@ -304,39 +271,8 @@ fn arb_properties() -> impl Strategy<Value = Vec<u8>> {
     proptest::collection::vec(one, 0..5).prop_map(|ps| ps.concat())
 }
 
-prop_compose! {
-    fn arb_fields()(
-        version in prop_oneof![
-            Just(ProtocolVersion::V31),
-            Just(ProtocolVersion::V311),
-            Just(ProtocolVersion::V5),
-        ],
-        clean in any::<bool>(),
-        keep_alive in any::<u16>(),
-        properties in arb_properties(),
-        client_id in prop_oneof![Just(String::new()), Just("ESP8266Client".to_string()), "[^\u{0}]{0,30}"],
-        will in proptest::option::of((
-            0u8..=2,
-            any::<bool>(),
-            arb_properties(),
-            "[^\u{0}]{0,20}",
-            proptest::collection::vec(any::<u8>(), 0..100),
-        )),
-        username in proptest::option::of("[^\u{0}]{0,20}"),
-        password in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
-    ) -> Fields {
-        let mut f = Fields { version, clean, keep_alive, properties, client_id, will, username, password };
-        if version != ProtocolVersion::V5 {
-            f.properties.clear();
-            if let Some(w) = &mut f.will {
-                w.2.clear();
-            }
-            if f.username.is_none() {
-                f.password = None;
-            }
-        }
-        f
-    }
+fn arb_fields() -> impl Strategy<Value = Fields> {
+    crate::mqtt::arb::arb_fields(arb_properties().boxed())
 }
 
 fn arb_rules() -> impl Strategy<Value = Rewrite> {
