@@ -174,8 +174,15 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// Limit for the TLS handshake.
     pub handshake_timeout: Duration,
-    /// Connections to the broker being opened at once (TCP connect to the broker's first answer); more wait.
+    /// Connections to the broker being opened at once, at most (TCP connect to the broker's first answer);
+    /// fewer while the broker slows down; more wait in line.
     pub max_connecting: usize,
+    /// How long a connection may wait in line for its turn to connect.
+    pub queue_timeout: Duration,
+    /// Limit for resolving a broker's name.
+    pub resolve_timeout: Duration,
+    /// The longest an address that keeps failing is passed over before it is tried again.
+    pub failed_address_backoff: Duration,
     /// ALPN protocols to offer (e.g. `x-amzn-mqtt-ca` for AWS IoT Core on 443).
     pub alpn: Vec<String>,
     /// Accept private keys that group or others can read.
@@ -416,6 +423,9 @@ struct RawUpstream {
     connect_timeout: Option<String>,
     handshake_timeout: Option<String>,
     max_connecting: Option<i64>,
+    queue_timeout: Option<String>,
+    resolve_timeout: Option<String>,
+    failed_address_backoff: Option<String>,
     #[serde(default)]
     alpn: Vec<String>,
     #[serde(default)]
@@ -503,6 +513,13 @@ const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(2);
 /// Below Mosquitto's listen backlog (100): a reconnect storm then queues in mqtls instead of overflowing the
 /// broker's accept queue, whose dropped SYNs are retried only after 1 s, 3 s, 7 s.
 const DEFAULT_MAX_CONNECTING: usize = 64;
+/// Long enough for 10,000 devices to connect through a broker that sets up a few hundred sessions a
+/// second; a device waiting in line is not refused for the line's length.
+const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Resolvers answer in milliseconds or not at all.
+const DEFAULT_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// An address that keeps failing is tried again at least this often.
+const DEFAULT_FAILED_ADDRESS_BACKOFF: Duration = Duration::from_secs(30);
 
 struct Validator {
     path: PathBuf,
@@ -746,6 +763,13 @@ impl Validator {
             DEFAULT_MAX_CONNECTING,
             (1, 1_000_000),
         );
+        let queue_timeout = self.duration("upstream.queue_timeout", raw.queue_timeout, DEFAULT_QUEUE_TIMEOUT);
+        let resolve_timeout = self.duration("upstream.resolve_timeout", raw.resolve_timeout, DEFAULT_RESOLVE_TIMEOUT);
+        let failed_address_backoff = self.duration(
+            "upstream.failed_address_backoff",
+            raw.failed_address_backoff,
+            DEFAULT_FAILED_ADDRESS_BACKOFF,
+        );
         for p in &raw.alpn {
             if p.is_empty() || p.len() > 255 {
                 self.error("upstream.alpn", format!("`{p}` must be 1 to 255 bytes long"));
@@ -758,6 +782,9 @@ impl Validator {
             connect_timeout,
             handshake_timeout,
             max_connecting,
+            queue_timeout,
+            resolve_timeout,
+            failed_address_backoff,
             alpn: raw.alpn,
             allow_readable_keys: raw.allow_readable_keys,
         })

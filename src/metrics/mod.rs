@@ -32,6 +32,37 @@ use crate::upstream::Failure;
 pub use endpoint::serve;
 pub use metered::Metered;
 
+/// The refusal codes a broker may answer a CONNECT with: 3.1 and 3.1.1's return codes, then 5.0's
+/// reason codes for a CONNACK. Each has its series from the start; another code counts as `other`.
+pub const BROKER_REFUSAL_CODES: [(u8, &str); 26] = [
+    (0x01, "0x01"),
+    (0x02, "0x02"),
+    (0x03, "0x03"),
+    (0x04, "0x04"),
+    (0x05, "0x05"),
+    (0x80, "0x80"),
+    (0x81, "0x81"),
+    (0x82, "0x82"),
+    (0x83, "0x83"),
+    (0x84, "0x84"),
+    (0x85, "0x85"),
+    (0x86, "0x86"),
+    (0x87, "0x87"),
+    (0x88, "0x88"),
+    (0x89, "0x89"),
+    (0x8A, "0x8a"),
+    (0x8C, "0x8c"),
+    (0x90, "0x90"),
+    (0x95, "0x95"),
+    (0x97, "0x97"),
+    (0x99, "0x99"),
+    (0x9A, "0x9a"),
+    (0x9B, "0x9b"),
+    (0x9C, "0x9c"),
+    (0x9D, "0x9d"),
+    (0x9F, "0x9f"),
+];
+
 /// How often histogram samples are folded into their buckets.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Seconds: a handshake on a LAN takes milliseconds; one over a satellite link or to a loaded cloud
@@ -104,6 +135,8 @@ pub struct Metrics {
     accepted: Counter,
     refused: [Counter; Reason::ALL.len()],
     upstream_failures: [Counter; Failure::ALL.len()],
+    /// By CONNACK code, in [`BROKER_REFUSAL_CODES`] order, then `other`.
+    broker_refusals: Vec<Counter>,
     handshake: Histogram,
     duration: Histogram,
     reloads_success: Counter,
@@ -134,6 +167,7 @@ pub const NAMES: &[&str] = &[
     "mqtls_connections_active",
     "mqtls_connections_refused_total",
     "mqtls_upstream_connect_failures_total",
+    "mqtls_broker_refusals_total",
     "mqtls_upstream_handshake_seconds",
     "mqtls_connection_duration_seconds",
     "mqtls_bytes_total",
@@ -193,6 +227,13 @@ impl Metrics {
                 &[("reason", failure.label())],
             )
         });
+        let broker_refusal_help = "Devices the broker refused with a CONNACK (passed on to the device), by its return code (3.1.x: 0x01-0x05) or reason code (5.0: 0x80 and up).";
+        let broker_refusals = BROKER_REFUSAL_CODES
+            .iter()
+            .map(|(_, label)| *label)
+            .chain(["other"])
+            .map(|code| r.counter("mqtls_broker_refusals_total", broker_refusal_help, &[("code", code)]))
+            .collect();
         let handshake = r.histogram(
             "mqtls_upstream_handshake_seconds",
             "Time to reach the broker (TCP connect and TLS handshake) for connections that succeeded.",
@@ -215,6 +256,7 @@ impl Metrics {
             accepted,
             refused,
             upstream_failures,
+            broker_refusals,
             handshake,
             duration,
             reloads_success,
@@ -236,6 +278,12 @@ impl Metrics {
     /// A connection was refused before its session started (see [`crate::refusal`], which calls this).
     pub(crate) fn refused(&self, reason: Reason) {
         self.refused[reason as usize].increment(1);
+    }
+
+    /// The broker refused a device with CONNACK `code`.
+    pub(crate) fn broker_refused(&self, code: u8) {
+        let at = BROKER_REFUSAL_CODES.iter().position(|&(c, _)| c == code);
+        self.broker_refusals[at.unwrap_or(BROKER_REFUSAL_CODES.len())].increment(1);
     }
 
     /// The log budget refusals write within.

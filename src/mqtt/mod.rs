@@ -369,6 +369,40 @@ pub fn connack(version: ProtocolVersion, code: u8) -> OwnConnack {
     }
 }
 
+/// What a CONNACK return code (3.1, 3.1.1) or reason code (5.0) means, for the log.
+pub fn connack_code_name(version: ProtocolVersion, code: u8) -> &'static str {
+    match (version, code) {
+        (_, 0x00) => "accepted",
+        (ProtocolVersion::V31 | ProtocolVersion::V311, 0x01) => "unacceptable protocol version",
+        (ProtocolVersion::V31 | ProtocolVersion::V311, 0x02) => "identifier rejected",
+        (ProtocolVersion::V31 | ProtocolVersion::V311, 0x03) => "server unavailable",
+        (ProtocolVersion::V31 | ProtocolVersion::V311, 0x04) => "bad user name or password",
+        (ProtocolVersion::V31 | ProtocolVersion::V311, 0x05) => "not authorized",
+        (ProtocolVersion::V5, 0x80) => "unspecified error",
+        (ProtocolVersion::V5, 0x81) => "malformed packet",
+        (ProtocolVersion::V5, 0x82) => "protocol error",
+        (ProtocolVersion::V5, 0x83) => "implementation specific error",
+        (ProtocolVersion::V5, 0x84) => "unsupported protocol version",
+        (ProtocolVersion::V5, 0x85) => "client identifier not valid",
+        (ProtocolVersion::V5, 0x86) => "bad user name or password",
+        (ProtocolVersion::V5, 0x87) => "not authorized",
+        (ProtocolVersion::V5, 0x88) => "server unavailable",
+        (ProtocolVersion::V5, 0x89) => "server busy",
+        (ProtocolVersion::V5, 0x8A) => "banned",
+        (ProtocolVersion::V5, 0x8C) => "bad authentication method",
+        (ProtocolVersion::V5, 0x90) => "topic name invalid",
+        (ProtocolVersion::V5, 0x95) => "packet too large",
+        (ProtocolVersion::V5, 0x97) => "quota exceeded",
+        (ProtocolVersion::V5, 0x99) => "payload format invalid",
+        (ProtocolVersion::V5, 0x9A) => "retain not supported",
+        (ProtocolVersion::V5, 0x9B) => "QoS not supported",
+        (ProtocolVersion::V5, 0x9C) => "use another server",
+        (ProtocolVersion::V5, 0x9D) => "server moved",
+        (ProtocolVersion::V5, 0x9F) => "connection rate exceeded",
+        _ => "not a CONNACK code MQTT defines",
+    }
+}
+
 /// What mqtls needs from the broker's first packet, the CONNACK.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Connack {

@@ -30,7 +30,7 @@ use tracing::{debug, info, Span};
 use super::admission::{Over, SourceSlot};
 use super::Generation;
 use crate::config::Listen;
-use crate::device::{NotPresented, Presented, Unmatched};
+use crate::device::{Device, NotPresented, Presented, Unmatched};
 use crate::duplex::Duplex;
 use crate::metrics::{ActiveGuard, Metered, Metrics};
 use crate::mqtt::{self, Connect, ProtocolVersion, ReadConnectError};
@@ -86,9 +86,12 @@ struct Session {
     first_out: u64,
 }
 
-/// Why the session did not start once the broker was reached.
+/// Why the session did not start.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
+    /// No broker address could be reached.
+    #[error("{0}")]
+    Unreachable(crate::upstream::ConnectError),
     /// The broker refused the TLS session after the handshake (TLS 1.3 reports a rejected client
     /// certificate with an alert at the first read).
     #[error("the broker rejected the TLS session: {0}")]
@@ -96,9 +99,9 @@ enum SessionError {
     /// The broker did not take the CONNECT, or did not answer it, in time.
     #[error("{0}")]
     TimedOut(&'static str),
-    /// The broker closed the connection, or it failed, before its CONNACK.
-    #[error("{0}")]
-    Closed(io::Error),
+    /// The broker closed the connection, or it failed, before its CONNACK, after saying `said`.
+    #[error("{error}")]
+    Closed { said: Vec<u8>, error: io::Error },
 }
 
 /// Why no CONNECT was read.
@@ -222,31 +225,38 @@ impl<B: Broker> SetUp<'_, B> {
             client_id: broker_client_id,
         } = presented;
         let started = Instant::now();
-        let mut broker = match self.generation.broker.connect(&entry.identity).await {
-            Ok(c) => {
-                c.failed.iter().for_each(|f| self.metrics.upstream_failure(*f));
-                c.stream
-            }
-            Err(e) => {
-                e.attempts.iter().for_each(|(f, _)| self.metrics.upstream_failure(*f));
-                let refusal = Refusal::BrokerUnreachable {
-                    failure: e.failure(),
-                    error: &e,
-                };
-                refuse(self.metrics, device, peer, Some(connect.version), refusal).await;
-                return None;
-            }
-        };
-        let session = match self
-            .start_session(&mut broker, &mut device, &connect, first_bytes)
-            .await
-        {
-            Ok(session) => session,
+        let (broker, reply) = match self.reach(&entry, &first_bytes, connect.version).await {
+            Ok(reached) => reached,
             Err(e) => {
                 self.session_failed(e, device, connect.version).await;
                 return None;
             }
         };
+        let connack = reply.connack;
+        // The broker's answer goes to the device unchanged, whatever it is.
+        if let Err(e) = pass_on(&mut device, &reply.bytes).await {
+            debug!(error = %e, "the device went away before the broker's answer reached it");
+            return None;
+        }
+        if let Some(code) = connack.map(|c| c.code).filter(|&code| code != 0) {
+            self.metrics.broker_refused(code);
+            let refusal = Refusal::BrokerRefused {
+                code,
+                version: connect.version,
+            };
+            refuse(self.metrics, device, peer, None, refusal).await;
+            return None;
+        }
+        let mut session = Session {
+            keep_alive: connect.keep_alive,
+            max_idle: self.generation.listen.max_idle,
+            first_in: first_bytes.len() as u64,
+            first_out: reply.bytes.len() as u64,
+        };
+        if let Some(k) = connack.and_then(|c| c.server_keep_alive) {
+            debug!(server_keep_alive = k, "the broker sets the keep-alive");
+            session.keep_alive = k;
+        }
         self.metrics.upstream_reached(started.elapsed());
         let stats = self.metrics.device(&entry.name);
         stats.add_to_broker(session.first_in);
@@ -268,77 +278,146 @@ impl<B: Broker> SetUp<'_, B> {
         })
     }
 
-    /// The broker was reached but no session started. A broker that refused the session (TLS 1.3 says
-    /// so only after the handshake, at the first read) or that did not answer in time counts, and is
-    /// answered, as unreachable; one that closed the connection has had its say (whatever it sent before
-    /// closing was passed on).
-    async fn session_failed<D>(&self, e: SessionError, device: D, version: ProtocolVersion)
+    /// Reaches the broker as `entry` and hands it the device's first bytes, until a broker answers them.
+    /// A broker that says it cannot take sessions now ("server unavailable", "server busy", "use another
+    /// server", "server moved") or that does not answer in time passes the device to the next address of
+    /// `upstream.address`, if there is one, before the device is answered.
+    async fn reach(
+        &self,
+        entry: &Device,
+        first_bytes: &[u8],
+        version: ProtocolVersion,
+    ) -> Result<(B::Stream, Reply), SessionError> {
+        let brokers = &self.generation.broker;
+        let mut from = 0;
+        loop {
+            let connected = match brokers.connect(&entry.identity, from).await {
+                Ok(c) => c,
+                Err(e) => {
+                    e.attempts.iter().for_each(|(f, _)| self.metrics.upstream_failure(*f));
+                    return Err(SessionError::Unreachable(e));
+                }
+            };
+            connected.failed.iter().for_each(|f| self.metrics.upstream_failure(*f));
+            let mut stream = connected.stream;
+            let answered = self.start_session(&mut stream, first_bytes, version).await;
+            let next = connected.address + 1;
+            let why = match &answered {
+                Ok(reply) => match reply.connack.map(|c| c.code) {
+                    Some(code) if asks_to_go_elsewhere(version, code) => connack_text(version, code),
+                    _ => return answered.map(|reply| (stream, reply)),
+                },
+                Err(SessionError::TimedOut(what)) => (*what).to_string(),
+                Err(_) => return answered.map(|reply| (stream, reply)),
+            };
+            if next >= brokers.addresses() {
+                return answered.map(|reply| (stream, reply));
+            }
+            let failure = match answered {
+                Ok(_) => Failure::Unavailable,
+                Err(_) => Failure::HandshakeTimeout,
+            };
+            self.metrics.upstream_failure(failure);
+            brokers.unavailable(connected.address, &why);
+            debug!(why, "trying the next broker address");
+            from = next;
+        }
+    }
+
+    /// The broker was not reached, or was reached but did not answer the device's CONNECT. A broker that
+    /// could not be reached, refused the TLS session (TLS 1.3 says so only after the handshake, at the
+    /// first read) or did not answer in time counts, and is answered, as unreachable; one that closed the
+    /// connection before its CONNACK (AWS IoT does this when a policy denies the client) is passed on
+    /// what it said before closing, or answered "server unavailable" if it said nothing.
+    async fn session_failed<D>(&self, e: SessionError, mut device: D, version: ProtocolVersion)
     where
         D: AsyncRead + AsyncWrite + Unpin,
     {
+        let peer = self.peer.ip();
         let failure = match &e {
+            SessionError::Unreachable(e) => {
+                let refusal = Refusal::BrokerUnreachable {
+                    failure: e.failure(),
+                    error: e,
+                };
+                return refuse(self.metrics, device, peer, Some(version), refusal).await;
+            }
+            SessionError::Closed { said, error } => {
+                let answered = !said.is_empty() && pass_on(&mut device, said).await.is_ok();
+                let refusal = Refusal::BrokerClosed { error };
+                let answer = (!answered).then_some(version);
+                return refuse(self.metrics, device, peer, answer, refusal).await;
+            }
             SessionError::Rejected(_) => Failure::Tls,
             SessionError::TimedOut(_) => Failure::HandshakeTimeout,
-            SessionError::Closed(_) => {
-                info!(end = %e, "connection closed before the session started");
-                return;
-            }
         };
         self.metrics.upstream_failure(failure);
         let error = format!("the broker did not accept the connection: {e}");
         let refusal = Refusal::BrokerUnreachable { failure, error: &error };
-        refuse(self.metrics, device, self.peer.ip(), Some(version), refusal).await;
+        refuse(self.metrics, device, peer, Some(version), refusal).await;
     }
 
-    /// Delivers the device's first bytes (its CONNECT and anything after it) and relays the broker's
-    /// answer up to its CONNACK, which proves the broker accepted the session and, for MQTT 5, may set
-    /// the keep-alive. Bounded by the broker's answer timeout: a broker that takes nothing, or says
+    /// Delivers the device's first bytes (its CONNECT and anything after it) and reads the broker's
+    /// answer up to its CONNACK, which proves the broker accepted the TLS session and says whether it
+    /// accepts the device. Bounded by the broker's answer timeout: a broker that takes nothing, or says
     /// nothing, must not hold the connection for ever.
-    async fn start_session<S, D>(
+    async fn start_session<S: Duplex>(
         &self,
         broker: &mut S,
-        device: &mut D,
-        connect: &Connect,
-        first_bytes: Vec<u8>,
-    ) -> Result<Session, SessionError>
-    where
-        S: Duplex,
-        D: AsyncWrite + Unpin,
-    {
+        first_bytes: &[u8],
+        version: ProtocolVersion,
+    ) -> Result<Reply, SessionError> {
         let limit = self.generation.broker.answer_timeout();
         let mut broker = broker.io();
         let forward = async {
-            broker.write_all(&first_bytes).await?;
+            broker.write_all(first_bytes).await?;
             broker.flush().await
         };
         timeout(limit, forward)
             .await
             .map_err(|_| SessionError::TimedOut("the broker took no bytes in time"))?
-            .map_err(|e| self.session_error(e))?;
-        let (relayed, server_keep_alive) = timeout(limit, relay_connack(&mut broker, device, connect.version))
-            .await
-            .map_err(|_| SessionError::TimedOut("no CONNACK from the broker in time"))?
-            .map_err(|e| self.session_error(e))?;
-        let mut session = Session {
-            keep_alive: connect.keep_alive,
-            max_idle: self.generation.listen.max_idle,
-            first_in: first_bytes.len() as u64,
-            first_out: relayed as u64,
-        };
-        if let Some(k) = server_keep_alive {
-            debug!(server_keep_alive = k, "the broker sets the keep-alive");
-            session.keep_alive = k;
+            .map_err(|e| self.session_error(e, Vec::new()))?;
+        let mut said = Vec::with_capacity(256);
+        match timeout(limit, read_connack(&mut broker, &mut said, version)).await {
+            Err(_) => Err(SessionError::TimedOut("no CONNACK from the broker in time")),
+            Ok(Err(e)) => Err(self.session_error(e, said)),
+            Ok(Ok(connack)) => Ok(Reply { bytes: said, connack }),
         }
-        Ok(session)
     }
 
-    fn session_error(&self, e: io::Error) -> SessionError {
-        if self.generation.broker.refused_session(&e) {
-            SessionError::Rejected(e)
+    fn session_error(&self, error: io::Error, said: Vec<u8>) -> SessionError {
+        if self.generation.broker.refused_session(&error) {
+            SessionError::Rejected(error)
         } else {
-            SessionError::Closed(e)
+            SessionError::Closed { said, error }
         }
     }
+}
+
+/// What the broker answered the device's CONNECT with: the bytes it sent, up to its CONNACK (and whatever
+/// came with it), and that CONNACK if it could be parsed.
+struct Reply {
+    bytes: Vec<u8>,
+    connack: Option<mqtt::Connack>,
+}
+
+/// Whether the broker's CONNACK `code` says "not here, not now" (3.1.x "server unavailable"; 5.0 "server
+/// unavailable", "server busy", "use another server", "server moved"): the next address may do.
+fn asks_to_go_elsewhere(version: ProtocolVersion, code: u8) -> bool {
+    match version {
+        ProtocolVersion::V31 | ProtocolVersion::V311 => code == 0x03,
+        ProtocolVersion::V5 => matches!(code, 0x88 | 0x89 | 0x9C | 0x9D),
+    }
+}
+
+/// "CONNACK 0x88 (server unavailable)".
+fn connack_text(version: ProtocolVersion, code: u8) -> String {
+    format!("CONNACK {code:#04x} ({})", mqtt::connack_code_name(version, code))
+}
+
+async fn pass_on<D: AsyncWrite + Unpin>(device: &mut D, bytes: &[u8]) -> io::Result<()> {
+    device.write_all(bytes).await?;
+    device.flush().await
 }
 
 impl<D: AsyncRead + AsyncWrite + Unpin, S: Duplex> Open<D, S> {
@@ -456,39 +535,32 @@ where
     }
 }
 
-/// Copies the broker's first bytes to the device until they hold its whole CONNACK, and returns how many
-/// bytes were copied and the MQTT 5 Server Keep Alive, which replaces the device's own keep-alive. Bytes
-/// pass unchanged; if the CONNACK cannot be parsed they are still passed on and the device's keep-alive
-/// stays in force.
-async fn relay_connack<B, D>(
+/// Reads the broker's first bytes into `said` until they hold its whole CONNACK, and returns it parsed
+/// (`None` if the bytes are not a CONNACK: they are passed on all the same, and the device's keep-alive
+/// stays in force). The end of the stream before a CONNACK is an `UnexpectedEof` error, `said` holding
+/// what came before.
+async fn read_connack<B>(
     broker: &mut B,
-    device: &mut D,
+    said: &mut Vec<u8>,
     version: ProtocolVersion,
-) -> io::Result<(usize, Option<u16>)>
+) -> io::Result<Option<mqtt::Connack>>
 where
     B: AsyncRead + Unpin,
-    D: AsyncWrite + Unpin,
 {
     const MAX_CONNACK: usize = 4096;
-    let mut buf = Vec::with_capacity(256);
     loop {
         let mut chunk = [0u8; 512];
         let n = broker.read(&mut chunk).await?;
         if n == 0 {
-            // Whatever the broker said before closing is the device's to read.
-            device.write_all(&buf).await?;
-            device.flush().await?;
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                "the broker closed before its CONNACK",
+                "the broker closed the connection before its CONNACK",
             ));
         }
-        buf.extend_from_slice(&chunk[..n]);
-        let parsed = mqtt::parse_connack(&buf, version);
-        if !matches!(parsed, Err(mqtt::ConnectError::Incomplete)) || buf.len() >= MAX_CONNACK {
-            device.write_all(&buf).await?;
-            device.flush().await?;
-            return Ok((buf.len(), parsed.ok().and_then(|c| c.server_keep_alive)));
+        said.extend_from_slice(&chunk[..n]);
+        let parsed = mqtt::parse_connack(said, version);
+        if !matches!(parsed, Err(mqtt::ConnectError::Incomplete)) || said.len() >= MAX_CONNACK {
+            return Ok(parsed.ok());
         }
     }
 }
@@ -533,6 +605,11 @@ mod tests {
     struct StandIn {
         outcomes: Mutex<VecDeque<Outcome>>,
         connects: AtomicUsize,
+        /// How many addresses it has.
+        addresses: usize,
+        /// The addresses it was told were unavailable, and where each connect started.
+        passed_over: Mutex<Vec<usize>>,
+        started_from: Mutex<Vec<usize>>,
     }
 
     /// The session side of a stand-in: an in-memory stream, or one whose first read says the broker
@@ -570,8 +647,9 @@ mod tests {
     impl Broker for StandIn {
         type Stream = Session2;
 
-        async fn connect(&self, _identity: &Identity) -> Result<Connected<Session2>, ConnectError> {
+        async fn connect(&self, _identity: &Identity, from: usize) -> Result<Connected<Session2>, ConnectError> {
             self.connects.fetch_add(1, Ordering::SeqCst);
+            self.started_from.lock().unwrap().push(from);
             match self.outcomes.lock().unwrap().pop_front().expect("a scripted outcome") {
                 Outcome::Reach { broker, refuses } => Ok(Connected {
                     stream: Session2 {
@@ -579,6 +657,7 @@ mod tests {
                         refuses,
                     },
                     failed: Vec::new(),
+                    address: from,
                 }),
                 Outcome::Fail(attempts) => Err(ConnectError { attempts }),
             }
@@ -591,15 +670,32 @@ mod tests {
         fn refused_session(&self, error: &io::Error) -> bool {
             error.kind() == io::ErrorKind::PermissionDenied
         }
+
+        fn addresses(&self) -> usize {
+            self.addresses
+        }
+
+        fn unavailable(&self, address: usize, _why: &str) {
+            self.passed_over.lock().unwrap().push(address);
+        }
     }
 
-    /// One device, `boiler-1`, matched by its client id on the shared listener.
+    /// One device, `boiler-1`, matched by its client id on the shared listener; a broker with one address.
     fn generation(outcomes: Vec<Outcome>) -> Arc<Generation<StandIn>> {
-        generation_with(None, outcomes)
+        generation_with(1, outcomes)
+    }
+
+    /// Like [`generation`], with a broker of `addresses` addresses.
+    fn generation_with(addresses: usize, outcomes: Vec<Outcome>) -> Arc<Generation<StandIn>> {
+        generation_of(addresses, None, outcomes)
     }
 
     /// Like [`generation`], `boiler-1` rewriting its CONNECT by `rewrite`.
-    fn generation_with(rewrite: Option<Rewrite>, outcomes: Vec<Outcome>) -> Arc<Generation<StandIn>> {
+    fn generation_rewriting(rewrite: Rewrite, outcomes: Vec<Outcome>) -> Arc<Generation<StandIn>> {
+        generation_of(1, Some(rewrite), outcomes)
+    }
+
+    fn generation_of(addresses: usize, rewrite: Option<Rewrite>, outcomes: Vec<Outcome>) -> Arc<Generation<StandIn>> {
         let listener = LISTENER.parse().unwrap();
         let presents = rewrite
             .as_ref()
@@ -633,6 +729,9 @@ mod tests {
             broker: StandIn {
                 outcomes: Mutex::new(outcomes.into()),
                 connects: AtomicUsize::new(0),
+                addresses,
+                passed_over: Mutex::default(),
+                started_from: Mutex::default(),
             },
             listen,
         })
@@ -778,7 +877,7 @@ mod tests {
             username: Change::Keep,
             password: Change::Drop,
         };
-        let generation = generation_with(Some(rewrite), vec![outcome]);
+        let generation = generation_rewriting(rewrite, vec![outcome]);
         let metrics = metrics_for(&generation);
         let (captured, _guard) = crate::test_log::capture_here();
         {
@@ -825,7 +924,7 @@ mod tests {
                 username: Change::Keep,
                 password: Change::Keep,
             };
-            let generation = generation_with(Some(rewrite), Vec::new());
+            let generation = generation_rewriting(rewrite, Vec::new());
             let metrics = metrics_for(&generation);
             let (mut device, task) = serve(&generation, &metrics);
             device.write_all(&connect(version, "boiler-1", 60)).await.unwrap();
@@ -970,7 +1069,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_broker_that_closes_before_its_connack_has_its_say_and_is_no_refusal() {
+    async fn a_broker_that_closes_before_its_connack_has_its_say_and_is_counted() {
         let (mut broker, outcome) = reached();
         let generation = generation(vec![outcome]);
         let metrics = metrics_for(&generation);
@@ -981,13 +1080,184 @@ mod tests {
         broker.read_exact(&mut got).await.unwrap();
         broker.write_all(&[0x20]).await.unwrap();
         drop(broker);
-        assert_eq!(read_all(&mut device).await, [0x20], "what the broker said is passed on");
+        assert_eq!(
+            read_all(&mut device).await,
+            [0x20],
+            "what the broker said is passed on, nothing more"
+        );
         task.await.unwrap();
-        let refused: f64 = crate::refusal::Reason::ALL
-            .iter()
-            .map(|r| value(&metrics, &format!("mqtls_connections_refused_total{{reason=\"{r}\"}}")))
-            .sum();
-        assert_eq!(refused, 0.0);
+        assert_eq!(
+            value(&metrics, "mqtls_connections_refused_total{reason=\"broker_closed\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(&metrics, "mqtls_upstream_handshake_seconds_count"),
+            0.0,
+            "no set-up counted"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_closes_without_a_word_is_answered_server_unavailable() {
+        let (mut broker, outcome) = reached();
+        let generation = generation(vec![outcome]);
+        let metrics = metrics_for(&generation);
+        let (mut device, task) = serve(&generation, &metrics);
+        let first = connect(ProtocolVersion::V5, "boiler-1", 60);
+        device.write_all(&first).await.unwrap();
+        let mut got = vec![0u8; first.len()];
+        broker.read_exact(&mut got).await.unwrap();
+        drop(broker);
+        assert_eq!(read_all(&mut device).await, [0x20, 0x03, 0x00, 0x88, 0x00]);
+        task.await.unwrap();
+        assert_eq!(
+            value(&metrics, "mqtls_connections_refused_total{reason=\"broker_closed\"}"),
+            1.0
+        );
+    }
+
+    /// Serves one device through `generation`, plays each reached broker with `script` (the CONNACK to
+    /// answer the device's CONNECT with, or `None` for silence), and returns what the device received.
+    async fn through(
+        generation: &Arc<Generation<StandIn>>,
+        metrics: &Arc<Metrics>,
+        brokers: Vec<(DuplexStream, Option<Vec<u8>>)>,
+        version: ProtocolVersion,
+    ) -> (Vec<u8>, Vec<Vec<u8>>, DuplexStream) {
+        let (mut device, task) = serve(generation, metrics);
+        let first = connect(version, "boiler-1", 60);
+        device.write_all(&first).await.unwrap();
+        let mut heard = Vec::new();
+        let mut last = None;
+        for (mut broker, answer) in brokers {
+            let mut got = vec![0u8; first.len()];
+            broker.read_exact(&mut got).await.unwrap();
+            heard.push(got);
+            if let Some(answer) = answer {
+                broker.write_all(&answer).await.unwrap();
+            }
+            last = Some(broker);
+        }
+        let mut answer = vec![0u8; 1];
+        device.read_exact(&mut answer).await.unwrap();
+        let mut len = [0u8; 1];
+        device.read_exact(&mut len).await.unwrap();
+        answer.push(len[0]);
+        let mut body = vec![0u8; len[0] as usize];
+        device.read_exact(&mut body).await.unwrap();
+        answer.extend(body);
+        drop(task);
+        (answer, heard, last.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_broker_refusal_is_passed_on_and_counted_by_its_code_not_as_a_session() {
+        let (broker, outcome) = reached();
+        let generation = generation(vec![outcome]);
+        let metrics = metrics_for(&generation);
+        let not_authorized = vec![0x20, 0x02, 0x00, 0x05];
+        let (answer, _, _) = through(
+            &generation,
+            &metrics,
+            vec![(broker, Some(not_authorized.clone()))],
+            ProtocolVersion::V311,
+        )
+        .await;
+        assert_eq!(answer, not_authorized);
+        let counted = |s: &str| value(&metrics, s);
+        tokio::task::yield_now().await;
+        assert!(
+            wait_for(|| counted("mqtls_broker_refusals_total{code=\"0x05\"}") == 1.0).await,
+            "counted by its code"
+        );
+        assert_eq!(
+            counted("mqtls_connections_refused_total{reason=\"broker_refused\"}"),
+            1.0
+        );
+        assert_eq!(counted("mqtls_upstream_handshake_seconds_count"), 0.0, "not a set-up");
+        assert_eq!(counted("mqtls_connections_active{device=\"boiler-1\"}"), 0.0);
+    }
+
+    async fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+        for _ in 0..1000 {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn server_unavailable_from_one_address_sends_the_device_to_the_next_before_it_is_answered() {
+        let (first, first_outcome) = reached();
+        let (second, second_outcome) = reached();
+        let generation = generation_with(2, vec![first_outcome, second_outcome]);
+        let metrics = metrics_for(&generation);
+        let brokers = vec![
+            (first, Some(vec![0x20, 0x02, 0x00, 0x03])),
+            (second, Some(CONNACK_V311.to_vec())),
+        ];
+        let (answer, heard, _second) = through(&generation, &metrics, brokers, ProtocolVersion::V311).await;
+        assert_eq!(
+            answer, CONNACK_V311,
+            "the device sees only the answer of the broker that took it"
+        );
+        assert_eq!(heard[0], heard[1], "both brokers got the same CONNECT");
+        assert_eq!(*generation.broker.started_from.lock().unwrap(), [0, 1]);
+        assert_eq!(*generation.broker.passed_over.lock().unwrap(), [0]);
+        assert_eq!(
+            value(
+                &metrics,
+                "mqtls_upstream_connect_failures_total{reason=\"unavailable\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(&metrics, "mqtls_connections_refused_total{reason=\"broker_refused\"}"),
+            0.0
+        );
+    }
+
+    #[tokio::test]
+    async fn with_no_address_left_the_brokers_answer_stands() {
+        for (version, code) in [
+            (ProtocolVersion::V5, 0x9C),
+            (ProtocolVersion::V5, 0x89),
+            (ProtocolVersion::V311, 0x03),
+        ] {
+            let (broker, outcome) = reached();
+            let generation = generation(vec![outcome]);
+            let metrics = metrics_for(&generation);
+            let refusal = match version {
+                ProtocolVersion::V5 => vec![0x20, 0x03, 0x00, code, 0x00],
+                _ => vec![0x20, 0x02, 0x00, code],
+            };
+            let (answer, _, _) = through(&generation, &metrics, vec![(broker, Some(refusal.clone()))], version).await;
+            assert_eq!(answer, refusal, "{code:#04x}");
+            assert!(generation.broker.passed_over.lock().unwrap().is_empty());
+            let series = format!("mqtls_broker_refusals_total{{code=\"{code:#04x}\"}}");
+            assert!(wait_for(|| value(&metrics, &series) == 1.0).await, "{series}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_that_does_not_answer_in_time_sends_the_device_to_the_next_address() {
+        let (first, first_outcome) = reached();
+        let (second, second_outcome) = reached();
+        let generation = generation_with(2, vec![first_outcome, second_outcome]);
+        let metrics = metrics_for(&generation);
+        let brokers = vec![(first, None), (second, Some(CONNACK_V311.to_vec()))];
+        let (answer, _, _) = through(&generation, &metrics, brokers, ProtocolVersion::V311).await;
+        assert_eq!(answer, CONNACK_V311);
+        assert_eq!(*generation.broker.passed_over.lock().unwrap(), [0]);
+        assert_eq!(
+            value(
+                &metrics,
+                "mqtls_upstream_connect_failures_total{reason=\"handshake_timeout\"}"
+            ),
+            1.0
+        );
     }
 
     /// Opens a session whose CONNECT asked for `keep_alive` and whose CONNACK is `connack`; returns the

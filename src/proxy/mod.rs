@@ -490,6 +490,9 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             max_connecting: 1,
+            queue_timeout: Duration::from_secs(60),
+            resolve_timeout: Duration::from_secs(5),
+            failed_address_backoff: Duration::from_secs(30),
             alpn: Vec::new(),
             allow_readable_keys: false,
         };

@@ -62,6 +62,10 @@ pub enum Reason {
     SourceConnections,
     /// Over `listen.max_connects_per_source_per_second` for one address.
     SourceRate,
+    /// The broker answered the device's CONNECT with a refusal (passed on unchanged).
+    BrokerRefused,
+    /// The broker closed the connection before its CONNACK.
+    BrokerClosed,
     /// The device's entry asks for its CONNECT to be rewritten, and that cannot be done (e.g. its template
     /// gives a client id that is not valid, or one that belongs to another device).
     RewriteFailed,
@@ -78,7 +82,7 @@ enum Answer {
 
 impl Reason {
     /// Every reason, in declaration order (`reason as usize` indexes it).
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 14] = [
         Reason::UnknownDevice,
         Reason::BrokerUnreachable,
         Reason::BadConnect,
@@ -90,6 +94,8 @@ impl Reason {
         Reason::TlsOnPlainPort,
         Reason::SourceConnections,
         Reason::SourceRate,
+        Reason::BrokerRefused,
+        Reason::BrokerClosed,
         Reason::RewriteFailed,
     ];
 
@@ -162,6 +168,18 @@ impl Reason {
                 "source_rate",
                 "refused: this address connects too often (listen.max_connects_per_source_per_second)",
                 Connack { v3: 0x03, v5: 0x97 },
+            ),
+            // The device has the broker's own CONNACK already.
+            Reason::BrokerRefused => (
+                "broker_refused",
+                "refused by the broker: its CONNACK was passed on to the device",
+                Close,
+            ),
+            Reason::BrokerClosed => (
+                "broker_closed",
+                "refused: the broker closed the connection before its CONNACK (AWS IoT Core does so when a policy \
+                 denies the client id or the connection)",
+                Connack { v3: 0x03, v5: 0x88 },
             ),
             // The client id the broker would see is what cannot be made: "identifier rejected" / "client
             // identifier not valid" point the device's operator at it.
@@ -261,6 +279,18 @@ pub enum Refusal<'a> {
         /// `listen.max_connects_per_source_per_second`.
         limit: u32,
     },
+    /// The broker refused the device with CONNACK `code`.
+    BrokerRefused {
+        /// The return code (3.1.x) or reason code (5.0).
+        code: u8,
+        /// The device's MQTT version, which says what the code means.
+        version: ProtocolVersion,
+    },
+    /// The broker closed the connection before its CONNACK.
+    BrokerClosed {
+        /// How it ended.
+        error: &'a (dyn fmt::Display + Sync),
+    },
     /// The device's CONNECT cannot be rewritten as its entry asks.
     RewriteFailed {
         /// The client id the device sent.
@@ -285,6 +315,8 @@ impl Refusal<'_> {
             Refusal::SourceLimit { .. } => Reason::SourceLimit,
             Refusal::SourceConnections { .. } => Reason::SourceConnections,
             Refusal::SourceRate { .. } => Reason::SourceRate,
+            Refusal::BrokerRefused { .. } => Reason::BrokerRefused,
+            Refusal::BrokerClosed { .. } => Reason::BrokerClosed,
             Refusal::RewriteFailed { .. } => Reason::RewriteFailed,
         }
     }
@@ -328,6 +360,11 @@ impl Refusal<'_> {
             }
             Refusal::SourceRate { client_id, limit } => warn!(reason = label, client_id = ?client_id, limit, "{text}"),
             Refusal::SourceLimit { limit } => warn!(reason = label, limit, "{text}"),
+            Refusal::BrokerRefused { code, version } => {
+                let meaning = mqtt::connack_code_name(*version, *code);
+                warn!(reason = label, code = format_args!("{code:#04x}"), meaning, "{text}")
+            }
+            Refusal::BrokerClosed { error } => warn!(reason = label, error = %error, "{text}"),
             Refusal::RewriteFailed { client_id, error } => {
                 warn!(reason = label, client_id = ?client_id, error = %error, "{text}")
             }
@@ -436,6 +473,8 @@ mod tests {
                 "tls_on_plain_port",
                 "source_connections",
                 "source_rate",
+                "broker_refused",
+                "broker_closed",
                 "rewrite_failed",
             ]
         );
@@ -465,6 +504,8 @@ mod tests {
                 (None, None, None),
                 (Some(0x03), Some(0x03), Some(0x97)),
                 (Some(0x03), Some(0x03), Some(0x97)),
+                (None, None, None),
+                (Some(0x03), Some(0x03), Some(0x88)),
                 (Some(0x02), Some(0x02), Some(0x85)),
             ]
         );

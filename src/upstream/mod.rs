@@ -8,6 +8,9 @@
 //! inspects TLS types: telling a TLS refusal from a closed socket is the seam's job.
 
 mod connector;
+mod health;
+mod pacing;
+mod resolve;
 mod turn;
 
 use std::future::Future;
@@ -36,16 +39,20 @@ pub enum Failure {
     /// The TLS handshake failed, or the broker refused the TLS session after it (untrusted chain, wrong
     /// name, client certificate rejected...).
     Tls,
+    /// The broker answered the CONNECT "server unavailable", "server busy", "use another server" or
+    /// "server moved", and the next address was tried.
+    Unavailable,
 }
 
 impl Failure {
     /// Every failure, in declaration order (`failure as usize` indexes it).
-    pub const ALL: [Failure; 5] = [
+    pub const ALL: [Failure; 6] = [
         Failure::QueueTimeout,
         Failure::Resolve,
         Failure::Connect,
         Failure::HandshakeTimeout,
         Failure::Tls,
+        Failure::Unavailable,
     ];
 
     /// A short, stable label.
@@ -56,6 +63,7 @@ impl Failure {
             Failure::Connect => "connect",
             Failure::HandshakeTimeout => "handshake_timeout",
             Failure::Tls => "tls",
+            Failure::Unavailable => "unavailable",
         }
     }
 }
@@ -83,6 +91,8 @@ pub(crate) struct Connected<S> {
     pub stream: S,
     /// Each earlier address's failure, in order.
     pub failed: Vec<Failure>,
+    /// Which of the configured addresses serves it (an index into `upstream.address`).
+    pub address: usize,
 }
 
 /// What a connection needs from the broker side.
@@ -90,10 +100,12 @@ pub(crate) trait Broker: Send + Sync + 'static {
     /// An open session: bytes to and from the broker.
     type Stream: Duplex + Send + 'static;
 
-    /// Opens a session presenting `identity`, trying the broker's addresses in order.
+    /// Opens a session presenting `identity`, trying the broker's addresses in order from the one at
+    /// index `from` (0: all of them).
     fn connect(
         &self,
         identity: &Identity,
+        from: usize,
     ) -> impl Future<Output = Result<Connected<Self::Stream>, ConnectError>> + Send;
 
     /// How long the broker gets to take the device's CONNECT and to answer it.
@@ -103,4 +115,10 @@ pub(crate) trait Broker: Send + Sync + 'static {
     /// refused the session (TLS 1.3 reports a rejected client certificate only then) rather than that the
     /// connection closed or failed.
     fn refused_session(&self, error: &io::Error) -> bool;
+
+    /// How many addresses the broker has (`upstream.address`).
+    fn addresses(&self) -> usize;
+
+    /// The broker at `address` said it cannot take sessions now (`why`): pass it over for a while.
+    fn unavailable(&self, address: usize, why: &str);
 }

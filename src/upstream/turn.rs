@@ -1,10 +1,10 @@
-//! The broker side of a proxied connection while it holds its connector's turn.
+//! The broker side of a proxied connection while it holds its turn to connect (see [`super::pacing`]).
 //!
-//! Connections to the broker are opened a bounded number at a time (`upstream.max_connecting`), and a
-//! connection keeps its turn until the broker first answers on it (its CONNACK), not only until the TLS
-//! handshake ends on our side: until then the broker still has work to do for it (our last handshake
+//! A connection keeps its turn until the broker first answers on it (its CONNACK), not only until the
+//! TLS handshake ends on our side: until then the broker still has work to do for it (our last handshake
 //! message, the CONNECT), and by then it has sent its TLS 1.3 session tickets, so that the next
 //! connection to start can resume a session (cheaper for the broker) rather than make a full handshake.
+//! How long that took is what the line of connects learns the broker's pace from.
 
 use std::future::Future;
 use std::io;
@@ -13,9 +13,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::ReadBuf;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep, Sleep};
 
+use super::pacing::Turn as PacedTurn;
 use crate::duplex::Duplex;
 
 /// A session with the broker that holds a turn to connect until the broker first answers on it (a read
@@ -27,14 +27,14 @@ pub(crate) struct BrokerStream<S> {
 }
 
 struct Turn {
-    _permit: OwnedSemaphorePermit,
+    turn: PacedTurn,
     deadline: Pin<Box<Sleep>>,
 }
 
 impl<S> BrokerStream<S> {
-    pub(crate) fn new(inner: S, permit: OwnedSemaphorePermit, answer_within: Duration) -> BrokerStream<S> {
+    pub(crate) fn new(inner: S, turn: PacedTurn, answer_within: Duration) -> BrokerStream<S> {
         let turn = Turn {
-            _permit: permit,
+            turn,
             deadline: Box::pin(sleep(answer_within)),
         };
         BrokerStream {
@@ -57,7 +57,11 @@ impl<S: Duplex> Duplex for BrokerStream<S> {
         let polled = self.inner.poll_read(cx, buf);
         if let Some(turn) = &mut self.turn {
             // Polling the deadline registers this task to be woken when it passes.
-            if polled.is_ready() || turn.deadline.as_mut().poll(cx).is_ready() {
+            if polled.is_ready() {
+                turn.turn.answered();
+                self.turn = None;
+            } else if turn.deadline.as_mut().poll(cx).is_ready() {
+                turn.turn.timed_out();
                 self.turn = None;
             }
         }
@@ -80,48 +84,45 @@ impl<S: Duplex> Duplex for BrokerStream<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::sync::Semaphore;
     use tokio::time::timeout;
+
+    use crate::upstream::pacing::Pacer;
 
     #[tokio::test]
     async fn the_turn_is_kept_until_the_broker_first_answers() {
-        let turns = Arc::new(Semaphore::new(1));
+        let pacer = Pacer::new(1);
         let (mut broker, ours) = tokio::io::duplex(64);
-        let mut s = BrokerStream::new(
-            ours,
-            turns.clone().try_acquire_owned().unwrap(),
-            Duration::from_secs(3600),
-        );
+        let turn = pacer.turn(Duration::ZERO).await.unwrap();
+        let mut s = BrokerStream::new(ours, turn, Duration::from_secs(3600));
         s.io().write_all(b"CONNECT").await.unwrap();
-        assert_eq!(turns.available_permits(), 0, "writing is no answer");
+        assert!(pacer.turn(Duration::ZERO).await.is_none(), "writing is no answer");
         broker.write_all(b"CONNACK").await.unwrap();
         let mut got = [0u8; 7];
         s.io().read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"CONNACK");
-        assert_eq!(turns.available_permits(), 1, "given back at the first answer");
+        assert!(
+            pacer.turn(Duration::ZERO).await.is_some(),
+            "given back at the first answer"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_broker_that_never_answers_keeps_the_turn_only_until_the_deadline() {
-        let turns = Arc::new(Semaphore::new(1));
+        let pacer = Pacer::new(1);
         let (_broker, ours) = tokio::io::duplex(64);
-        let s = BrokerStream::new(
-            ours,
-            turns.clone().try_acquire_owned().unwrap(),
-            Duration::from_secs(10),
-        );
+        let turn = pacer.turn(Duration::ZERO).await.unwrap();
+        let s = BrokerStream::new(ours, turn, Duration::from_secs(10));
         let reader = tokio::spawn(async move {
             let mut s = s;
             let mut b = [0u8; 1];
             s.io().read(&mut b).await
         });
         tokio::time::sleep(Duration::from_secs(9)).await;
-        assert_eq!(turns.available_permits(), 0);
+        assert!(pacer.turn(Duration::ZERO).await.is_none());
         // Only the deadline can wake the reader: the broker says nothing.
-        let again = timeout(Duration::from_secs(60), turns.acquire()).await;
+        let again = timeout(Duration::from_secs(60), pacer.turn(Duration::from_secs(3600))).await;
         assert!(again.is_ok(), "the turn was not given back at the deadline");
         assert!(!reader.is_finished(), "the stream itself stays open");
     }

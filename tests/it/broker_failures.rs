@@ -197,3 +197,50 @@ async fn a_broker_that_wants_another_alpn_protocol_is_a_tls_failure() {
     assert!(line.contains("reason=\"broker_unreachable\""), "{line}");
     assert!(line.contains("failure=\"tls\""), "{line}");
 }
+
+/// What the broker itself refuses reaches the device unchanged, and is counted by its code and logged
+/// with the device: not counted as a session set up.
+#[tokio::test]
+async fn a_refusal_by_the_broker_is_passed_on_counted_by_code_and_logged_with_the_device() {
+    use crate::common::codec::{self, Version};
+    use crate::common::raw;
+    use tokio::io::AsyncWriteExt;
+
+    let (logs, _g) = Logs::capture();
+    // Matched by its address alone, so that it can send an empty client id.
+    let s = Scenario::new()
+        .device_with("anonymous-1", |d| d.client_id(None).source("127.0.0.1"))
+        .start()
+        .await;
+    // MQTT 3.1.1: an empty client id with clean session 0 must be refused (Mosquitto: 0x02).
+    let mut connect = codec::connect(Version::V311, "", 30);
+    assert_eq!(connect[9], 0x02, "the connect flags byte");
+    connect[9] = 0x00;
+    let mut device = raw::device(s.proxy.addr()).await;
+    device.write_all(&connect).await.unwrap();
+    let ack = raw::expect_connack(&mut device, Version::V311, MQTT_DEADLINE).await;
+    assert_eq!(ack.code, 0x02, "the broker's own answer");
+    let line = logs
+        .wait_line(&["broker_refused", "anonymous-1"], MQTT_DEADLINE)
+        .await
+        .unwrap();
+    assert!(
+        line.contains("code=0x02") && line.contains("identifier rejected"),
+        "{line}"
+    );
+    let metrics = s.proxy.handle.metrics().render();
+    let has = |series: &str| metrics.lines().any(|l| l == series);
+    assert!(has("mqtls_broker_refusals_total{code=\"0x02\"} 1"), "{metrics}");
+    assert!(
+        has("mqtls_connections_refused_total{reason=\"broker_refused\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        has("mqtls_upstream_handshake_seconds_count 0"),
+        "no session was set up:\n{metrics}"
+    );
+    assert!(
+        !logs.text().contains("connection opened"),
+        "a refused device is not logged as connected"
+    );
+}

@@ -833,14 +833,14 @@ fn grafana_queries_use_only_exported_metrics() {
 #[test]
 fn contract_parses_into_families() {
     let e = Exposition::parse(CONTRACT);
-    assert_eq!(e.families.len(), 12);
+    assert_eq!(e.families.len(), 13);
     assert_eq!(e.families["mqtls_upstream_handshake_seconds"].kind, "histogram");
     assert_eq!(
         e.family_name("mqtls_connection_duration_seconds_bucket"),
         Some("mqtls_connection_duration_seconds")
     );
     assert_eq!(e.family_name("mqtls_bytes_total_bucket"), None);
-    assert_eq!(e.families["mqtls_connections_refused_total"].labels["reason"].len(), 12);
+    assert_eq!(e.families["mqtls_connections_refused_total"].labels["reason"].len(), 14);
 }
 
 #[test]
