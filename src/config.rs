@@ -17,6 +17,8 @@ use ipnet::IpNet;
 use rustls::pki_types::ServerName;
 use serde::Deserialize;
 
+use crate::rewrite::spec::RawConnect;
+use crate::rewrite::RewriteSpec;
 use crate::rules::{Pattern, Rules};
 
 /// MQTT's standard port for TLS, used when an upstream address gives no port.
@@ -249,6 +251,8 @@ pub struct Fallback {
     /// Client id patterns one of which must match (`fallback.client_id`); empty: any client id that no
     /// device owns.
     pub client_ids: Vec<Pattern>,
+    /// How its connections' CONNECT is rewritten (`fallback.connect.*`).
+    pub connect: RewriteSpec,
 }
 
 /// One device: its match rules and its identity.
@@ -264,6 +268,8 @@ pub struct DeviceSpec {
     pub listen: Option<SocketAddr>,
     /// The identity presented to the broker.
     pub identity: IdentityFiles,
+    /// How its CONNECT is rewritten (`connect.*`, with the `[device_dir]` defaults for a directory entry).
+    pub connect: RewriteSpec,
     /// Where this entry was defined (config file or `device.toml`/directory), for error messages.
     pub origin: PathBuf,
     /// How to name this entry's keys in messages: `device[3]` or a directory path.
@@ -462,6 +468,7 @@ struct RawDevice {
     listen: Option<String>,
     cert: Option<String>,
     key: Option<String>,
+    connect: Option<RawConnect>,
 }
 
 #[derive(Deserialize)]
@@ -469,6 +476,7 @@ struct RawDevice {
 struct RawDeviceDir {
     path: String,
     source: Option<OneOrMany>,
+    connect: Option<RawConnect>,
 }
 
 /// `device.toml` inside a device directory entry.
@@ -478,6 +486,7 @@ struct RawDirDevice {
     client_id: Option<String>,
     source: Option<OneOrMany>,
     listen: Option<String>,
+    connect: Option<RawConnect>,
 }
 
 #[derive(Deserialize)]
@@ -487,6 +496,7 @@ struct RawFallback {
     key: Option<String>,
     source: Option<OneOrMany>,
     client_id: Option<OneOrMany>,
+    connect: Option<RawConnect>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -912,6 +922,8 @@ impl Validator {
         let sources = self.sources("source", Some(&name), raw.source);
         let listen = self.device_listen(&name, raw.listen);
         let identity = self.identity("", raw.cert, raw.key, Some(&name));
+        let base = self.base.clone();
+        let connect = self.connect("connect", raw.connect, Some(&name), &base);
         if !has_rule {
             self.errors.push(
                 ConfigError::new(&self.path, "client_id", "give at least one of client_id, source, listen (a device that matches every connection is [fallback])")
@@ -927,6 +939,7 @@ impl Validator {
             sources,
             listen,
             identity: identity?,
+            connect,
             origin: self.path.clone(),
             key_prefix: prefix,
         })
@@ -942,11 +955,14 @@ impl Validator {
                 Err(reason) => self.error("fallback.client_id", format!("`{t}`: {reason}")),
             }
         }
+        let base = self.base.clone();
+        let connect = self.connect("fallback.connect", raw.connect, None, &base);
         let identity = self.identity("fallback", raw.cert, raw.key, None)?;
         Some(Fallback {
             identity,
             sources,
             client_ids,
+            connect,
         })
     }
 
@@ -980,6 +996,19 @@ impl Validator {
                 None
             }
         }
+    }
+
+    /// A `connect` table (`key` names it in messages); a relative password file is found in `base`.
+    fn connect(&mut self, key: &str, raw: Option<RawConnect>, device: Option<&str>, base: &Path) -> RewriteSpec {
+        let (spec, errors) = raw.unwrap_or_default().check(base);
+        for e in errors {
+            let mut error = ConfigError::new(&self.path, format!("{key}.{}", e.key), e.reason);
+            if let Some(d) = device {
+                error = error.for_device(d);
+            }
+            self.errors.push(error);
+        }
+        spec
     }
 
     fn identity(
@@ -1023,6 +1052,8 @@ impl Validator {
     fn device_dir(&mut self, raw: RawDeviceDir) -> Vec<DeviceSpec> {
         let dir = self.resolve(&raw.path);
         let shared_sources = self.sources("device_dir.source", None, raw.source.clone());
+        let base = self.base.clone();
+        let shared_connect = self.connect("device_dir.connect", raw.connect, None, &base);
         let entries = match device_dir_entries(&dir) {
             Ok(e) => e,
             Err(e) => {
@@ -1032,11 +1063,16 @@ impl Validator {
         };
         entries
             .into_iter()
-            .filter_map(|p| self.dir_device(&p, &shared_sources))
+            .filter_map(|p| self.dir_device(&p, &shared_sources, &shared_connect))
             .collect()
     }
 
-    fn dir_device(&mut self, entry: &Path, shared_sources: &[IpNet]) -> Option<DeviceSpec> {
+    fn dir_device(
+        &mut self,
+        entry: &Path,
+        shared_sources: &[IpNet],
+        shared_connect: &RewriteSpec,
+    ) -> Option<DeviceSpec> {
         let name = entry.file_name()?.to_string_lossy().into_owned();
         let settings_path = entry.join(DEVICE_DIR_SETTINGS);
         let settings = if settings_path.exists() {
@@ -1072,6 +1108,10 @@ impl Validator {
             None => shared_sources.to_vec(),
         };
         let listen = self.device_listen(&name, settings.listen);
+        // A password file named in device.toml is found beside it.
+        let connect = self
+            .connect("connect", settings.connect, Some(&name), entry)
+            .or(shared_connect);
         self.path = saved;
         if let Some(p) = pending {
             self.pending.push(p);
@@ -1086,6 +1126,7 @@ impl Validator {
             sources,
             listen,
             identity: IdentityFiles { cert, key },
+            connect,
             origin: entry.to_path_buf(),
             key_prefix: entry.display().to_string(),
         })

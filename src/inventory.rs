@@ -21,7 +21,8 @@ use crate::config::{
     device_dir_entries, pending_device, Config, PendingDevice, DEVICE_DIR_CERT, DEVICE_DIR_KEY, DEVICE_DIR_SETTINGS,
     FALLBACK_NAME,
 };
-use crate::device::{Device, DeviceTable};
+use crate::device::{presented_warnings, Device, DeviceTable};
+use crate::rewrite::{Change, Values};
 use crate::tls::{key_mode_exposure, key_mode_is_open, read_certs, CertSummary};
 
 /// A certificate that expires within this many days is flagged EXPIRES SOON.
@@ -85,6 +86,9 @@ pub struct IdentityRow {
     pub problem: Option<String>,
     /// The match rules (for `mqtls check`).
     pub rules: Option<String>,
+    /// What its CONNECT presents to the broker (for `mqtls check`): the client id, and the user name and
+    /// password where a rewrite changes them.
+    pub to_broker: Option<String>,
 }
 
 impl IdentityRow {
@@ -160,6 +164,7 @@ impl IdentityRow {
             flags: Vec::new(),
             problem: None,
             rules: None,
+            to_broker: None,
         }
     }
 
@@ -193,6 +198,7 @@ impl IdentityRow {
             Column::Serial => summary.map_or_else(dash, |s| serial_hex(&s.serial)),
             Column::Flags => self.flags_cell().unwrap_or_else(dash),
             Column::Match => self.rules.clone().unwrap_or_else(dash),
+            Column::ToBroker => self.to_broker.clone().unwrap_or_else(dash),
         }
     }
 
@@ -277,9 +283,38 @@ fn rows_from_table(table: &DeviceTable, now: SystemTime) -> Vec<IdentityRow> {
     let soon = DEFAULT_EXPIRY_WARNING_DAYS;
     let loaded = table.all().map(|d| {
         let id = &d.identity;
-        IdentityRow::new(&d.name, id.summary.clone(), Some(id.key_mode), now, soon).with_rules(d.rules.to_string())
+        let row = IdentityRow::new(&d.name, id.summary.clone(), Some(id.key_mode), now, soon);
+        IdentityRow {
+            to_broker: Some(to_broker(d)),
+            ..row.with_rules(d.rules.to_string())
+        }
     });
     loaded.chain(table.pending().iter().map(IdentityRow::pending)).collect()
+}
+
+/// What a device's CONNECT presents to the broker: `client_id=esp-a`, `client_id=(as sent)`,
+/// `client_id=esp-{source} username=(dropped) password=(from file)`.
+fn to_broker(d: &Device) -> String {
+    let client_id = match (&d.presents, &d.rules.client_id) {
+        (Some(Values::Fixed(id)), _) => id.clone(),
+        (Some(Values::Pattern(p)), _) => p.to_string(),
+        (None, Some(id)) => id.clone(),
+        (None, None) => "(as sent)".to_string(),
+    };
+    let mut text = format!("client_id={client_id}");
+    if let Some(r) = &d.rewrite {
+        match &r.username {
+            Change::Keep => {}
+            Change::Drop => text.push_str(" username=(dropped)"),
+            Change::Set(t) => text.push_str(&format!(" username={t}")),
+        }
+        match &r.password {
+            Change::Keep => {}
+            Change::Drop => text.push_str(" password=(dropped)"),
+            Change::Set(_) => text.push_str(" password=(from file)"),
+        }
+    }
+    text
 }
 
 fn read_leaf(path: &Path) -> Result<CertSummary, String> {
@@ -308,7 +343,13 @@ pub fn warnings(table: &DeviceTable, now: SystemTime) -> Vec<String> {
     let identities = rows.iter().flat_map(|r| row_warnings(r, now));
     let pending = table.pending().iter().map(PendingDevice::warning);
     let fallback = fallback_warnings(table);
-    devices.chain(identities).chain(pending).chain(fallback).collect()
+    let presented = presented_warnings(table);
+    devices
+        .chain(identities)
+        .chain(pending)
+        .chain(fallback)
+        .chain(presented)
+        .collect()
 }
 
 /// Device names a warning lists before it says "and N more".
@@ -362,6 +403,16 @@ fn device_warnings(d: &Device, now: SystemTime) -> Vec<String> {
             "device \"{}\" is matched by client id alone: anyone on the LAN who sends that client id gets its identity; add `source`",
             d.name
         ));
+    }
+    if let Some(r) = &d.rewrite {
+        if r.username == Change::Drop && matches!(r.password, Change::Set(_)) {
+            w.push(format!(
+                "device \"{}\": connect.password_file without a user name (connect.username = false): MQTT 3.1 and \
+                 3.1.1 allow no password without one, so such devices are refused (rewrite_failed); only MQTT 5 \
+                 devices are served",
+                d.name
+            ));
+        }
     }
     let not_after = d.identity.summary.not_after;
     if not_after <= now {
@@ -432,6 +483,8 @@ pub enum Column {
     Flags,
     /// The match rules.
     Match,
+    /// What the CONNECT presents to the broker.
+    ToBroker,
 }
 
 impl Column {
@@ -446,6 +499,7 @@ impl Column {
             Column::Serial => "SERIAL",
             Column::Flags => "FLAGS",
             Column::Match => "MATCH",
+            Column::ToBroker => "TO BROKER",
         }
     }
 }
@@ -462,7 +516,7 @@ pub const LIST_COLUMNS: &[Column] = &[
     Column::Flags,
 ];
 
-/// The columns of `mqtls check` (the serial gives way to the match rules).
+/// The columns of `mqtls check` (the serial gives way to the match rules and what the broker sees).
 const CHECK_COLUMNS: &[Column] = &[
     Column::Name,
     Column::NotAfter,
@@ -471,6 +525,7 @@ const CHECK_COLUMNS: &[Column] = &[
     Column::Issuer,
     Column::Flags,
     Column::Match,
+    Column::ToBroker,
 ];
 
 /// An aligned text table of `rows` (a header line first); the last column is not padded.

@@ -5,7 +5,9 @@
 //! 1. [`proxy`] accepts on a listener, admits the connection (connection and per-source limits), and
 //!    spawns one task that runs the connection's whole life (`proxy::connection`).
 //! 2. [`mqtt`] reads the device's CONNECT packet, bounded in size and time, without changing a byte.
-//! 3. [`device`] picks the device entry whose rules (client id, source address, listener) all hold.
+//! 3. [`device`] picks the device entry whose rules (client id, source address, listener) all hold, and
+//!    [`rewrite`] rewrites the CONNECT's client id, user name or password when that entry asks for it
+//!    (nothing else, and nothing after the CONNECT); no client id another entry claims reaches the broker.
 //! 4. `upstream` reaches the broker as that device: `upstream::Broker` is the seam the connection talks
 //!    to, and [`Connector`] the real one (resolve, connect in order, TLS handshake with the device's
 //!    prebuilt `rustls::ClientConfig` from [`tls`], over `tls::stream`, which holds no buffer while idle).
@@ -39,6 +41,7 @@ mod pipe;
 pub mod proxy;
 mod refusal;
 pub mod reload;
+pub mod rewrite;
 mod rules;
 mod socket;
 mod stamp;

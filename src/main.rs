@@ -21,7 +21,8 @@ mod cli_docs;
 ///
 /// Devices connect to mqtls with plain MQTT (usually on port 1883). mqtls reads the CONNECT packet, picks
 /// the device's certificate from the config (by client id, source address and listener), opens a TLS
-/// connection to the broker presenting that certificate, and then copies bytes both ways unchanged.
+/// connection to the broker presenting that certificate, and then copies bytes both ways unchanged (the
+/// CONNECT's client id, user name or password rewritten first where the device's entry asks for it).
 #[derive(Parser)]
 #[command(name = "mqtls", version = env!("MQTLS_VERSION"), about, long_about)]
 struct Cli {
@@ -43,11 +44,14 @@ enum Command {
     },
     /// Validate the configuration, load every certificate and key, and print the device table.
     ///
-    /// Prints one row per device (certificate expiry, flags, match rules) and the limits in force, and
-    /// warns about what is risky: a device matched by client id alone, a fallback that is not narrowed
-    /// by address and client id, devices without a source rule beside a fallback, certificates that
-    /// expire soon, keys others can read. Exits 0 if everything is usable, 1 (after listing every
-    /// problem) if not.
+    /// Prints one row per device (certificate expiry, flags, match rules, and what it presents to the
+    /// broker: its client id, and the user name and password its connect.* rewrite changes) and the
+    /// limits in force, and warns about what is risky: a device matched by client id alone, a fallback
+    /// that is not narrowed by address and client id, devices without a source rule beside a fallback,
+    /// devices that present the same client id to the broker (and so close each other's sessions),
+    /// certificates that expire soon, keys others can read. Exits 0 if everything is usable, 1 (after
+    /// listing every problem, e.g. an unknown placeholder in a connect.client_id template, or two
+    /// devices rewritten to the same client id) if not.
     Check {
         /// Configuration file (TOML).
         #[arg(short, long, value_name = "FILE", default_value = "/etc/mqtls/mqtls.toml")]

@@ -309,8 +309,8 @@ fn changes(old: &Generation, new: &Generation) -> Changes {
 
 type Fingerprint = Vec<(PathBuf, Option<Stamp>)>;
 
-/// Every path whose change should trigger a reload: the file itself, the files it names, and the
-/// device directory (whose walk covers the files of its entries).
+/// Every path whose change should trigger a reload: the file itself, the files it names (certificates,
+/// keys, password files), and the device directory (whose walk covers the files of its entries).
 fn watched_paths(config: &Config) -> Vec<PathBuf> {
     let in_device_dir = |p: &Path| config.device_dir.as_deref().is_some_and(|d| p.starts_with(d));
     let mut paths = vec![config.path.clone()];
@@ -324,6 +324,13 @@ fn watched_paths(config: &Config) -> Vec<PathBuf> {
                 .filter(|p| !in_device_dir(p))
                 .cloned(),
         );
+    }
+    let fallback = config.fallback.iter().map(|f| &f.connect);
+    let passwords = config.devices.iter().map(|d| &d.connect).chain(fallback);
+    for file in passwords.filter_map(|c| c.password_file()) {
+        if !in_device_dir(file) && !paths.iter().any(|p| p == file) {
+            paths.push(file.to_path_buf());
+        }
     }
     paths.extend(config.device_dir.clone());
     paths
@@ -470,6 +477,20 @@ mod tests {
         let config = Config::from_toml(&text, &dir.path().join("mqtls.toml")).unwrap();
         let paths = watched_paths(&config);
         assert_eq!(paths, vec![dir.path().join("mqtls.toml"), devices]);
+    }
+
+    #[test]
+    fn a_password_file_is_watched_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[upstream]\naddress = \"b.example:8883\"\n\
+                    [[device]]\nname = \"a\"\nclient_id = \"a\"\ncert = \"a.pem\"\nkey = \"a.key\"\n\
+                    connect.password_file = \"secret\"\n\
+                    [[device]]\nname = \"b\"\nclient_id = \"b\"\ncert = \"b.pem\"\nkey = \"b.key\"\n\
+                    connect.password_file = \"secret\"\n";
+        let config = Config::from_toml(text, &dir.path().join("mqtls.toml")).unwrap();
+        let paths = watched_paths(&config);
+        let secret = dir.path().join("secret");
+        assert_eq!(paths.iter().filter(|p| **p == secret).count(), 1, "{paths:?}");
     }
 
     #[test]

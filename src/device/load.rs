@@ -7,8 +7,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::present::{clashes, Entry};
 use super::{Device, DeviceTable, Routes, Rules};
 use crate::config::{Config, ConfigError, ConfigErrors, DeviceSpec, Fallback, IdentityFiles};
+use crate::rewrite::{self, Change, Rewrite, RewriteSpec, Values};
 use crate::stamp::Stamp;
 use crate::tls::{self, Identity, TlsFileError, TlsSettings};
 
@@ -87,23 +89,49 @@ impl DeviceTable {
             Some(identity) if identity.files.unchanged(&files.cert, &files.key) => Ok((*identity).clone()),
             _ => tls::load_identity(&files.cert, &files.key, &settings),
         };
+        let allow_readable = config.upstream.allow_readable_keys;
         let mut devices = Vec::with_capacity(config.devices.len());
+        let mut origins = Vec::with_capacity(config.devices.len());
         for spec in &config.devices {
-            match load(&spec.identity) {
-                Ok(identity) => devices.push(Arc::new(device(spec, identity, &config.listen.addresses))),
-                Err(e) => errors.push(identity_error(&spec.origin, Some(&spec.name), e)),
+            let loaded = load(&spec.identity)
+                .map_err(|e| identity_error(&spec.origin, Some(&spec.name), e))
+                .and_then(|identity| {
+                    let rewrite = device_rewrite(&spec.connect, &spec.name, &identity, allow_readable)
+                        .map_err(|(key, reason)| connect_error(&spec.origin, &key, Some(&spec.name), reason))?;
+                    Ok(device(spec, identity, rewrite, &config.listen.addresses))
+                });
+            match loaded {
+                Ok(d) => {
+                    devices.push(Arc::new(d));
+                    origins.push(spec.origin.as_path());
+                }
+                Err(e) => errors.push(e),
             }
         }
-        let fallback = match &config.fallback {
-            Some(f) => match load(&f.identity).map(|identity| fallback_device(f, identity, &config.listen.addresses)) {
-                Ok(d) => Some(Arc::new(d)),
-                Err(e) => {
-                    errors.push(identity_error(&config.path, None, e));
-                    None
-                }
-            },
-            None => None,
-        };
+        let fallback = config.fallback.as_ref().and_then(|f| {
+            let loaded = load(&f.identity)
+                .map_err(|e| identity_error(&config.path, None, e))
+                .and_then(|identity| {
+                    let name = crate::config::FALLBACK_NAME;
+                    let rewrite =
+                        device_rewrite(&f.connect, name, &identity, allow_readable).map_err(|(key, reason)| {
+                            connect_error(&config.path, &format!("fallback.{key}"), None, reason)
+                        })?;
+                    Ok(fallback_device(f, identity, rewrite, &config.listen.addresses))
+                });
+            loaded.map(Arc::new).map_err(|e| errors.push(e)).ok()
+        });
+        let entries: Vec<Entry<'_>> = origins
+            .iter()
+            .zip(&devices)
+            .map(|(origin, d)| Entry { origin, device: d })
+            .chain(fallback.iter().map(|d| Entry {
+                origin: &config.path,
+                device: d,
+            }))
+            .collect();
+        errors.extend(clashes(&entries));
+        drop(entries);
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -118,18 +146,84 @@ impl DeviceTable {
     }
 }
 
-fn device(spec: &DeviceSpec, identity: Identity, shared: &[SocketAddr]) -> Device {
+fn device(spec: &DeviceSpec, identity: Identity, rewrite: DeviceRewrite, shared: &[SocketAddr]) -> Device {
     Device {
         name: spec.name.as_str().into(),
         rules: spec.rules(shared),
         identity,
+        rewrite: rewrite.0,
+        presents: rewrite.1,
+    }
+}
+
+/// A device's rewrite rules, and the client id it presents when it rewrites its client id.
+type DeviceRewrite = (Option<Rewrite>, Option<Values>);
+
+/// The rewrite of the entry named `name` with `identity`, its password file read, and what it presents;
+/// what can be known now is checked now: `{cn}` for a certificate without a Common Name, a fixed client id or
+/// user name that cannot be sent. Errors are (key, reason).
+fn device_rewrite(
+    spec: &RewriteSpec,
+    name: &str,
+    identity: &Identity,
+    allow_readable: bool,
+) -> Result<DeviceRewrite, (String, String)> {
+    let rules = spec
+        .load(allow_readable)
+        .map_err(|e| ("connect.password_file".to_string(), e.to_string()))?;
+    let Some(rules) = rules else {
+        return Ok((None, None));
+    };
+    let cn = identity.summary.common_name.as_deref();
+    let no_cn = |key: &str| {
+        (
+            key.to_string(),
+            format!(
+                "uses {{cn}}, but the certificate's subject ({}) has no Common Name",
+                identity.summary.subject
+            ),
+        )
+    };
+    let presents = match &rules.client_id {
+        Some(t) if t.uses_cn() && cn.is_none() => return Err(no_cn("connect.client_id")),
+        Some(t) => Some(t.values(name, cn)),
+        None => None,
+    };
+    if let Some(Values::Fixed(id)) = &presents {
+        rewrite::check_client_id(id, None).map_err(|e| {
+            (
+                "connect.client_id".to_string(),
+                format!("gives the client id {id:?}, which {e}"),
+            )
+        })?;
+    }
+    if let Change::Set(t) = &rules.username {
+        if t.uses_cn() && cn.is_none() {
+            return Err(no_cn("connect.username"));
+        }
+        if let Values::Fixed(u) = t.values(name, cn) {
+            rewrite::check_username(&u)
+                .map_err(|e| ("connect.username".to_string(), format!("gives a user name that {e}")))?;
+        }
+    }
+    Ok((Some(rules), presents))
+}
+
+fn connect_error(origin: &Path, key: &str, device: Option<&str>, reason: String) -> ConfigError {
+    ConfigError {
+        file: origin.to_path_buf(),
+        key: key.to_string(),
+        device: device.map(str::to_string),
+        reason,
     }
 }
 
 /// The fallback serves what arrives on the shared listeners, matches no device, and meets its own
 /// `source` and `client_id` rules.
-fn fallback_device(fallback: &Fallback, identity: Identity, shared: &[SocketAddr]) -> Device {
+fn fallback_device(fallback: &Fallback, identity: Identity, rewrite: DeviceRewrite, shared: &[SocketAddr]) -> Device {
     Device {
+        rewrite: rewrite.0,
+        presents: rewrite.1,
         name: crate::config::FALLBACK_NAME.into(),
         rules: Rules {
             client_id: None,

@@ -6,16 +6,26 @@
 //! the routing decision is tested on its own without a certificate in sight. Validation has already
 //! proved that no two entries can match the same connection ([`Rules::can_overlap`]), so the first match
 //! is the only one.
+//!
+//! Once the entry is known, [`DeviceTable::present`] (in `present`) gives the bytes to forward: rewritten
+//! when the entry asks for it, under a client id that no other entry claims (`claims`).
 
+mod claims;
 mod load;
+mod present;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::config::PendingDevice;
+use crate::rewrite::{Rewrite, Values};
 pub use crate::rules::Rules;
 use crate::tls::Identity;
+
+use claims::Claims;
+pub use present::warnings as presented_warnings;
+pub(crate) use present::{NotPresented, Presented};
 
 /// One device entry, ready to serve: its name, its rules, and the identity it presents (a handle the
 /// table holds; [`Identity`] in the running proxy).
@@ -27,6 +37,11 @@ pub struct Device<I = Identity> {
     pub rules: Rules,
     /// The identity presented upstream.
     pub identity: I,
+    /// How its CONNECT is rewritten, if its entry asks for it (`connect.*`).
+    pub rewrite: Option<Rewrite>,
+    /// The client id it presents when it rewrites its client id (one fixed, or every value a template can
+    /// take for it); `None`: the client id the device sent.
+    pub presents: Option<Values>,
 }
 
 /// The entries of one generation indexed for lookup: devices by client id, devices without one, and
@@ -37,6 +52,8 @@ pub(crate) struct Routes<I> {
     by_client_id: HashMap<String, Vec<usize>>,
     without_client_id: Vec<usize>,
     fallback: Option<Arc<Device<I>>>,
+    /// Who may present which client id; `None` when no entry rewrites its client id.
+    claims: Option<Claims>,
 }
 
 impl<I> Routes<I> {
@@ -50,11 +67,13 @@ impl<I> Routes<I> {
                 None => without_client_id.push(i),
             }
         }
+        let claims = Claims::of(devices.iter().chain(&fallback));
         Routes {
             devices,
             by_client_id,
             without_client_id,
             fallback,
+            claims,
         }
     }
 
@@ -180,6 +199,8 @@ mod tests {
                 listeners: listeners.iter().map(|l| l.parse().unwrap()).collect(),
             },
             identity: name,
+            rewrite: None,
+            presents: None,
         })
     }
 

@@ -31,7 +31,7 @@ use super::admission::{Over, SourceSlot};
 use super::retire::Watch;
 use super::Generation;
 use crate::config::Listen;
-use crate::device::{Device, Unmatched};
+use crate::device::{Device, NotPresented, Presented, Unmatched};
 use crate::duplex::Duplex;
 use crate::metrics::{ActiveGuard, Metered, Metrics};
 use crate::mqtt::{self, Connect, ProtocolVersion, ReadConnectError};
@@ -211,6 +211,25 @@ impl<B: Broker> SetUp<'_, B> {
         };
         slot.identified();
         Span::current().record("device", &*entry.name);
+        let table = &self.generation.table;
+        let presented = match table.present(&entry, &connect, first_bytes, peer) {
+            Ok(presented) => presented,
+            Err(e) => {
+                refuse(
+                    self.metrics,
+                    device,
+                    peer,
+                    Some(connect.version),
+                    not_presented(&e, &connect, self.listener),
+                )
+                .await;
+                return None;
+            }
+        };
+        let Presented {
+            first_bytes,
+            client_id: broker_client_id,
+        } = presented;
         let started = Instant::now();
         let (broker, reply) = match self.reach(&entry, &first_bytes, connect.version).await {
             Ok(reached) => reached,
@@ -254,6 +273,7 @@ impl<B: Broker> SetUp<'_, B> {
         stats.add_to_device(session.first_out);
         info!(
             client_id = ?connect.client_id,
+            broker_client_id = ?broker_client_id.as_deref().unwrap_or(&connect.client_id),
             mqtt = %connect.version,
             keep_alive = session.keep_alive,
             setup_ms = started.elapsed().as_millis() as u64,
@@ -494,6 +514,26 @@ impl<B, D: AsyncRead + AsyncWrite + Unpin> Refusing<B, D> {
     }
 }
 
+/// The refusal for a connection that cannot be presented to the broker: a device that sent another
+/// device's client id is refused as such; a rewrite that cannot be made, or that gives another device's
+/// client id, is a failed rewrite.
+fn not_presented<'a>(e: &'a NotPresented, connect: &'a Connect, listener: SocketAddr) -> Refusal<'a> {
+    let client_id = connect.client_id.as_str();
+    match e {
+        NotPresented::Rewrite(error) => Refusal::RewriteFailed { client_id, error },
+        NotPresented::Taken {
+            owner,
+            rewritten: false,
+            ..
+        } => Refusal::ClientIdSpoofed {
+            client_id,
+            owner,
+            listener,
+        },
+        NotPresented::Taken { .. } => Refusal::RewriteFailed { client_id, error: e },
+    }
+}
+
 /// The refusal for a connection over `over`.
 pub(crate) fn over_limit<'a>(over: Over, listen: &Listen, client_id: Option<&'a str>) -> Refusal<'a> {
     match over {
@@ -581,6 +621,7 @@ mod tests {
     use super::*;
     use crate::device::{Device, DeviceTable, Rules};
     use crate::proxy::admission::{Admission, Admitted};
+    use crate::rewrite::{Change, Rewrite, Template};
     use crate::tls::Identity;
     use crate::upstream::{ConnectError, Connected};
 
@@ -682,7 +723,20 @@ mod tests {
 
     /// Like [`generation`], with a broker of `addresses` addresses.
     fn generation_with(addresses: usize, outcomes: Vec<Outcome>) -> Arc<Generation<StandIn>> {
+        generation_of(addresses, None, outcomes)
+    }
+
+    /// Like [`generation`], `boiler-1` rewriting its CONNECT by `rewrite`.
+    fn generation_rewriting(rewrite: Rewrite, outcomes: Vec<Outcome>) -> Arc<Generation<StandIn>> {
+        generation_of(1, Some(rewrite), outcomes)
+    }
+
+    fn generation_of(addresses: usize, rewrite: Option<Rewrite>, outcomes: Vec<Outcome>) -> Arc<Generation<StandIn>> {
         let listener = LISTENER.parse().unwrap();
+        let presents = rewrite
+            .as_ref()
+            .and_then(|r| r.client_id.as_ref())
+            .map(|t| t.values("boiler-1", Some("boiler-1")));
         let boiler = Device {
             name: "boiler-1".into(),
             rules: Rules {
@@ -692,6 +746,8 @@ mod tests {
                 listeners: vec![listener],
             },
             identity: Identity::in_memory("boiler-1"),
+            rewrite,
+            presents,
         };
         let listen = Listen {
             addresses: vec![listener],
@@ -837,6 +893,87 @@ mod tests {
             1.0,
             "reached once"
         );
+    }
+
+    /// A 3.1.1 CONNECT from `client_id` with a user name and password.
+    fn connect_with_login(client_id: &str, username: &str, password: &[u8]) -> Vec<u8> {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
+        for field in [client_id.as_bytes(), username.as_bytes(), password] {
+            body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+            body.extend_from_slice(field);
+        }
+        let mut packet = vec![0x10, body.len() as u8];
+        packet.extend_from_slice(&body);
+        packet
+    }
+
+    #[tokio::test]
+    async fn a_rewritten_connect_reaches_the_broker_and_what_followed_it_is_unchanged() {
+        let (mut broker, outcome) = reached();
+        let rewrite = Rewrite {
+            client_id: Some(Template::parse("{name}-{source}").unwrap()),
+            username: Change::Keep,
+            password: Change::Drop,
+        };
+        let generation = generation_rewriting(rewrite, vec![outcome]);
+        let metrics = metrics_for(&generation);
+        let (captured, _guard) = crate::test_log::capture_here();
+        {
+            let (mut device, task) = serve(&generation, &metrics);
+            let mut first = connect_with_login("boiler-1", "admin", b"legacy-secret");
+            first.extend_from_slice(&PUBLISH);
+            device.write_all(&first).await.unwrap();
+            let mut want = connect_with_login("boiler-1-192.168.10.21", "admin", b"");
+            want[9] = 0x82; // the user name flag, no password flag
+            want.truncate(want.len() - 2); // no password field
+            want[1] = (want.len() - 2) as u8;
+            want.extend_from_slice(&PUBLISH);
+            let mut got = vec![0u8; want.len()];
+            broker.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, want, "the rewritten CONNECT, then the PUBLISH as sent");
+            broker.write_all(&CONNACK_V311).await.unwrap();
+            let mut connack = [0u8; 4];
+            device.read_exact(&mut connack).await.unwrap();
+            assert_eq!(connack, CONNACK_V311, "the CONNACK goes back unchanged");
+            drop(broker);
+            assert!(read_all(&mut device).await.is_empty());
+            task.await.unwrap();
+        }
+        let lines = captured.lines();
+        let opened = lines
+            .iter()
+            .find(|l| l.contains("connection opened"))
+            .expect("opened line");
+        assert!(
+            opened.contains("client_id=\"boiler-1\"") && opened.contains("broker_client_id=\"boiler-1-192.168.10.21\""),
+            "both ids in the log line: {opened}"
+        );
+        assert!(!lines.iter().any(|l| l.contains("legacy-secret")));
+    }
+
+    #[tokio::test]
+    async fn a_rewrite_that_cannot_be_made_is_answered_identifier_rejected_and_never_reaches_the_broker() {
+        for (version, answer) in [
+            (ProtocolVersion::V311, vec![0x20, 0x02, 0x00, 0x02]),
+            (ProtocolVersion::V5, vec![0x20, 0x03, 0x00, 0x85, 0x00]),
+        ] {
+            let rewrite = Rewrite {
+                client_id: Some(Template::parse("{client_id}\u{1}").unwrap()),
+                username: Change::Keep,
+                password: Change::Keep,
+            };
+            let generation = generation_rewriting(rewrite, Vec::new());
+            let metrics = metrics_for(&generation);
+            let (mut device, task) = serve(&generation, &metrics);
+            device.write_all(&connect(version, "boiler-1", 60)).await.unwrap();
+            assert_eq!(read_all(&mut device).await, answer, "{version}");
+            task.await.unwrap();
+            assert_eq!(generation.broker.connects.load(Ordering::SeqCst), 0);
+            assert_eq!(
+                value(&metrics, "mqtls_connections_refused_total{reason=\"rewrite_failed\"}"),
+                1.0
+            );
+        }
     }
 
     #[tokio::test]

@@ -66,6 +66,9 @@ pub enum Reason {
     BrokerRefused,
     /// The broker closed the connection before its CONNACK.
     BrokerClosed,
+    /// The device's entry asks for its CONNECT to be rewritten, and that cannot be done (e.g. its template
+    /// gives a client id that is not valid, or one that belongs to another device).
+    RewriteFailed,
 }
 
 /// What the device is told.
@@ -79,7 +82,7 @@ enum Answer {
 
 impl Reason {
     /// Every reason, in declaration order (`reason as usize` indexes it).
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::UnknownDevice,
         Reason::BrokerUnreachable,
         Reason::BadConnect,
@@ -93,6 +96,7 @@ impl Reason {
         Reason::SourceRate,
         Reason::BrokerRefused,
         Reason::BrokerClosed,
+        Reason::RewriteFailed,
     ];
 
     /// The label value, in metrics and logs alike. Dashboards and alerts rely on these: keep them.
@@ -176,6 +180,13 @@ impl Reason {
                 "refused: the broker closed the connection before its CONNACK (AWS IoT Core does so when a policy \
                  denies the client id or the connection)",
                 Connack { v3: 0x03, v5: 0x88 },
+            ),
+            // The client id the broker would see is what cannot be made: "identifier rejected" / "client
+            // identifier not valid" point the device's operator at it.
+            Reason::RewriteFailed => (
+                "rewrite_failed",
+                "refused: the device's CONNECT cannot be rewritten as its entry asks (connect.*)",
+                Connack { v3: 0x02, v5: 0x85 },
             ),
         }
     }
@@ -280,6 +291,13 @@ pub enum Refusal<'a> {
         /// How it ended.
         error: &'a (dyn fmt::Display + Sync),
     },
+    /// The device's CONNECT cannot be rewritten as its entry asks.
+    RewriteFailed {
+        /// The client id the device sent.
+        client_id: &'a str,
+        /// Why.
+        error: &'a (dyn fmt::Display + Sync),
+    },
 }
 
 impl Refusal<'_> {
@@ -299,6 +317,7 @@ impl Refusal<'_> {
             Refusal::SourceRate { .. } => Reason::SourceRate,
             Refusal::BrokerRefused { .. } => Reason::BrokerRefused,
             Refusal::BrokerClosed { .. } => Reason::BrokerClosed,
+            Refusal::RewriteFailed { .. } => Reason::RewriteFailed,
         }
     }
 
@@ -346,6 +365,9 @@ impl Refusal<'_> {
                 warn!(reason = label, code = format_args!("{code:#04x}"), meaning, "{text}")
             }
             Refusal::BrokerClosed { error } => warn!(reason = label, error = %error, "{text}"),
+            Refusal::RewriteFailed { client_id, error } => {
+                warn!(reason = label, client_id = ?client_id, error = %error, "{text}")
+            }
         }
     }
 }
@@ -453,6 +475,7 @@ mod tests {
                 "source_rate",
                 "broker_refused",
                 "broker_closed",
+                "rewrite_failed",
             ]
         );
         for (i, r) in Reason::ALL.iter().enumerate() {
@@ -483,6 +506,7 @@ mod tests {
                 (Some(0x03), Some(0x03), Some(0x97)),
                 (None, None, None),
                 (Some(0x03), Some(0x03), Some(0x88)),
+                (Some(0x02), Some(0x02), Some(0x85)),
             ]
         );
     }

@@ -154,6 +154,8 @@ pub fn key_mode_exposure(mode: u32) -> &'static str {
 pub struct CertSummary {
     /// Subject distinguished name, e.g. `CN=boiler-1`.
     pub subject: String,
+    /// The subject's (first) Common Name, if it has one (`{cn}` in a `connect` template).
+    pub common_name: Option<String>,
     /// Issuer distinguished name.
     pub issuer: String,
     /// Serial number in hex.
@@ -177,8 +179,10 @@ impl CertSummary {
                 UNIX_EPOCH
             }
         };
+        let common_name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok());
         Ok(CertSummary {
             subject: cert.subject().to_string(),
+            common_name: common_name.map(str::to_string),
             issuer: cert.issuer().to_string(),
             serial: cert.raw_serial_as_string(),
             not_before: to_time(cert.validity().not_before),
@@ -298,6 +302,7 @@ impl Identity {
             client_config: Arc::new(config),
             summary: CertSummary {
                 subject: format!("CN={name}"),
+                common_name: Some(name.to_string()),
                 issuer: "CN=test".into(),
                 serial: "01".into(),
                 not_before: now,

@@ -22,6 +22,7 @@ mod metrics;
 mod recipes;
 mod refusals;
 mod reload;
+mod rewrite;
 mod routing;
 mod shutdown;
 mod stream;

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::common;
+use crate::common::codec::{self, Version};
 use crate::common::metrics_contract::{self, Exposition, CONTRACT};
 use crate::common::{Mosquitto, Pki};
 use mqtls::Config;
@@ -186,11 +187,38 @@ fn aws_iot_core_recipe_loads_with_alpn_and_amazon_root() {
     assert_eq!(up.alpn, ["x-amzn-mqtt-ca"]);
     let ca = up.ca_file.as_deref().expect("ca_file");
     assert_eq!(root_names(ca), ["Amazon Root CA 1"]);
-    // One device directory entry per thing; the thing name is the client id.
+    // One device directory entry per thing; the thing name is the client id AWS IoT sees, whatever the
+    // firmware sends, and its login stays on the gateway.
     assert_eq!(loaded.config.devices.len(), 2);
     for d in &loaded.config.devices {
         assert_eq!(d.client_id.as_deref(), Some(d.name.as_str()));
+        assert_eq!(presented(d, "ESP8266Client"), (d.name.clone(), None, false));
     }
+}
+
+/// What `d`'s rewrite makes of a 3.1.1 CONNECT with client id `sent`, a user name and a password, for a
+/// device whose certificate's CN is its name (as `load_recipe` makes them): (client id, user name,
+/// whether a password is sent).
+fn presented(d: &mqtls::config::DeviceSpec, sent: &str) -> (String, Option<String>, bool) {
+    use mqtls::mqtt::{parse_connect, ConnectView};
+    use mqtls::rewrite::{rewrite, Context};
+    let rules = d.connect.load(false).unwrap().expect("the recipe rewrites the CONNECT");
+    let bytes = codec::Connect::new(Version::V311, sent, 60)
+        .login("legacy", b"pw")
+        .encode();
+    let connect = parse_connect(&bytes, 4096).unwrap();
+    let ctx = Context {
+        name: &d.name,
+        cn: Some(&d.name),
+        source: "192.168.10.21".parse().unwrap(),
+    };
+    let out = rewrite(bytes, &connect, &rules, &ctx).unwrap();
+    let (v, _) = ConnectView::parse(&out.bytes, usize::MAX).unwrap();
+    (
+        v.client_id.to_string(),
+        v.username.map(str::to_string),
+        v.password.is_some(),
+    )
 }
 
 #[test]
@@ -206,9 +234,12 @@ fn azure_iot_hub_recipe_loads_with_its_roots() {
     assert!(up.alpn.is_empty());
     let names = root_names(up.ca_file.as_deref().expect("ca_file"));
     assert_eq!(names, AZURE_ROOTS.map(|(_, cn)| cn));
-    // IoT Hub wants client id = device id = the certificate's CN.
+    // IoT Hub wants client id = device id = the certificate's CN, and a user name of its own form; the
+    // firmware's shared client id and its password stay on the gateway.
     for d in &loaded.config.devices {
-        assert_eq!(d.client_id.as_deref(), Some(d.name.as_str()));
+        assert_eq!(d.client_id.as_deref(), Some("ESP8266Client"));
+        let username = format!("my-hub.azure-devices.net/{}/?api-version=2021-04-12", d.name);
+        assert_eq!(presented(d, "ESP8266Client"), (d.name.clone(), Some(username), false));
     }
 }
 
@@ -809,7 +840,7 @@ fn contract_parses_into_families() {
         Some("mqtls_connection_duration_seconds")
     );
     assert_eq!(e.family_name("mqtls_bytes_total_bucket"), None);
-    assert_eq!(e.families["mqtls_connections_refused_total"].labels["reason"].len(), 13);
+    assert_eq!(e.families["mqtls_connections_refused_total"].labels["reason"].len(), 14);
 }
 
 #[test]

@@ -30,6 +30,7 @@ mqtls_connections_refused_total{reason="source_connections"} 0
 mqtls_connections_refused_total{reason="source_rate"} 0
 mqtls_connections_refused_total{reason="broker_refused"} 0
 mqtls_connections_refused_total{reason="broker_closed"} 0
+mqtls_connections_refused_total{reason="rewrite_failed"} 0
 # TYPE mqtls_upstream_connect_failures_total counter
 mqtls_upstream_connect_failures_total{reason="resolve"} 0
 mqtls_upstream_connect_failures_total{reason="connect"} 0

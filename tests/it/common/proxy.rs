@@ -21,6 +21,8 @@ pub struct DeviceEntry {
     pub listen: Option<SocketAddr>,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `connect.*` lines, e.g. `connect.client_id = "{name}"`.
+    pub connect: Vec<String>,
 }
 
 impl DeviceEntry {
@@ -33,7 +35,14 @@ impl DeviceEntry {
             listen: None,
             cert: cert.cert.clone(),
             key: cert.key.clone(),
+            connect: Vec::new(),
         }
+    }
+
+    /// `connect.<key> = <value>`, the value written as TOML (`"\"{name}\""`, `"false"`).
+    pub fn connect(mut self, key: &str, value: &str) -> Self {
+        self.connect.push(format!("connect.{key} = {value}"));
+        self
     }
 
     pub fn source(mut self, s: &str) -> Self {
@@ -63,6 +72,9 @@ impl DeviceEntry {
             let _ = writeln!(s, "listen = \"{l}\"");
         }
         let _ = writeln!(s, "cert = {:?}\nkey = {:?}", self.cert, self.key);
+        for line in &self.connect {
+            let _ = writeln!(s, "{line}");
+        }
         s
     }
 }

@@ -1,19 +1,33 @@
-//! Just enough MQTT to learn who a device is.
+//! Just enough MQTT to learn who a device is, and to rewrite its CONNECT when asked.
 //!
 //! mqtls reads only the device's first packet, the CONNECT, to find out which
 //! device is talking (its client id) and so which TLS client identity to
-//! present to the broker. Every byte, the CONNECT included, is then forwarded
-//! to the broker exactly as the device sent it. This module therefore only
-//! inspects bytes and never rewrites or re-encodes a packet.
+//! present to the broker. Unless the device's entry asks for a rewrite, every
+//! byte, the CONNECT included, is then forwarded to the broker exactly as the
+//! device sent it, and this module only inspects bytes.
 //!
 //! Anyone on the device LAN can connect and send whatever they like, so the
 //! reader is strict and bounded: it never buffers more than the caller's
 //! limit, rejects an oversized packet as soon as its declared length is known,
-//! never panics on any input, and keeps nothing it does not need (passwords
-//! and will messages are skipped, not copied).
+//! never panics on any input, and copies nothing it does not need (the
+//! [`Connect`] it returns holds no password and no will message).
+//!
+//! One parser serves both uses: it walks every field into a [`ConnectView`]
+//! borrowed from the bytes read, of which [`parse_connect`] keeps what routing
+//! needs. A rewrite (`crate::rewrite`) parses the packet into its view again,
+//! changes a field or two and encodes it anew (`encode`), so the common path
+//! pays nothing for it.
 //!
 //! The first packet the broker sends back, the CONNACK, is parsed too, since
 //! an MQTT 5 broker may override the keep-alive the device asked for.
+
+#[cfg(test)]
+pub(crate) mod arb;
+mod encode;
+mod view;
+
+pub use encode::EncodeError;
+pub use view::{ConnectView, Will};
 
 use std::fmt;
 use std::io;
@@ -158,63 +172,63 @@ pub enum ReadConnectError {
 /// [`ConnectError::TooLarge`] as soon as the declared size is known to exceed
 /// `max_len`, before the body has arrived.
 pub fn parse_connect(buf: &[u8], max_len: usize) -> Result<Connect, ConnectError> {
-    if let Some(&first_byte) = buf.first() {
-        if first_byte != CONNECT_BYTE {
-            return Err(ConnectError::NotConnect { first_byte });
-        }
-    }
-    let (header_len, remaining) = fixed_header(buf, max_len)?;
-    let packet_len = header_len + remaining;
-    let body = buf.get(header_len..packet_len).ok_or(ConnectError::Incomplete)?;
-    let mut c = Cursor(body);
-
-    let name = c.binary("truncated protocol name")?;
-    let level = c.u8("truncated protocol level")?;
-    let version = match (name, level) {
-        (b"MQIsdp", 3) => ProtocolVersion::V31,
-        (b"MQTT", 4) => ProtocolVersion::V311,
-        (b"MQTT", 5) => ProtocolVersion::V5,
-        _ => {
-            let mqtt = name == b"MQTT" || name == b"MQIsdp";
-            let laid_out_as_v5 = mqtt && connect_body(c, ProtocolVersion::V5).is_ok();
-            let answer_as = mqtt.then_some(match laid_out_as_v5 {
-                true if connect_body(c, ProtocolVersion::V311).is_err() => ProtocolVersion::V5,
-                _ => ProtocolVersion::V311,
-            });
-            return Err(ConnectError::UnsupportedProtocol {
-                name: String::from_utf8_lossy(name).chars().take(16).collect(),
-                level,
-                answer_as,
-            });
-        }
-    };
-    let body = connect_body(c, version)?;
+    let (view, packet_len) = ConnectView::parse(buf, max_len)?;
     Ok(Connect {
-        version,
-        client_id: body.client_id.to_owned(),
-        keep_alive: body.keep_alive,
+        version: view.version,
+        client_id: view.client_id.to_owned(),
+        keep_alive: view.keep_alive,
         packet_len,
-        has_username: body.has_username,
-        clean_start: body.clean_start,
+        has_username: view.username.is_some(),
+        clean_start: view.clean_start,
     })
 }
 
-/// What follows the protocol name and level in a CONNECT.
-struct ConnectBody<'a> {
-    client_id: &'a str,
-    keep_alive: u16,
-    has_username: bool,
-    clean_start: bool,
+impl<'a> ConnectView<'a> {
+    /// Parses one CONNECT packet from the start of `buf` into every one of its fields, borrowed from
+    /// `buf`, and its total size. The rules and errors are [`parse_connect`]'s, which calls this.
+    pub fn parse(buf: &'a [u8], max_len: usize) -> Result<(ConnectView<'a>, usize), ConnectError> {
+        if let Some(&first_byte) = buf.first() {
+            if first_byte != CONNECT_BYTE {
+                return Err(ConnectError::NotConnect { first_byte });
+            }
+        }
+        let (header_len, remaining) = fixed_header(buf, max_len)?;
+        let packet_len = header_len + remaining;
+        let body = buf.get(header_len..packet_len).ok_or(ConnectError::Incomplete)?;
+        let mut c = Cursor(body);
+
+        let name = c.binary("truncated protocol name")?;
+        let level = c.u8("truncated protocol level")?;
+        let version = match (name, level) {
+            (b"MQIsdp", 3) => ProtocolVersion::V31,
+            (b"MQTT", 4) => ProtocolVersion::V311,
+            (b"MQTT", 5) => ProtocolVersion::V5,
+            _ => {
+                let mqtt = name == b"MQTT" || name == b"MQIsdp";
+                let laid_out_as_v5 = mqtt && connect_body(c, ProtocolVersion::V5).is_ok();
+                let answer_as = mqtt.then_some(match laid_out_as_v5 {
+                    true if connect_body(c, ProtocolVersion::V311).is_err() => ProtocolVersion::V5,
+                    _ => ProtocolVersion::V311,
+                });
+                return Err(ConnectError::UnsupportedProtocol {
+                    name: String::from_utf8_lossy(name).chars().take(16).collect(),
+                    level,
+                    answer_as,
+                });
+            }
+        };
+        Ok((connect_body(c, version)?, packet_len))
+    }
 }
 
 /// Parses the rest of a CONNECT (`c` is just past the protocol level) as `version` lays it out.
-fn connect_body(mut c: Cursor<'_>, version: ProtocolVersion) -> Result<ConnectBody<'_>, ConnectError> {
+fn connect_body(mut c: Cursor<'_>, version: ProtocolVersion) -> Result<ConnectView<'_>, ConnectError> {
     let flags = c.u8("truncated connect flags")?;
     if flags & 0x01 != 0 {
         return Err(ConnectError::Malformed("reserved connect flag is set"));
     }
     let clean_start = flags & 0x02 != 0;
-    let will = flags & 0x04 != 0;
+    let has_will = flags & 0x04 != 0;
     let will_qos = (flags >> 3) & 0x03;
     let will_retain = flags & 0x20 != 0;
     let has_password = flags & 0x40 != 0;
@@ -222,7 +236,7 @@ fn connect_body(mut c: Cursor<'_>, version: ProtocolVersion) -> Result<ConnectBo
     if will_qos == 3 {
         return Err(ConnectError::Malformed("will QoS is 3"));
     }
-    if !will && (will_qos != 0 || will_retain) {
+    if !has_will && (will_qos != 0 || will_retain) {
         return Err(ConnectError::Malformed("will QoS or retain set without the will flag"));
     }
     if has_password && !has_username && version != ProtocolVersion::V5 {
@@ -230,32 +244,44 @@ fn connect_body(mut c: Cursor<'_>, version: ProtocolVersion) -> Result<ConnectBo
     }
 
     let keep_alive = c.u16("truncated keep alive")?;
-    if version == ProtocolVersion::V5 {
-        c.properties("truncated properties")?;
-    }
-
+    let properties = match version {
+        ProtocolVersion::V5 => c.properties("truncated properties")?,
+        _ => &[],
+    };
     let client_id = c.string("client id", "truncated client id")?;
-    if will {
-        if version == ProtocolVersion::V5 {
-            c.properties("truncated will properties")?;
-        }
-        c.string("will topic", "truncated will topic")?;
-        c.binary("truncated will payload")?;
-    }
-    if has_username {
-        c.string("username", "truncated username")?;
-    }
-    if has_password {
-        c.binary("truncated password")?;
-    }
+    let will = match has_will {
+        true => Some(Will {
+            qos: will_qos,
+            retain: will_retain,
+            properties: match version {
+                ProtocolVersion::V5 => c.properties("truncated will properties")?,
+                _ => &[],
+            },
+            topic: c.string("will topic", "truncated will topic")?,
+            payload: c.binary("truncated will payload")?,
+        }),
+        false => None,
+    };
+    let username = match has_username {
+        true => Some(c.string("username", "truncated username")?),
+        false => None,
+    };
+    let password = match has_password {
+        true => Some(c.binary("truncated password")?),
+        false => None,
+    };
     if !c.0.is_empty() {
         return Err(ConnectError::Malformed("bytes left over after the CONNECT payload"));
     }
-    Ok(ConnectBody {
-        client_id,
-        keep_alive,
-        has_username,
+    Ok(ConnectView {
+        version,
         clean_start,
+        keep_alive,
+        properties,
+        client_id,
+        will,
+        username,
+        password,
     })
 }
 
@@ -554,10 +580,10 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// Skips a property block (length, then properties) without looking inside.
-    fn properties(&mut self, err: &'static str) -> Result<(), ConnectError> {
+    /// A property block (length, then properties), returned as it is without looking inside.
+    fn properties(&mut self, err: &'static str) -> Result<&'a [u8], ConnectError> {
         let n = self.varint(err)?;
-        self.take(n, err).map(drop)
+        self.take(n, err)
     }
 
     /// Skips the value of one property, whose identifier was just read.
