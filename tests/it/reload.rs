@@ -464,7 +464,9 @@ async fn a_connection_under_a_replaced_certificate_is_retired_and_comes_back_und
         .expect("the connection was not retired")
         .expect("a clean close");
     assert!(rest.is_empty());
-    let line = daemon.wait_line(&["connection closed", "certificate was replaced"]).await;
+    let line = daemon
+        .wait_line(&["connection closed", "certificate was replaced"])
+        .await;
     assert!(line.contains("retiree"), "{line}");
     let mut back = Session::open(addr, "retiree").await;
     back.roundtrip("under the new certificate").await;
