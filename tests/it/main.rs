@@ -23,6 +23,7 @@ mod recipes;
 mod refusals;
 mod reload;
 mod routing;
+mod secrets;
 mod shutdown;
 mod stream;
 mod systemd;
