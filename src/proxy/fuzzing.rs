@@ -11,8 +11,9 @@
 //! stand-in that takes every byte and answers an accepting CONNACK. The device table holds [`OWNED`],
 //! a client id whose device connects from another address than the one the fuzzed device comes from
 //! (so a CONNECT naming it is a forged one), and, when the [`Site`] asks, a fallback that serves every
-//! other client id.
+//! other client id, or those its pattern names.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
@@ -33,6 +34,8 @@ use super::Generation;
 use crate::config::{Config, Listen};
 use crate::device::{Device as Entry, DeviceTable, Rules};
 use crate::metrics::Metrics;
+use crate::refusal::log_budget::WINDOW;
+use crate::rules::Pattern;
 use crate::tls::Identity;
 use crate::upstream::{Broker, ConnectError, Connected};
 
@@ -53,6 +56,8 @@ pub struct Site {
     pub max_connect_size: usize,
     /// Whether a `[fallback]` serves the client ids no device owns.
     pub fallback: bool,
+    /// The `fallback.client_id` pattern that narrows the fallback, if any.
+    pub fallback_only: Option<&'static str>,
 }
 
 /// What happened to one connection.
@@ -130,8 +135,7 @@ impl AsyncWrite for Device {
 pub fn connect(site: Site, mut device: Device) -> Outcome {
     let received = Arc::new(Mutex::new(Vec::new()));
     let generation = Arc::new(generation(site, StandIn(received.clone())));
-    let metrics = Arc::new(Metrics::new(true));
-    metrics.install_devices(&generation.table);
+    let metrics = metrics();
     let peer: SocketAddr = PEER.parse().expect("an address");
     let Admitted::Serve(permit, slot) = Admission::new(1).admit(peer.ip(), &generation.listen, Instant::now()) else {
         unreachable!("the first connection of a fresh admission is served")
@@ -140,13 +144,15 @@ pub fn connect(site: Site, mut device: Device) -> Outcome {
         listener: LISTENER.parse().expect("an address"),
         peer,
         generation,
-        metrics,
+        metrics: metrics.clone(),
         slot,
         _permit: permit,
         device: &mut device,
     });
     let reasons = Arc::new(Reasons::default());
     tracing::subscriber::with_default(reasons.clone(), || runtime().block_on(connection.serve()));
+    // The proxy drains histogram samples every few seconds; a million connections a minute must too.
+    metrics.upkeep();
     let refused = reasons.0.lock().unwrap_or_else(|e| e.into_inner()).first().cloned();
     let to_broker = std::mem::take(&mut *received.lock().unwrap_or_else(|e| e.into_inner()));
     Outcome {
@@ -154,6 +160,21 @@ pub fn connect(site: Site, mut device: Device) -> Outcome {
         to_broker,
         refused,
     }
+}
+
+/// One set of metrics per thread, made once (making one costs more than serving a connection), with a
+/// log window of its own for each connection: the refusal log budget would otherwise hold back the lines
+/// that say which refusal was counted. Histogram samples left in metrics that are dropped are never
+/// freed (metrics-util's bucket has no `Drop`), one more reason to keep them.
+fn metrics() -> Arc<Metrics> {
+    thread_local! {
+        static METRICS: (Arc<Metrics>, Instant, Cell<u32>) = (Arc::new(Metrics::new(true)), Instant::now(), Cell::new(0));
+    }
+    METRICS.with(|(metrics, start, windows)| {
+        windows.set(windows.get() + 1);
+        metrics.refusal_logs().roll(*start + WINDOW * windows.get());
+        metrics.clone()
+    })
 }
 
 /// One runtime per thread, made once: a fuzzer runs millions of connections.
@@ -182,6 +203,7 @@ fn generation(site: Site, broker: StandIn) -> Generation<StandIn> {
         name: OWNED.into(),
         rules: Rules {
             client_id: Some(OWNED.into()),
+            client_id_patterns: Vec::new(),
             sources: vec![crate::config::parse_net(OWNER_SOURCE).expect("a network")],
             listeners: vec![listener],
         },
@@ -191,6 +213,11 @@ fn generation(site: Site, broker: StandIn) -> Generation<StandIn> {
         name: "fallback".into(),
         rules: Rules {
             client_id: None,
+            client_id_patterns: site
+                .fallback_only
+                .iter()
+                .map(|p| Pattern::new(p).expect("a pattern"))
+                .collect(),
             sources: Vec::new(),
             listeners: vec![listener],
         },
@@ -307,6 +334,7 @@ mod tests {
     const SITE: Site = Site {
         max_connect_size: 4096,
         fallback: true,
+        fallback_only: None,
     };
 
     /// A 3.1.1 CONNECT with a clean session, keep-alive 60 and `client_id`.
@@ -364,5 +392,32 @@ mod tests {
         assert!(outcome.to_device.is_empty() && outcome.to_broker.is_empty());
         let http = connect(SITE, Device::new(b"GET / HTTP/1.1\r\n\r\n", &[]));
         assert_eq!(http.refused.as_deref(), Some("bad_connect"));
+    }
+
+    /// Found by the fuzzer: a ClientHello whose first byte came alone was counted as a bad packet, because
+    /// the reader stops at a wrong first byte and one byte is not yet a TLS record's start.
+    #[test]
+    fn a_client_hello_whose_first_byte_comes_alone_is_still_told_apart() {
+        let hello = [0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x00, 0x01, 0x03];
+        let outcome = connect(SITE, Device::new(&hello, &[1]));
+        assert_eq!(outcome.refused.as_deref(), Some("tls_on_plain_port"));
+        let lone = connect(SITE, Device::new(&[0x16], &[]));
+        assert_eq!(
+            lone.refused.as_deref(),
+            Some("bad_connect"),
+            "one byte and the end: not a TLS record"
+        );
+    }
+
+    #[test]
+    fn a_narrowed_fallback_serves_only_the_client_ids_it_names() {
+        let site = Site {
+            fallback_only: Some("sensor-*"),
+            ..SITE
+        };
+        let served = connect(site, Device::new(&connect_packet("sensor-7"), &[]));
+        assert_eq!(served.refused, None);
+        let other = connect(site, Device::new(&connect_packet("camera-2"), &[]));
+        assert_eq!(other.refused.as_deref(), Some("unknown_device"));
     }
 }
