@@ -24,8 +24,9 @@ fn main() -> io::Result<()> {
     let seeds = seeds();
     for (name, version, bytes) in &seeds {
         write(&out.join("connect"), name, &[&MAX.to_le_bytes()[..], bytes].concat())?;
-        // A fallback, and the bytes cut after 1, 7 and 30 bytes, then what a device sends next.
-        let header = [&MAX.to_le_bytes()[..], &[1, 3, 1, 7, 30]].concat();
+        // A fallback narrowed to sensor-* (site flags 3), and the bytes cut after 1, 7 and 30 bytes, then
+        // what a device sends next.
+        let header = [&MAX.to_le_bytes()[..], &[3, 3, 1, 7, 30]].concat();
         let next = [codec::publish(*version, "t/1", 1, 7, b"21.5"), codec::pingreq()].concat();
         write(&out.join("first_packet"), name, &[&header[..], bytes, &next].concat())?;
     }
