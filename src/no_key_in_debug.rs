@@ -88,8 +88,14 @@ fn leak(text: &str, key: &Key) -> Option<String> {
     }
     for secret in &key.secrets {
         for piece in secret.windows(12.min(secret.len())) {
-            let list = piece.iter().map(u8::to_string).collect::<Vec<_>>().join(", ");
-            for form in [hex(piece), hex(piece).to_uppercase(), base64(piece), list] {
+            let list = |f: fn(&u8) -> String| piece.iter().map(f).collect::<Vec<_>>().join(", ");
+            let lists = [
+                list(u8::to_string),
+                list(|b| format!("{b:x}")),
+                list(|b| format!("{b:02x}")),
+            ];
+            let forms = [hex(piece), hex(piece).to_uppercase(), base64(piece)];
+            for form in forms.into_iter().chain(lists) {
                 if text.contains(&form) {
                     return Some(format!("a piece of the secret as {form}"));
                 }
@@ -149,6 +155,11 @@ fn the_search_finds_a_key_in_every_form_it_looks_for() {
     let secret = &key.secrets[0];
     assert!(leak(&key.pem, &key).is_some());
     assert!(leak(&format!("{secret:?}"), &key).is_some(), "a list of numbers");
+    assert!(leak(&format!("{secret:x?}"), &key).is_some(), "a list of hex numbers");
+    assert!(
+        leak(&format!("{secret:02x?}"), &key).is_some(),
+        "a list of two-digit hex numbers"
+    );
     assert!(leak(&hex(&secret[3..20]), &key).is_some(), "a hex piece");
     assert!(
         leak(&base64(&secret[1..30]), &key).is_some(),

@@ -328,8 +328,14 @@ impl Key {
         }
         for secret in &self.secrets {
             for piece in secret.windows(12.min(secret.len())) {
-                let list = piece.iter().map(u8::to_string).collect::<Vec<_>>().join(", ");
-                let mut forms = vec![hex(piece), hex(piece).to_uppercase(), base64(piece), list];
+                let list = |f: fn(&u8) -> String| piece.iter().map(f).collect::<Vec<_>>().join(", ");
+                let lists = [
+                    list(u8::to_string),
+                    list(|b| format!("{b:x}")),
+                    list(|b| format!("{b:02x}")),
+                ];
+                let mut forms = vec![hex(piece), hex(piece).to_uppercase(), base64(piece)];
+                forms.extend(lists);
                 forms.extend(std::str::from_utf8(piece).ok().map(str::to_string));
                 if let Some(form) = forms.into_iter().find(|f| text.contains(f)) {
                     return Some(form);
@@ -384,8 +390,13 @@ fn the_search_finds_a_secret_in_every_form_it_looks_for() {
         "base64 at another alignment"
     );
     assert!(secret.leak(&format!("{piece:?}")).is_some(), "a list of numbers");
+    assert!(secret.leak(&format!("{piece:x?}")).is_some(), "a list of hex numbers");
     assert!(
-        secret.leak("pw-0123456789").is_none(),
+        secret.leak(&format!("{piece:02x?}")).is_some(),
+        "a list of two-digit hex numbers"
+    );
+    assert!(
+        secret.leak("pw-01234567").is_none(),
         "pieces shorter than 12 bytes are not looked for"
     );
     assert_eq!(base64(b"mqtls"), "bXF0bHM=");
