@@ -24,7 +24,7 @@ use std::task::{Context, Poll, Waker};
 
 use libfuzzer_sys::fuzz_target;
 use mqtls::mqtt::{connack, parse_connect, read_connect, ConnectError, ProtocolVersion, ReadConnectError};
-use mqtls::proxy::fuzzing::{connect, Device, Outcome, Site, BROKER_CONNACK, OWNED};
+use mqtls::proxy::fuzzing::{connect, Device, Outcome, Site, OWNED};
 
 /// Where mqtls's read limit starts (`listen.max_connect_size` is at least 64).
 const MIN_CONNECT_SIZE: usize = 64;
@@ -131,8 +131,8 @@ fn expected(site: Site, data: &[u8]) -> Outcome {
         Ok(c) if !site.fallback || (site.fallback_only.is_some() && !c.client_id.starts_with(FALLBACK_PREFIX)) => {
             refused("unknown_device", Some((c.version, 0x02, 0x85)))
         }
-        Ok(_) => Outcome {
-            to_device: BROKER_CONNACK.to_vec(),
+        Ok(c) => Outcome {
+            to_device: connack(c.version, 0).as_bytes().to_vec(),
             to_broker: data.to_vec(),
             refused: None,
         },

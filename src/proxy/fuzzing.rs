@@ -8,10 +8,10 @@
 //! told, what reached the broker and which refusal was counted.
 //!
 //! Built for the unit tests and with the `fuzzing` feature only: no part of mqtls's API. The broker is a
-//! stand-in that takes every byte and answers an accepting CONNACK. The device table holds [`OWNED`],
-//! a client id whose device connects from another address than the one the fuzzed device comes from
-//! (so a CONNECT naming it is a forged one), and, when the [`Site`] asks, a fallback that serves every
-//! other client id, or those its pattern names.
+//! stand-in that takes every byte and answers an accepting CONNACK in the device's version. The device
+//! table holds [`OWNED`], a client id whose device connects from another address than the one the fuzzed
+//! device comes from (so a CONNECT naming it is a forged one), and, when the [`Site`] asks, a fallback
+//! that serves every other client id, or those its pattern names.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -34,6 +34,7 @@ use super::Generation;
 use crate::config::{Config, Listen};
 use crate::device::{Device as Entry, DeviceTable, Rules};
 use crate::metrics::Metrics;
+use crate::mqtt::{connack, parse_connect};
 use crate::refusal::log_budget::WINDOW;
 use crate::rules::Pattern;
 use crate::tls::Identity;
@@ -41,9 +42,6 @@ use crate::upstream::{Broker, ConnectError, Connected};
 
 /// The client id that belongs to a device connecting from another address than the fuzzed device's.
 pub const OWNED: &str = "boiler-1";
-
-/// The CONNACK the stand-in broker answers every session with (accepted; valid in every version).
-pub const BROKER_CONNACK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
 
 const LISTENER: &str = "127.0.0.1:1883";
 const PEER: &str = "10.0.0.9:40000";
@@ -229,28 +227,33 @@ fn generation(site: Site, broker: StandIn) -> Generation<StandIn> {
         table: DeviceTable::of(vec![owner], fallback),
         broker,
         listen,
+        retire: None,
+        renewals: Default::default(),
     }
 }
 
-/// A broker that takes every byte into the shared buffer and answers [`BROKER_CONNACK`].
+/// A broker that takes every byte into the shared buffer and accepts every session: its CONNACK, in the
+/// version of the CONNECT it was sent, has code 0 and no properties.
 struct StandIn(Arc<Mutex<Vec<u8>>>);
 
 struct Session {
     received: Arc<Mutex<Vec<u8>>>,
-    answer: &'static [u8],
+    /// How much of its CONNACK it has sent.
+    answered: usize,
 }
 
 impl Broker for StandIn {
     type Stream = Session;
 
-    async fn connect(&self, _: &Identity) -> Result<Connected<Session>, ConnectError> {
+    async fn connect(&self, _: &Identity, from: usize) -> Result<Connected<Session>, ConnectError> {
         let stream = Session {
             received: self.0.clone(),
-            answer: &BROKER_CONNACK,
+            answered: 0,
         };
         Ok(Connected {
             stream,
             failed: Vec::new(),
+            address: from,
         })
     }
 
@@ -261,13 +264,25 @@ impl Broker for StandIn {
     fn refused_session(&self, _: &io::Error) -> bool {
         false
     }
+
+    fn addresses(&self) -> usize {
+        1
+    }
+
+    fn unavailable(&self, _: usize, _: &str) {}
 }
 
 impl AsyncRead for Session {
     fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let n = self.answer.len().min(buf.remaining());
-        buf.put_slice(&self.answer[..n]);
-        self.answer = &self.answer[n..];
+        // The connection reads only once it has passed on the device's CONNECT.
+        let version = parse_connect(&self.received.lock().unwrap_or_else(|e| e.into_inner()), usize::MAX)
+            .map(|c| c.version)
+            .map_err(|e| io::Error::other(format!("the broker was sent no CONNECT: {e}")))?;
+        let connack = connack(version, 0);
+        let rest = &connack.as_bytes()[self.answered..];
+        let n = rest.len().min(buf.remaining());
+        buf.put_slice(&rest[..n]);
+        self.answered += n;
         Poll::Ready(Ok(()))
     }
 }
@@ -364,7 +379,7 @@ mod tests {
         data.extend_from_slice(&[0x30, 0x03, 0x00, 0x01, b't', 0xC0, 0x00]);
         let whole = connect(SITE, Device::new(&data, &[]));
         assert_eq!(whole.to_broker, data);
-        assert_eq!(whole.to_device, BROKER_CONNACK);
+        assert_eq!(whole.to_device, [0x20, 0x02, 0x00, 0x00]);
         assert_eq!(whole.refused, None);
         let byte_by_byte = connect(SITE, Device::new(&data, &vec![1; data.len()]));
         assert_eq!(byte_by_byte, whole);
