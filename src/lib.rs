@@ -37,6 +37,8 @@ mod duplex;
 pub mod inventory;
 pub mod metrics;
 pub mod mqtt;
+#[cfg(test)]
+mod no_key_in_debug;
 mod pipe;
 pub mod proxy;
 mod refusal;

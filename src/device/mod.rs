@@ -161,7 +161,7 @@ impl DeviceTable {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 impl DeviceTable {
     /// A table of `devices` and `fallback` whose identities were made in memory, for tests of what
     /// happens around a lookup.

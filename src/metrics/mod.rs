@@ -373,7 +373,7 @@ impl Metrics {
 
     /// Drains histogram samples into their buckets; must run regularly, or samples pile up (see
     /// [`Metrics::keep_up`], which the proxy runs).
-    fn upkeep(&self) {
+    pub(crate) fn upkeep(&self) {
         self.handle.run_upkeep();
     }
 

@@ -558,12 +558,19 @@ where
     D: AsyncRead + Unpin,
 {
     let mut buf = Vec::new();
-    match timeout(
-        limits.connect_timeout,
-        mqtt::read_connect(device, &mut buf, limits.max_connect_size),
-    )
-    .await
-    {
+    let read = async {
+        let result = mqtt::read_connect(&mut *device, &mut buf, limits.max_connect_size).await;
+        // The reader stops at a wrong first byte; when that byte came alone, the next one tells a TLS
+        // record from any other bad packet, so that the verdict does not depend on how the bytes came.
+        if result.is_err() && buf == TLS_RECORD_START[..1] {
+            let mut next = [0u8; 1];
+            if let Ok(1) = device.read(&mut next).await {
+                buf.push(next[0]);
+            }
+        }
+        result
+    };
+    match timeout(limits.connect_timeout, read).await {
         Ok(Ok(connect)) => Ok((connect, buf)),
         Ok(Err(_)) if buf.starts_with(&TLS_RECORD_START) => Err(NoConnect::Tls),
         Ok(Err(e)) => Err(NoConnect::Invalid(e)),

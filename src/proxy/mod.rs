@@ -16,6 +16,8 @@
 
 mod admission;
 mod connection;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod generation;
 mod retire;
 

@@ -287,7 +287,7 @@ pub fn load_identity(cert: &Path, key: &Path, settings: &TlsSettings) -> Result<
     })
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 impl Identity {
     /// An identity that presents no client certificate, made without files, for tests whose broker is
     /// a stand-in.

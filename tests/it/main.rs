@@ -24,6 +24,7 @@ mod refusals;
 mod reload;
 mod rewrite;
 mod routing;
+mod secrets;
 mod shutdown;
 mod stream;
 mod systemd;
